@@ -1,0 +1,78 @@
+"""Scoped settings (a ``contextvars`` value): never process-global, safe across threads and tasks.
+
+This module has no dependencies inside structgp so every layer may read it; the public entry point is
+``structgp.settings`` (re-exported by ``structgp.inference.settings``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator
+
+METHODS = ("auto", "cholesky", "woodbury", "eigen", "blockwise", "diagonal", "cg")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The knobs of structgp's numerical engines.
+
+    method: ``"auto"`` lets :func:`structgp.plan` choose; any other name forces that method and raises
+        a clear error where it does not apply to the structure.
+    cg_tol: relative residual tolerance of conjugate gradients (per right-hand side).
+    max_iter: iteration cap of conjugate gradients / Lanczos.
+    num_probes: number of Rademacher probes of stochastic trace and log-determinant estimates.
+    precond_rank: rank of the partial pivoted Cholesky preconditioner.
+    seed: seed of every stochastic estimator (probes), so objectives are deterministic.
+    memory_budget: bytes an engine may allocate; methods over it are not chosen by ``"auto"``.
+    dense_limit: bytes ``to_dense()`` may allocate before it refuses (and says what to use instead).
+    max_jitter: largest relative jitter (times the mean diagonal) Cholesky may add before it fails.
+    """
+
+    method: str = "auto"
+    cg_tol: float = 1e-6
+    max_iter: int = 1000
+    num_probes: int = 32
+    precond_rank: int = 64
+    seed: int = 0
+    memory_budget: int = 8 * 2**30
+    dense_limit: int = 4 * 2**30
+    max_jitter: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        for name in ("cg_tol", "max_jitter"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        for name in ("max_iter", "num_probes", "precond_rank", "memory_budget", "dense_limit"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0 or (value == 0 and name != "precond_rank"):
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+_CURRENT: contextvars.ContextVar[Settings] = contextvars.ContextVar("structgp_settings", default=Settings())
+
+
+def current() -> Settings:
+    """The settings in force in this context."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def settings(**overrides) -> Iterator[Settings]:
+    """Scope settings to a ``with`` block: ``with structgp.settings(method="cholesky"): ...``.
+
+    Unknown names raise ``TypeError``; invalid values raise ``ValueError``.
+    """
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"settings: unknown option(s) {sorted(unknown)}; known: {sorted(fields)}")
+    new = dataclasses.replace(current(), **overrides)
+    token = _CURRENT.set(new)
+    try:
+        yield new
+    finally:
+        _CURRENT.reset(token)

@@ -1,0 +1,209 @@
+"""The small protocol every structured covariance operator follows.
+
+An operator represents a symmetric positive (semi)definite matrix of shape ``(..., n, n)`` by the few
+tensors that define it. It owns its data and its exact structured algebra (``@``, ``diagonal``,
+``to_dense``, sums, scaling); every expensive question (``solve``, ``logdet``, ``inv_quad_logdet``,
+``root``) is a thin call into :mod:`structgp.inference`, which picks the algorithm for the structure.
+
+Operators are registered pytrees (see ``_pytree_node``), so ``torch.func.vmap``/``grad`` and
+``torch.utils._pytree`` see through them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from structgp import _config
+from structgp.covariance._pytree_node import PyTreeNode
+from structgp.covariance._validation import as_tensor, check_positive
+
+
+class DensifyError(RuntimeError):
+    """Raised instead of allocating a huge dense matrix from a structured operator."""
+
+
+class Operator(PyTreeNode):
+    """Base class of structured covariance operators ``(..., n, n)``."""
+
+    __array_priority__ = 1000  # make ``tensor @ op`` defer to ``op.__rmatmul__``
+
+    # -- shape, dtype, device -----------------------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        """``(..., n, n)``."""
+        raise NotImplementedError
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.shape[:-2]
+
+    @property
+    def n(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._first_float().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensors()[0].device
+
+    @property
+    def is_diagonal(self) -> bool:
+        """True when the operator is a diagonal matrix (so it can serve as noise in a structured sum)."""
+        return False
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def to(self, *args: Any, **kwargs: Any) -> Operator:
+        """Move/cast like ``Tensor.to``; integer index tensors keep their dtype."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+
+        def move(t: Any) -> Any:
+            if not isinstance(t, Tensor):
+                return t
+            cast = dtype if (dtype is not None and t.is_floating_point()) else None
+            return t.to(device=device, dtype=cast, non_blocking=non_blocking)
+
+        return pytree.tree_map(move, self)
+
+    def expand(self, *batch_shape: int | torch.Size) -> Operator:
+        """The operator broadcast to batch shape ``batch_shape``."""
+        if len(batch_shape) == 1 and not isinstance(batch_shape[0], int):
+            batch_shape = tuple(batch_shape[0])
+        target = torch.Size(batch_shape)
+        if torch.broadcast_shapes(target, self.batch_shape) != target:
+            raise ValueError(f"batch_shape: cannot expand {tuple(self.batch_shape)} to {tuple(target)}")
+        return self._expand(target)
+
+    def _expand(self, batch_shape: torch.Size) -> Operator:
+        raise NotImplementedError(f"{type(self).__name__} does not support expand yet")
+
+    # -- structured algebra (owned here) ------------------------------------------------------------
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        """``self @ rhs`` for ``rhs`` of shape ``(..., n, c)``."""
+        raise NotImplementedError
+
+    def diagonal(self) -> Tensor:
+        """The diagonal ``(..., n)``."""
+        raise NotImplementedError
+
+    def _to_dense(self) -> Tensor:
+        raise NotImplementedError
+
+    def _scale(self, c: Tensor) -> Operator:
+        """``c * self`` for a positive tensor ``c`` of shape ``()`` or ``(...)``."""
+        raise NotImplementedError
+
+    def _add_diagonal(self, noise: Operator) -> Operator:
+        """``self + noise`` for a diagonal ``noise``; structures that can absorb noise override this."""
+        from structgp.covariance.sum import AddedDiagonal
+
+        return AddedDiagonal(self, noise)
+
+    def to_dense(self) -> Tensor:
+        """The dense matrix ``(..., n, n)``; refuses sizes above ``settings(dense_limit=...)``."""
+        guard_dense(self, "to_dense()")
+        return self._to_dense()
+
+    def matmul(self, rhs: Tensor) -> Tensor:
+        """``self @ rhs``; ``rhs`` is ``(n,)`` (a vector) or ``(..., n, c)``."""
+        if not isinstance(rhs, Tensor):
+            raise TypeError(f"rhs: expected a torch.Tensor, got {type(rhs).__name__}")
+        if rhs.dim() == 0 or rhs.shape[-2 if rhs.dim() > 1 else -1] != self.n:
+            raise ValueError(f"rhs: expected shape (n,) or (..., n, c) with n={self.n}, got {tuple(rhs.shape)}")
+        if rhs.dim() == 1:
+            return self._matmul(rhs.unsqueeze(-1)).squeeze(-1)
+        return self._matmul(rhs)
+
+    def __matmul__(self, rhs: Tensor) -> Tensor:
+        if isinstance(rhs, Operator):
+            return NotImplemented
+        return self.matmul(rhs)
+
+    def __rmatmul__(self, lhs: Tensor) -> Tensor:
+        # lhs @ self = (self @ lhs^T)^T since self is symmetric
+        if lhs.dim() == 1:
+            return self.matmul(lhs)
+        return self.matmul(lhs.mT).mT
+
+    def __add__(self, other: Any) -> Operator:
+        from structgp.covariance.sum import add
+
+        return add(self, other)
+
+    __radd__ = __add__
+
+    def __mul__(self, c: Any) -> Operator:
+        if isinstance(c, Operator):
+            return NotImplemented
+        c = as_tensor(c, "c (scale)", dtype=self.dtype, device=self.device)
+        check_positive(c, "c (scale)")
+        return self._scale(c)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: Any) -> Operator:
+        c = as_tensor(c, "c (divisor)", dtype=self.dtype, device=self.device)
+        check_positive(c, "c (divisor)")
+        return self._scale(1.0 / c)
+
+    # -- questions answered by structgp.inference ---------------------------------------------------
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``self^{-1} rhs``; ``rhs`` is ``(..., n)`` (vectors, as in ``torch.linalg.solve``) or ``(..., n, c)``."""
+        from structgp import inference
+
+        return inference.solve(self, rhs)
+
+    def logdet(self) -> Tensor:
+        """``log det self``, shape ``batch_shape``."""
+        from structgp import inference
+
+        return inference.logdet(self)
+
+    def inv_quad_logdet(self, rhs: Tensor) -> tuple[Tensor, Tensor]:
+        """``(rhs^T self^{-1} rhs, log det self)`` in one pass; ``rhs`` is ``(..., n)``."""
+        from structgp import inference
+
+        return inference.inv_quad_logdet(self, rhs)
+
+    def root(self):
+        """A structured ``R`` with ``R R^T = self`` (see :mod:`structgp.covariance.root`)."""
+        from structgp import inference
+
+        return inference.root(self)
+
+    def __repr__(self) -> str:
+        dims = "x".join(str(s) for s in self.shape)
+        return f"{type(self).__name__}({dims}, {str(self.dtype).replace('torch.', '')})"
+
+
+def guard_dense(op: Operator, what: str) -> None:
+    """Refuse to materialise ``op`` when its dense form would exceed ``settings(dense_limit=...)``."""
+    n = op.shape[-1]
+    nbytes = math.prod(op.batch_shape) * n * n * op.dtype.itemsize
+    limit = _config.current().dense_limit
+    if nbytes > limit:
+        raise DensifyError(
+            f"{what}: the dense form of {op!r} would take {nbytes / 2**30:.1f} GiB, over the limit of "
+            f"{limit / 2**30:.1f} GiB. Use its structured methods (solve, logdet, root, @) or the iterative "
+            f"engine (structgp.settings(method='cg')), or raise structgp.settings(dense_limit=...)."
+        )
+
+
+def as_operator(x: Any, name: str) -> Operator:
+    """An operator from an operator or a dense SPD tensor ``(..., n, n)``."""
+    if isinstance(x, Operator):
+        return x
+    if isinstance(x, Tensor):
+        from structgp.covariance.dense import Dense
+
+        return Dense(x, name=name)
+    raise TypeError(f"{name}: expected a structgp operator or a torch.Tensor, got {type(x).__name__}")

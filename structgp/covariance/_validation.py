@@ -1,0 +1,85 @@
+"""Argument checks shared by the operators.
+
+Every check names the argument and what was expected. Checks that need the *values* of a tensor
+(positivity, finiteness) are skipped when the values cannot be inspected: under ``torch.func.vmap``
+(data-dependent control flow is not allowed there) and while ``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def value_checks_enabled(t: Tensor) -> bool:
+    """Whether ``t``'s values may be read on the host (not under vmap, not while compiling)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _check_values(t: Tensor, ok: Tensor, name: str, what: str) -> None:
+    if not value_checks_enabled(t):
+        return
+    try:
+        good = bool(ok.all())
+    except RuntimeError:  # a transform we do not know refuses host reads: skip the value check
+        return
+    if not good:
+        raise ValueError(f"{name}: expected {what}")
+
+
+def as_tensor(x, name: str, *, dtype: torch.dtype | None = None, device=None) -> Tensor:
+    """Turn a tensor or Python number into a floating tensor, or raise a TypeError naming ``name``."""
+    if isinstance(x, Tensor):
+        t = x
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        t = torch.tensor(float(x), dtype=dtype or torch.get_default_dtype(), device=device)
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or a Python number, got {type(x).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {t.dtype}")
+    return t
+
+
+def check_finite(t: Tensor, name: str) -> None:
+    _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)")
+
+
+def check_positive(t: Tensor, name: str) -> None:
+    check_finite(t, name)
+    _check_values(t, t > 0, name, "strictly positive entries")
+
+
+def check_ndim(t: Tensor, name: str, min_ndim: int, layout: str) -> None:
+    if t.dim() < min_ndim:
+        raise ValueError(f"{name}: expected shape {layout}, got {tuple(t.shape)}")
+
+
+def check_square(t: Tensor, name: str) -> None:
+    check_ndim(t, name, 2, "(..., n, n)")
+    if t.shape[-1] != t.shape[-2]:
+        raise ValueError(f"{name}: expected a square matrix (..., n, n), got {tuple(t.shape)}")
+
+
+def check_same_kind(tensors: dict[str, Tensor]) -> None:
+    """All tensors share one dtype and one device; otherwise name the odd one."""
+    items = list(tensors.items())
+    name0, t0 = items[0]
+    for name, t in items[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{name}: expected dtype {t0.dtype} (the dtype of {name0}), got {t.dtype}")
+        if t.device != t0.device:
+            raise ValueError(f"{name}: expected device {t0.device} (the device of {name0}), got {t.device}")
+
+
+def broadcast_batch(*shapes: torch.Size, names: tuple[str, ...] = ()) -> torch.Size:
+    try:
+        return torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        what = ", ".join(f"{n}: {tuple(s)}" for n, s in zip(names, shapes)) or str(shapes)
+        raise ValueError(f"batch shapes do not broadcast ({what})") from None

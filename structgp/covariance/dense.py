@@ -1,0 +1,44 @@
+"""Dense: an unstructured symmetric positive (semi)definite matrix."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from structgp.covariance._operator import Operator
+from structgp.covariance._validation import as_tensor, check_finite, check_square
+
+
+class Dense(Operator):
+    """``A`` held as a dense tensor ``matrix`` of shape ``(..., n, n)``.
+
+    Only the symmetric part ``(A + A^T) / 2`` is used by the factorisations; pass a symmetric matrix.
+    """
+
+    _children = ("matrix",)
+
+    def __init__(self, matrix: Tensor, *, name: str = "matrix") -> None:
+        super().__init__()
+        matrix = as_tensor(matrix, name)
+        check_square(matrix, name)
+        check_finite(matrix, name)
+        self.matrix = matrix
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.matrix.shape
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        return self.matrix @ rhs
+
+    def diagonal(self) -> Tensor:
+        return self.matrix.diagonal(dim1=-2, dim2=-1)
+
+    def _to_dense(self) -> Tensor:
+        return self.matrix
+
+    def _scale(self, c: Tensor) -> Dense:
+        return self._replace(matrix=c[..., None, None] * self.matrix)
+
+    def _expand(self, batch_shape: torch.Size) -> Dense:
+        return self._replace(matrix=self.matrix.expand(*batch_shape, self.n, self.n))

@@ -1,0 +1,85 @@
+"""Diagonal and ScaledIdentity: the noise terms of structured sums."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from structgp.covariance._operator import Operator
+from structgp.covariance._validation import as_tensor, check_ndim, check_positive
+
+
+class Diagonal(Operator):
+    """``diag(d)`` for a positive tensor ``diag`` of shape ``(..., n)``."""
+
+    _children = ("diag",)
+
+    def __init__(self, diag: Tensor) -> None:
+        super().__init__()
+        diag = as_tensor(diag, "diag")
+        check_ndim(diag, "diag", 1, "(..., n)")
+        check_positive(diag, "diag")
+        self.diag = diag
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.diag.shape + self.diag.shape[-1:]
+
+    @property
+    def is_diagonal(self) -> bool:
+        return True
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        return self.diag.unsqueeze(-1) * rhs
+
+    def diagonal(self) -> Tensor:
+        return self.diag
+
+    def _to_dense(self) -> Tensor:
+        return torch.diag_embed(self.diag)
+
+    def _scale(self, c: Tensor) -> Diagonal:
+        return self._replace(diag=c[..., None] * self.diag)
+
+    def _expand(self, batch_shape: torch.Size) -> Diagonal:
+        return self._replace(diag=self.diag.expand(*batch_shape, self.n))
+
+
+class ScaledIdentity(Operator):
+    """``s I_n`` for a positive ``scale`` of shape ``()`` or ``(...)``."""
+
+    _children = ("scale",)
+    _static = ("size",)
+
+    def __init__(self, scale: Tensor | float, n: int) -> None:
+        super().__init__()
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n: expected a positive int, got {n!r}")
+        scale = as_tensor(scale, "scale")
+        check_positive(scale, "scale")
+        self.scale = scale
+        self.size = n
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.scale.shape + (self.size, self.size)
+
+    @property
+    def is_diagonal(self) -> bool:
+        return True
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        return self.scale[..., None, None] * rhs
+
+    def diagonal(self) -> Tensor:
+        return self.scale.unsqueeze(-1).expand(*self.scale.shape, self.size)
+
+    def _to_dense(self) -> Tensor:
+        eye = torch.eye(self.size, dtype=self.scale.dtype, device=self.scale.device)
+        return self.scale[..., None, None] * eye
+
+    def _scale(self, c: Tensor) -> ScaledIdentity:
+        return self._replace(scale=c * self.scale)
+
+    def _expand(self, batch_shape: torch.Size) -> ScaledIdentity:
+        return self._replace(scale=self.scale.expand(batch_shape))

@@ -1,0 +1,28 @@
+"""Numerical engines and the choice among them.
+
+Importing this package registers every engine with :mod:`structgp.inference.plan`.
+"""
+
+from structgp.inference import cholesky, elementwise, woodbury  # noqa: F401  (registration)
+from structgp.inference.cholesky import JitterWarning, NotPositiveDefiniteError, psd_cholesky
+from structgp.inference.dispatch import inv_quad_logdet, logdet, solve
+from structgp.inference.plan import Plan, plan
+from structgp.inference.report import Report, last_report
+from structgp.inference.roots import root
+from structgp.inference.settings import Settings, settings
+
+__all__ = [
+    "JitterWarning",
+    "NotPositiveDefiniteError",
+    "Plan",
+    "Report",
+    "Settings",
+    "inv_quad_logdet",
+    "last_report",
+    "logdet",
+    "plan",
+    "psd_cholesky",
+    "root",
+    "settings",
+    "solve",
+]
