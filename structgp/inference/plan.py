@@ -1,8 +1,8 @@
 """The choice of method: a registry of engines keyed by operator type and a per-structure cost model.
 
 Each engine states whether it applies to an operator (and why), and its cost in flops and bytes.
-``plan(op)`` takes the cheapest applicable exact method whose memory fits ``settings(memory_budget=...)``;
-``settings(method=...)`` forces one and raises where it does not apply. Structural engines (a
+``plan(op)`` takes the cheapest applicable exact method whose memory fits ``settings(memory_budget=...)``,
+else the cheapest iterative one that fits; ``settings(method=...)`` forces one and raises where it does not apply. Structural engines (a
 block-diagonal or diagonal operator is answered block by block / entry by entry) are always taken: a
 forced method then applies to the pieces.
 """
@@ -29,6 +29,7 @@ class Engine:
 
     name: str = ""
     structural: bool = False
+    exact: bool = True  # iterative engines set False: "auto" takes them only when no exact method fits
 
     def applies(self, op: Operator) -> str | None:
         """Why this engine answers ``op`` exactly, or None when it does not apply."""
@@ -131,7 +132,8 @@ def plan(op: Operator) -> Plan:
         engine, chosen = match[0]
         forced = True
     else:
-        fitting = [(e, o) for e, o in options if o.fits]
+        fitting = [(e, o) for e, o in options if o.fits and e.exact]
+        fitting = fitting or [(e, o) for e, o in options if o.fits]
         if not fitting:
             need = min((o.cost.bytes for _, o in options), default=math.inf)
             raise MemoryError(
