@@ -52,7 +52,7 @@ class Settings:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
-_CURRENT: contextvars.ContextVar[Settings] = contextvars.ContextVar("structgp_settings", default=Settings())
+_CURRENT: contextvars.ContextVar[Settings] = contextvars.ContextVar("structgp_settings", default=Settings())  # noqa: B039 (frozen)
 
 
 def current() -> Settings:

@@ -16,7 +16,7 @@ def spd(n: int, *batch: int, dtype: torch.dtype = F64, shift: float = 0.5, seed:
 
 
 def positive(*shape: int, dtype: torch.dtype = F64, low: float = 0.1) -> Tensor:
-    return (torch.rand(*shape, dtype=F64) + low).to(dtype)
+    return (torch.rand(shape, dtype=F64) + low).to(dtype)
 
 
 def dense_inv_quad_logdet(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

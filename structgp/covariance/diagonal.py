@@ -46,15 +46,19 @@ class Diagonal(Operator):
 
 
 class ScaledIdentity(Operator):
-    """``s I_n`` for a positive ``scale`` of shape ``()`` or ``(...)``."""
+    """``s I_n`` for a positive ``scale`` of shape ``()`` or ``(...)``.
+
+    A Python-number scale is weakly typed: added to an operator it takes that operator's dtype and device.
+    """
 
     _children = ("scale",)
-    _static = ("size",)
+    _static = ("size", "weak")
 
     def __init__(self, scale: Tensor | float, n: int) -> None:
         super().__init__()
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n: expected a positive int, got {n!r}")
+        self.weak = not isinstance(scale, Tensor)
         scale = as_tensor(scale, "scale")
         check_positive(scale, "scale")
         self.scale = scale

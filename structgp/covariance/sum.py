@@ -102,6 +102,13 @@ def add_diagonals(a: Operator, b: Operator) -> Operator:
     return Diagonal(a.diagonal() + b.diagonal())
 
 
+def _adopt_weak(op: Operator, other: Operator) -> Operator:
+    """A ScaledIdentity built from a Python number takes the other operand's dtype and device."""
+    if isinstance(op, ScaledIdentity) and op.weak and not (isinstance(other, ScaledIdentity) and other.weak):
+        return op._replace(scale=op.scale.to(dtype=other.dtype, device=other.device), weak=False)
+    return op
+
+
 def add(a: Operator, b: Any) -> Operator:
     """``a + b`` keeping whatever structure the pair has."""
     if isinstance(b, Tensor):
@@ -111,6 +118,7 @@ def add(a: Operator, b: Any) -> Operator:
             f"other: expected a structgp operator or an (..., n, n) tensor, got {type(b).__name__}; "
             "to add s to the diagonal use ScaledIdentity(s, n)"
         )
+    a, b = _adopt_weak(a, b), _adopt_weak(b, a)
     _check_compatible(a, b, ("self", "other"))
     if a.is_diagonal and b.is_diagonal:
         return add_diagonals(a, b)

@@ -13,6 +13,7 @@ from torch import Tensor
 from structgp import _config
 from structgp.covariance._operator import Operator, guard_dense
 from structgp.covariance._validation import value_checks_enabled
+from structgp.covariance.low_rank import LowRank
 from structgp.inference import report
 from structgp.inference._cache import cached
 from structgp.inference.plan import Cost, Engine, register
@@ -83,6 +84,8 @@ class DenseCholesky(Engine):
     name = "cholesky"
 
     def applies(self, op: Operator) -> str | None:
+        if isinstance(op, LowRank) and op.rank < op.n:
+            return None  # singular: plan() says to add noise
         return f"dense Cholesky of the {op.n} x {op.n} matrix"
 
     def cost(self, op: Operator) -> Cost:

@@ -2,9 +2,9 @@
 
 Each engine states whether it applies to an operator (and why), and its cost in flops and bytes.
 ``plan(op)`` takes the cheapest applicable exact method whose memory fits ``settings(memory_budget=...)``,
-else the cheapest iterative one that fits; ``settings(method=...)`` forces one and raises where it does not apply. Structural engines (a
-block-diagonal or diagonal operator is answered block by block / entry by entry) are always taken: a
-forced method then applies to the pieces.
+else the cheapest iterative one that fits; ``settings(method=...)`` forces one and raises where it does not
+apply. Structural engines (a block-diagonal or diagonal operator is answered block by block / entry by
+entry) are always taken: a forced method then applies to the pieces.
 """
 
 from __future__ import annotations
@@ -118,6 +118,11 @@ def plan(op: Operator) -> Plan:
         if reason is not None:
             cost = engine.cost(op)
             options.append((engine, Option(engine.name, reason, cost, cost.bytes <= cfg.memory_budget)))
+    if not options:
+        raise ValueError(
+            f"no method applies to {op!r} ({_describe(op)}): the matrix is singular (e.g. a LowRank W W^T "
+            "of rank k < n); add noise, e.g. op + ScaledIdentity(s, n) or op + Diagonal(d)"
+        )
     structural = [(e, o) for e, o in options if e.structural]
     if structural:
         engine, chosen = structural[0]
