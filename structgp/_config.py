@@ -28,6 +28,8 @@ class Settings:
     memory_budget: bytes an engine may allocate; methods over it are not chosen by ``"auto"``.
     dense_limit: bytes ``to_dense()`` may allocate before it refuses (and says what to use instead).
     max_jitter: largest relative jitter (times the mean diagonal) Cholesky may add before it fails.
+    check_values: whether constructors read tensor values (finite, positive); a host synchronisation on
+        GPUs, so hot loops that already trust their inputs may turn it off.
     """
 
     method: str = "auto"
@@ -39,6 +41,7 @@ class Settings:
     memory_budget: int = 8 * 2**30
     dense_limit: int = 4 * 2**30
     max_jitter: float = 1e-3
+    check_values: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

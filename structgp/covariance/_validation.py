@@ -20,8 +20,14 @@ def value_checks_enabled(t: Tensor) -> bool:
     return not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
+def _values_checked(t: Tensor) -> bool:
+    from structgp import _config
+
+    return _config.current().check_values and value_checks_enabled(t)
+
+
 def _check_values(t: Tensor, ok: Tensor, name: str, what: str) -> None:
-    if not value_checks_enabled(t):
+    if not _values_checked(t):
         return
     try:
         good = bool(ok.all())
@@ -47,12 +53,25 @@ def as_tensor(x, name: str, *, dtype: torch.dtype | None = None, device=None) ->
 
 
 def check_finite(t: Tensor, name: str) -> None:
-    _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)")
+    if not _values_checked(t):
+        return
+    with torch.no_grad():
+        # one reduction pass: a finite sum means finite entries; otherwise look entry by entry
+        if t.numel() and bool(torch.isfinite(t.sum(dtype=torch.float64))):
+            return
+        _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)")
 
 
 def check_positive(t: Tensor, name: str) -> None:
-    check_finite(t, name)
-    _check_values(t, t > 0, name, "strictly positive entries")
+    if not _values_checked(t):
+        return
+    with torch.no_grad():
+        # positive and finite in one pass: min > 0 and max < inf (NaN propagates through both)
+        lo, hi = t.aminmax() if t.numel() else (t.new_ones(()), t.new_ones(()))
+        if bool((lo > 0) & (hi < float("inf"))):
+            return
+        _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)")
+        _check_values(t, t > 0, name, "strictly positive entries")
 
 
 def check_ndim(t: Tensor, name: str, min_ndim: int, layout: str) -> None:
