@@ -7,6 +7,8 @@ Every check names the argument and what was expected. Checks that need the *valu
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -102,3 +104,18 @@ def broadcast_batch(*shapes: torch.Size, names: tuple[str, ...] = ()) -> torch.S
     except RuntimeError:
         what = ", ".join(f"{n}: {tuple(s)}" for n, s in zip(names, shapes)) or str(shapes)
         raise ValueError(f"batch shapes do not broadcast ({what})") from None
+
+
+def check_symmetric(t: Tensor, name: str) -> None:
+    """``t`` ``(..., n, n)`` is symmetric up to a relative ``1e-3`` (float32) / ``1e-5`` (float64) of its
+    largest entry; compared in row chunks so that no second ``n x n`` tensor is allocated."""
+    if not _values_checked(t) or t.numel() == 0:
+        return
+    tol = (1e-3 if t.dtype == torch.float32 else 1e-5) * float(t.detach().abs().amax())
+    n = t.shape[-1]
+    step = max(1, 2**24 // max(n * math.prod(t.shape[:-2]), 1))
+    with torch.no_grad():
+        for i in range(0, n, step):
+            gap = (t[..., i : i + step, :] - t[..., :, i : i + step].mT).abs().amax()
+            if float(gap) > tol:
+                raise ValueError(f"{name}: expected a symmetric matrix, found |A - A^T| = {float(gap):.3g}")

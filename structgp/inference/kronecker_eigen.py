@@ -35,10 +35,12 @@ from torch import Tensor
 
 from structgp.covariance._kron import kron_matmul, kron_vector
 from structgp.covariance._operator import Operator
+from structgp.covariance._validation import value_checks_enabled
 from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.sum import AddedDiagonal
 from structgp.inference._cache import cached
+from structgp.inference.cholesky import NotPositiveDefiniteError
 from structgp.inference.plan import Cost, Engine, register
 
 
@@ -61,15 +63,31 @@ class _Problem:
 
 
 def factor_eigh(mats: list[Tensor]) -> _Eig:
-    """Eigendecompositions (float64, detached) of the symmetric parts of ``mats`` ``(..., n_i, n_i)``."""
+    """Eigendecompositions (float64, detached) of the symmetric parts of ``mats`` ``(..., n_i, n_i)``.
+
+    Eigenvalues below zero by more than rounding (``100 n eps`` of the largest, in the data's precision)
+    mean a factor is not positive semidefinite: that raises, naming the factor; smaller ones are set to 0.
+    """
     values, vectors = [], []
     with torch.no_grad():
-        for m in mats:
+        for i, m in enumerate(mats):
             m64 = m.detach().double()
             lam, q = torch.linalg.eigh((m64 + m64.mT) / 2)
+            _check_psd(lam, m, i)
             values.append(lam.clamp_min(0))
             vectors.append(q)
     return _Eig(values, vectors)
+
+
+def _check_psd(lam: Tensor, m: Tensor, index: int) -> None:
+    if not value_checks_enabled(lam):
+        return
+    top = lam.abs().amax(-1, keepdim=True)
+    tol = 100 * lam.shape[-1] * torch.finfo(m.dtype).eps * top
+    if bool((lam < -tol).any()):
+        raise NotPositiveDefiniteError(
+            f"Kronecker factor {index} is not positive semidefinite: smallest eigenvalue {float(lam.min()):.3g}"
+        )
 
 
 def _kron_diag_noise(op: AddedDiagonal) -> list[Tensor] | None:

@@ -74,3 +74,11 @@ def test_matmul_shapes_and_errors():
     assert (torch.randn(3, 4, dtype=F64) @ op).shape == (3, 4)
     with pytest.raises(ValueError, match="rhs"):
         op @ torch.randn(5, dtype=F64)
+
+
+def test_non_symmetric_matrix_is_rejected():
+    a = spd(5)
+    a[0, 1] += 0.1
+    with pytest.raises(ValueError, match="matrix: expected a symmetric matrix"):
+        Dense(a)
+    Dense(spd(5, dtype=torch.float32))  # rounding-level asymmetry is accepted

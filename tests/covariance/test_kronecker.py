@@ -159,3 +159,10 @@ def test_bad_factors():
         Kronecker(spd(2), spd(2, dtype=torch.float32))
     with pytest.raises(ValueError, match="batch shapes do not broadcast"):
         Kronecker(spd(2, 2), spd(2, 3))
+
+
+def test_non_psd_factor_is_named():
+    bad = spd(3) - 5 * torch.eye(3, dtype=F64)
+    op = Kronecker(spd(4), bad) + ScaledIdentity(0.1, 12)
+    with sg.settings(method="eigen"), pytest.raises(ValueError, match="Kronecker factor 1 is not positive"):
+        op.logdet()
