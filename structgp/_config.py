@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 
 METHODS = ("auto", "cholesky", "woodbury", "eigen", "blockwise", "diagonal", "cg")
+PRECONDITIONERS = ("auto", "none", "jacobi", "pivoted_cholesky", "kronecker_eigen", "kronecker_deflated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,10 @@ class Settings:
     cg_tol: relative residual tolerance of conjugate gradients (per right-hand side).
     max_iter: iteration cap of conjugate gradients / Lanczos.
     num_probes: number of Rademacher probes of stochastic trace and log-determinant estimates.
-    precond_rank: rank of the partial pivoted Cholesky preconditioner.
+    precond_rank: largest rank of the partial pivoted Cholesky preconditioner (it stops earlier once what it
+        leaves out is negligible next to the noise); 0 gives the Jacobi preconditioner.
+    preconditioner: preconditioner of conjugate gradients, one of ``PRECONDITIONERS``; ``"auto"`` picks
+        one per structure (see ``structgp.inference.preconditioners``).
     seed: seed of every stochastic estimator (probes), so objectives are deterministic.
     memory_budget: bytes an engine may allocate; methods over it are not chosen by ``"auto"``.
     dense_limit: bytes ``to_dense()`` may allocate before it refuses (and says what to use instead).
@@ -36,7 +40,8 @@ class Settings:
     cg_tol: float = 1e-6
     max_iter: int = 1000
     num_probes: int = 32
-    precond_rank: int = 64
+    precond_rank: int = 256
+    preconditioner: str = "auto"
     seed: int = 0
     memory_budget: int = 8 * 2**30
     dense_limit: int = 4 * 2**30
@@ -46,6 +51,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner: expected one of {PRECONDITIONERS}, got {self.preconditioner!r}")
         for name in ("cg_tol", "max_jitter"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")

@@ -3,7 +3,8 @@
 Importing this package registers every engine with :mod:`structgp.inference.plan`.
 """
 
-from structgp.inference import cholesky, elementwise, kronecker_eigen, woodbury  # noqa: F401  (registration)
+from structgp.inference import cholesky, elementwise, iterative, kronecker_eigen, woodbury  # noqa: F401  (registration)
+from structgp.inference.cg import CGConvergenceWarning
 from structgp.inference.cholesky import JitterWarning, NotPositiveDefiniteError, psd_cholesky
 from structgp.inference.dispatch import inv_quad_logdet, logdet, solve
 from structgp.inference.plan import Plan, plan
@@ -12,6 +13,7 @@ from structgp.inference.roots import root
 from structgp.inference.settings import Settings, settings
 
 __all__ = [
+    "CGConvergenceWarning",
     "JitterWarning",
     "NotPositiveDefiniteError",
     "Plan",

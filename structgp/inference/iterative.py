@@ -1,0 +1,258 @@
+"""The iterative engine ``"cg"``: preconditioned CG solves and SLQ log-determinants, unbiased gradients.
+
+One batched PCG run (:mod:`.cg`) over the columns ``[b, z_1, ..., z_p]`` gives the solves ``x = A^{-1} b``,
+``u_i = A^{-1} z_i`` and, from the same coefficients, the Lanczos tridiagonals of the probes (:mod:`.slq`):
+``log det A ~= log det P + mean_i eps_i^T log(R^{-1} A R^{-T}) eps_i`` with ``z_i = R eps_i``, Rademacher
+``eps_i`` drawn from a ``torch.Generator`` seeded by ``settings(seed=...)`` (same seed, same device:
+bitwise the same objective and gradient, so an L-BFGS fit sees a deterministic function). Every operator
+takes part through its own ``_matmul`` only, so structured products (Kronecker, sparse lifts) are kept.
+
+Gradients. The solves run without autograd on a detached copy of the operator; the results are returned
+through first-order surrogates made of plain torch operations, whose values equal the estimates and whose
+gradients are the right ones (with ``x``, ``u``, ``v_i = P^{-1} z_i`` detached):
+
+    inv_quad:  2 b.x - x^T A x               value b^T A^{-1} b up to r^T A^{-1} r (r the CG residual);
+                                             d = 2 x.db - x^T dA x, the exact derivative at x
+    logdet:    est + g - g.detach(),         g = mean_i u_i^T A v_i;  d = mean_i u_i^T dA v_i, an unbiased
+                                             Hutchinson estimate of tr(A^{-1} dA), as E[z z^T] = P
+    solve:     x + S(b - A x),               S a custom autograd function (setup_context) with value 0 and
+                                             backward a CG solve: d = A^{-1} (db - dA x)
+
+The ``A x`` and ``A v`` products are one differentiable product with the operator, so the gradients reach
+every tensor the operator was built from, reuse the forward solves, and compose with ``torch.func.grad``
+(plain ops and a ``setup_context`` function; the CG loop itself stops on data, so it cannot run under
+``vmap``). Surrogates rather than a custom function for ``inv_quad_logdet``: a custom function would have to
+take the operator's leaves as inputs and compute their vector-Jacobian products itself, which is what
+autograd already does for the one product above. Second derivatives are not supported (the solve's
+backward is once-differentiable; the others differentiate only the last product).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from structgp import _config
+from structgp.covariance._operator import Operator
+from structgp.covariance.dense import Dense
+from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.low_rank import LowRank
+from structgp.covariance.sum import AddedDiagonal, Sum
+from structgp.inference import report
+from structgp.inference.cg import CGResult, pcg
+from structgp.inference.plan import Cost, Engine, describe, register
+from structgp.inference.preconditioners import Preconditioner, build
+from structgp.inference.slq import slq_logdet
+
+# planning constant: PCG iterations at cg_tol 1e-6 with the default preconditioners (measured 2-13 on the
+# test and benchmark problems; spectra that the preconditioner's rank cannot capture take more)
+EXPECTED_ITERATIONS = 20
+
+
+# -- cost model ---------------------------------------------------------------------------------------
+
+
+@functools.singledispatch
+def matvec_flops(op: Operator) -> float:
+    """Flops of ``op @ v`` for one column and one batch member; operators without a rule count as dense."""
+    return 2.0 * op.n * op.n
+
+
+@matvec_flops.register
+def _(op: Dense) -> float:
+    return 2.0 * op.n * op.n
+
+
+@matvec_flops.register(Diagonal)
+@matvec_flops.register(ScaledIdentity)
+def _(op: Operator) -> float:
+    return float(op.n)
+
+
+@matvec_flops.register
+def _(op: LowRank) -> float:
+    return 4.0 * op.n * op.rank
+
+
+@matvec_flops.register
+def _(op: Kronecker) -> float:
+    n = op.n
+    return sum(n // f.n * matvec_flops(f) for f in op.factors)
+
+
+@matvec_flops.register
+def _(op: AddedDiagonal) -> float:
+    return matvec_flops(op.base) + matvec_flops(op.noise)
+
+
+@matvec_flops.register
+def _(op: Sum) -> float:
+    return sum(matvec_flops(t) for t in op.terms)
+
+
+# -- one run: solves, probes, SLQ ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Run:
+    x: Tensor | None  # A^{-1} b (..., n, c), detached
+    u: Tensor | None  # A^{-1} z (..., n, p)
+    v: Tensor | None  # P^{-1} z (..., n, p)
+    logdet: Tensor | None  # float64 (...)
+    solver: functools.partial  # rhs (..., n, c) -> CGResult, with the same operator and preconditioner
+
+
+def _detached(op: Operator) -> Operator:
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, op)
+
+
+def rademacher(shape: tuple[int, ...], like: Tensor, seed: int) -> Tensor:
+    """Rademacher (+-1) entries of ``shape`` from a generator seeded with ``seed`` on ``like``'s device."""
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    bits = torch.randint(0, 2, shape, generator=gen, device=like.device)
+    return (2 * bits - 1).to(like.dtype)
+
+
+@contextlib.contextmanager
+def _explain_vmap() -> Iterator[None]:
+    """Re-raise vmap's data-dependent control flow error with what to do instead."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "data-dependent control flow" not in str(err):
+            raise
+        raise RuntimeError(
+            "the iterative engine ('cg') stops on the residuals it reaches, so it cannot run under "
+            "torch.func.vmap; give the operator and right-hand side a batch dimension instead (they "
+            "broadcast), or use an exact method"
+        ) from err
+
+
+def _solve_columns(op: Operator, precond: Preconditioner, cfg: _config.Settings, rhs: Tensor) -> CGResult:
+    return pcg(op._matmul, rhs, precond.solve, tol=cfg.cg_tol, max_iter=cfg.max_iter, what=repr(op))
+
+
+def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
+    cfg = _config.current()
+    det = _detached(op)
+    n = op.n
+    batch = op.batch_shape if rhs is None else torch.broadcast_shapes(op.batch_shape, rhs.shape[:-2])
+    with torch.no_grad(), _explain_vmap():
+        precond = build(det, cfg)
+        columns = [] if rhs is None else [rhs.detach().expand(*batch, n, rhs.shape[-1])]
+        if probes:
+            eps = rademacher((*op.batch_shape, n, cfg.num_probes), op.diagonal(), cfg.seed)
+            z = precond.root_matmul(eps).expand(*batch, n, cfg.num_probes)
+            columns.append(z)
+        result = _solve_columns(det, precond, cfg, torch.cat(columns, dim=-1))
+        c = 0 if rhs is None else rhs.shape[-1]
+        x = result.solution[..., :c] if rhs is not None else None
+        u = v = logdet = stderr = None
+        if probes:
+            u, v = result.solution[..., c:], precond.solve(z)
+            logdet, stderr = slq_logdet(result, slice(c, None), precond.logdet())
+    _record(result, precond, cfg, stderr)
+    return _Run(x, u, v, logdet, functools.partial(_solve_columns, det, precond, cfg))
+
+
+def _record(result: CGResult, precond: Preconditioner, cfg: _config.Settings, stderr: Tensor | None) -> None:
+    rep = report.current_report()
+    if rep is None:
+        return
+    rep.iterations = int(result.iterations.max()) if result.iterations.numel() else 0
+    rep.residual = float(result.residual.max()) if result.residual.numel() else 0.0
+    rep.notes.append(f"preconditioner {precond.describe()}")
+    if stderr is not None:
+        rep.notes.append(f"{cfg.num_probes} probes, logdet standard error {float(stderr.max()):.3g}")
+
+
+def _needs_grad(op: Operator, *tensors: Tensor) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in (*op._tensors(), *tensors))
+
+
+class _ResidualSolve(torch.autograd.Function):
+    """``S(r)``: value 0, derivative ``A^{-1}`` (a CG solve in the backward). ``x + S(b - A x)`` has the
+    value ``x`` and the derivative ``A^{-1} (db - dA x)``."""
+
+    @staticmethod
+    def forward(residual: Tensor, solver: functools.partial) -> Tensor:
+        return torch.zeros_like(residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.solver = inputs[1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        return ctx.solver(grad).solution, None
+
+
+# -- the engine ---------------------------------------------------------------------------------------
+
+
+@register(Operator)
+class ConjugateGradients(Engine):
+    """Preconditioned CG + SLQ for any operator, through its own product (``exact = False``)."""
+
+    name = "cg"
+    exact = False
+
+    def applies(self, op: Operator) -> str | None:
+        if isinstance(op, LowRank) and op.rank < op.n:
+            return None  # singular (as for dense Cholesky): plan() says to add noise
+        probes = _config.current().num_probes
+        return (
+            f"preconditioned conjugate gradients and stochastic Lanczos quadrature ({probes} probes) "
+            f"through {describe(op)} products"
+        )
+
+    def cost(self, op: Operator) -> Cost:
+        cfg = _config.current()
+        batch, n, k = op.batch_shape.numel(), op.n, min(cfg.precond_rank, op.n)
+        columns = cfg.num_probes + 1
+        per_iteration = columns * (matvec_flops(op) + 4.0 * n * k + 12.0 * n)
+        setup = n * k * k  # pivoted Cholesky (columns are read directly for the common structures)
+        flops = batch * (min(EXPECTED_ITERATIONS, cfg.max_iter) * per_iteration + setup)
+        nbytes = batch * (6 * columns * n + 2 * n * k) * op.dtype.itemsize
+        return Cost(flops, float(nbytes))
+
+    def solve(self, op: Operator, rhs: Tensor) -> Tensor:
+        run = _run(op, rhs, probes=False)
+        if not _needs_grad(op, rhs):
+            return run.x
+        residual = rhs - op._matmul(run.x)
+        return run.x + _ResidualSolve.apply(residual, run.solver)
+
+    def logdet(self, op: Operator) -> Tensor:
+        run = _run(op, None, probes=True)
+        return _logdet_surrogate(op, run, None).to(op.dtype)
+
+    def inv_quad_logdet(self, op: Operator, rhs: Tensor) -> tuple[Tensor, Tensor]:
+        run = _run(op, rhs, probes=True)
+        c = rhs.shape[-1]
+        grad = _needs_grad(op)
+        a_w = op._matmul(torch.cat([run.x, run.v], dim=-1) if grad else run.x)  # one differentiable product
+        inv_quad = 2 * (rhs * run.x).sum(-2) - (run.x * a_w[..., :c]).sum(-2)
+        return inv_quad, _logdet_surrogate(op, run, a_w[..., c:] if grad else None).to(op.dtype)
+
+
+def _logdet_surrogate(op: Operator, run: _Run, a_v: Tensor | None) -> Tensor:
+    """``est + g - g.detach()`` with ``g = mean_i u_i^T A v_i`` (the Hutchinson gradient of the logdet)."""
+    value = run.logdet
+    if not _needs_grad(op):
+        return value
+    if a_v is None:
+        a_v = op._matmul(run.v)
+    g = (run.u * a_v).sum(-2).mean(-1)
+    return value + (g - g.detach()).to(value.dtype)

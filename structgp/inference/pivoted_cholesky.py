@@ -1,0 +1,107 @@
+"""Partial pivoted Cholesky: a rank-``k`` factor ``L`` with ``L L^T ~= A`` from ``k`` columns of ``A``.
+
+Greedy: at step ``j`` pick the largest remaining diagonal ``d_i`` (the diagonal of the Schur complement
+``A - L L^T``), take column ``i`` of ``A`` and set ``l_j = (a_i - L L[i]^T) / sqrt(d_i)``, ``d -= l_j^2``.
+Cost ``n k^2`` flops plus ``k`` columns of the operator. Columns come from :func:`column`, a
+``functools.singledispatch`` with rules for operators that can read a column directly (a dense row, a
+Kronecker product of factor columns); other operators pay one product with a unit vector.
+
+Any size works (no dead zone): at ``k >= n`` it is a full pivoted Cholesky, and a batch member whose
+remaining diagonal falls to rounding level gets zero columns from then on (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from structgp.covariance._kron import kron_vector
+from structgp.covariance._operator import Operator
+from structgp.covariance.dense import Dense
+from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.low_rank import LowRank
+from structgp.covariance.sum import AddedDiagonal, Sum
+
+
+@functools.singledispatch
+def column(op: Operator, index: Tensor) -> Tensor:
+    """Column ``index`` (a long tensor of shape ``batch`` broadcastable with the operator's batch shape;
+    one index per batch member) of ``op``: ``(*batch, n)``."""
+    batch = torch.broadcast_shapes(op.batch_shape, index.shape)
+    unit = torch.zeros(*batch, op.n, 1, dtype=op.dtype, device=op.device)
+    unit.scatter_(-2, index.expand(batch)[..., None, None], 1.0)
+    return op._matmul(unit).squeeze(-1)
+
+
+@column.register
+def _(op: Dense, index: Tensor) -> Tensor:
+    batch = torch.broadcast_shapes(op.batch_shape, index.shape)
+    matrix = op.matrix.expand(*batch, op.n, op.n)
+    rows = matrix.gather(-2, index.expand(batch)[..., None, None].expand(*batch, 1, op.n))
+    return rows.squeeze(-2)  # a row of a symmetric matrix is its column
+
+
+@column.register
+def _(op: LowRank, index: Tensor) -> Tensor:
+    batch = torch.broadcast_shapes(op.batch_shape, index.shape)
+    factor = op.factor.expand(*batch, *op.factor.shape[-2:])
+    row = factor.gather(-2, index.expand(batch)[..., None, None].expand(*batch, 1, op.rank))
+    return (factor @ row.mT).squeeze(-1)
+
+
+@column.register
+def _(op: Kronecker, index: Tensor) -> Tensor:
+    # row-major multi-index: the last factor varies fastest
+    parts, rest = [], index
+    for f in reversed(op.factors):
+        parts.append(column(f, rest % f.n))
+        rest = rest // f.n
+    return kron_vector(list(reversed(parts)))
+
+
+@column.register
+def _(op: AddedDiagonal, index: Tensor) -> Tensor:
+    base = column(op.base, index)
+    noise = op.noise.diagonal()
+    batch = torch.broadcast_shapes(base.shape[:-1], noise.shape[:-1], index.shape)
+    unit = torch.zeros(*batch, op.n, dtype=op.dtype, device=op.device)
+    picked = noise.expand(*batch, op.n).gather(-1, index.expand(batch)[..., None])
+    return base + unit.scatter_(-1, index.expand(batch)[..., None], picked)
+
+
+@column.register
+def _(op: Sum, index: Tensor) -> Tensor:
+    return sum(column(t, index) for t in op.terms)
+
+
+def pivoted_cholesky(
+    op: Operator, rank: int, stop: Tensor | None = None, check_every: int = 8
+) -> tuple[Tensor, Tensor]:
+    """``(L (..., n, k), d (..., n))``: the partial pivoted Cholesky factor of ``op`` with
+    ``k <= min(rank, n)`` and the diagonal of the remainder ``op - L L^T`` (clamped at 0). With ``stop``
+    (``(...)``), the factorisation ends early once every batch member's remainder trace ``sum d`` is at
+    most ``stop`` or at the rounding level of ``op``'s dtype (looked at every ``check_every`` steps).
+    Runs without autograd and in float64 whatever the data's dtype (in float32 the remainder's diagonal
+    ``d - l^2`` cancels to noise early); both results are float64."""
+    with torch.no_grad():
+        d = op.diagonal().expand(*op.batch_shape, op.n).double()
+        k = min(rank, op.n)
+        factor = d.new_zeros(*d.shape, k)
+        floor = 10 * torch.finfo(op.dtype).eps * d.abs().amax(-1)  # pivots below it are rounding noise
+        if stop is not None:
+            stop = torch.maximum(torch.as_tensor(stop, dtype=d.dtype, device=d.device), op.n * floor)
+        for j in range(k):
+            if stop is not None and j % check_every == 0 and bool((d.sum(-1) <= stop).all()):
+                return factor[..., :j], d
+            pivot_value, pivot = d.max(-1)
+            col = column(op, pivot).expand_as(d).double()
+            row = factor.gather(-2, pivot[..., None, None].expand(*d.shape[:-1], 1, k))
+            resid = col - (factor[..., :j] @ row[..., 0, :j, None]).squeeze(-1)
+            ok = pivot_value > floor
+            scale = torch.where(ok, pivot_value, torch.ones_like(pivot_value)).rsqrt()
+            l_j = torch.where(ok[..., None], resid * scale[..., None], 0.0)
+            factor[..., j] = l_j
+            d = (d - l_j.square()).clamp_min(0)
+        return factor, d

@@ -1,0 +1,255 @@
+"""Preconditioners of the iterative engine: ``P = R R^T ~= A`` with ``P^{-1}``, ``log det P`` and ``R`` cheap.
+
+Each one applies ``P^{-1}`` (for PCG), knows ``log det P`` exactly (the control variate of SLQ, see
+:mod:`.slq`) and multiplies by a square root ``R`` (the probes are ``z = R eps``, Rademacher ``eps``).
+``R`` is the symmetric root where that is cheap: then ``R^{-1} A R^{-T}`` is near-diagonal wherever ``P``
+is, and Rademacher probes are exact on the diagonal. All set-up runs without autograd: the gradients of
+the iterative engine are unbiased for any ``P`` (:mod:`.iterative`).
+
+- :class:`Identity`: ``P = I``.
+- :class:`Jacobi`: ``P = diag(A)``.
+- :class:`LowRankDiagonal`: ``P = L L^T + diag(d)``, from a partial pivoted Cholesky factor ``L`` (with
+  ``d`` the operator's noise, or the remainder's diagonal where there is no noise term) or from the top
+  eigenpairs of a Kronecker product (with ``d`` the noise).
+  With ``V = d^{-1/2} L`` and the eigendecomposition ``V^T V = W diag(s) W^T`` (``k x k``, in float64),
+
+      P^{-1} = d^{-1/2} (I - B diag(1 / (1 + s)) B^T) d^{-1/2},     B = V W,
+      R = d^{1/2} (I + B diag(1 / (sqrt(1 + s) + 1)) B^T) = d^{1/2} (I + V V^T)^{1/2},
+      log det P = sum log d + sum log(1 + s);
+
+  ``n k^2`` flops to set up, ``4 n k`` a column to apply; ``1 + s >= 1``, so no jitter is ever needed.
+- :class:`KroneckerEigen`: ``P = K + s I = Q (Lambda + s) Q^T`` for a Kronecker ``K = Q Lambda Q^T`` from
+  the eigendecompositions of its factors (``sum n_i^3``), applied by factor-wise products; ``s`` is the
+  mean of a heteroskedastic noise. ``R = Q (Lambda + s)^{1/2} Q^T``.
+
+:func:`build` picks one per structure (``settings(preconditioner="auto")``): Kronecker + diagonal noise
+gets the *deflated* Kronecker preconditioner ``Q_r Lambda_r Q_r^T + D`` (the top ``r`` eigenpairs of ``K``,
+the fewest that leave out a trace of at most ``REMAINDER_TOL * min(d)``; exact noise) when ``r`` is
+affordable, else ``(K + mean(d) I)``; every other operator gets a pivoted Cholesky of rank up to
+``precond_rank`` (rank 0: Jacobi).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from structgp._config import Settings
+from structgp.covariance._kron import kron_matmul, kron_vector
+from structgp.covariance._operator import Operator
+from structgp.covariance.diagonal import ScaledIdentity
+from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.sum import AddedDiagonal
+from structgp.inference.kronecker_eigen import factor_eigh
+from structgp.inference.pivoted_cholesky import pivoted_cholesky
+
+# Low-rank parts grow until the trace of what they leave out is at most REMAINDER_TOL x the smallest noise
+# variance: then P^{-1} A has eigenvalues in [1, 1 + REMAINDER_TOL] (few CG iterations, tiny SLQ variance).
+REMAINDER_TOL = 0.1
+MAX_DEFLATION_RANK = 4096
+
+
+class Preconditioner:
+    """``P = R R^T``: ``solve`` (..., n, c) -> P^{-1} r, ``logdet() -> (...)``, ``root_matmul``: ``R eps``."""
+
+    name = ""
+
+    def solve(self, r: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def logdet(self) -> Tensor:
+        raise NotImplementedError
+
+    def root_matmul(self, eps: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+class Identity(Preconditioner):
+    name = "none"
+
+    def __init__(self, like: Tensor, batch_shape: torch.Size) -> None:
+        self._zero = like.new_zeros(batch_shape)
+
+    def solve(self, r: Tensor) -> Tensor:
+        return r
+
+    def logdet(self) -> Tensor:
+        return self._zero
+
+    def root_matmul(self, eps: Tensor) -> Tensor:
+        return eps
+
+
+class Jacobi(Preconditioner):
+    """``P = diag(d)`` for a positive ``d`` ``(..., n)``."""
+
+    name = "jacobi"
+
+    def __init__(self, d: Tensor) -> None:
+        self.d = d
+
+    def solve(self, r: Tensor) -> Tensor:
+        return r / self.d.unsqueeze(-1)
+
+    def logdet(self) -> Tensor:
+        return self.d.log().sum(-1)
+
+    def root_matmul(self, eps: Tensor) -> Tensor:
+        return self.d.sqrt().unsqueeze(-1) * eps
+
+
+class LowRankDiagonal(Preconditioner):
+    """``P = L L^T + diag(d)`` for ``L`` ``(..., n, k)`` and a positive ``d`` ``(..., n)`` (see above)."""
+
+    name = "low rank + diagonal"
+
+    def __init__(self, factor: Tensor, d: Tensor, name: str) -> None:
+        self.name = name
+        self.rank = factor.shape[-1]
+        inv_sqrt = d.rsqrt()
+        v = inv_sqrt.unsqueeze(-1) * factor.to(d.dtype)
+        s, w = torch.linalg.eigh((v.mT @ v).double())  # the k x k factorisation in float64
+        s = s.clamp_min(0)
+        self.inv_sqrt = inv_sqrt
+        self.sqrt = d.sqrt()
+        self.b = v @ w.to(d.dtype)
+        self.c_inv = (1 / (1 + s)).to(d.dtype)
+        self.c_root = (1 / ((1 + s).sqrt() + 1)).to(d.dtype)
+        self._logdet = d.log().sum(-1) + s.log1p().sum(-1).to(d.dtype)
+
+    def solve(self, r: Tensor) -> Tensor:
+        white = self.inv_sqrt.unsqueeze(-1) * r
+        inner = self.c_inv.unsqueeze(-1) * (self.b.mT @ white)
+        return self.inv_sqrt.unsqueeze(-1) * (white - self.b @ inner)
+
+    def logdet(self) -> Tensor:
+        return self._logdet
+
+    def root_matmul(self, eps: Tensor) -> Tensor:
+        inner = self.c_root.unsqueeze(-1) * (self.b.mT @ eps)
+        return self.sqrt.unsqueeze(-1) * (eps + self.b @ inner)
+
+    def describe(self) -> str:
+        return f"{self.name} (rank {self.rank})"
+
+
+class KroneckerEigen(Preconditioner):
+    """``P = Q (Lambda + s) Q^T``: ``Q = Q_1 (x) Q_2 (x) ...`` (``(..., n_i, n_i)``), eigenvalues ``lam``
+    ``(..., N)``, shift ``s`` ``(...)``."""
+
+    name = "kronecker eigen"
+
+    def __init__(self, vectors: list[Tensor], lam: Tensor, shift: Tensor) -> None:
+        self.vectors = vectors
+        self.vectors_t = [q.mT for q in vectors]
+        self.spectrum = lam + shift.unsqueeze(-1)
+
+    def _apply(self, r: Tensor, power: float) -> Tensor:
+        inner = kron_matmul(self.vectors_t, r) * self.spectrum.pow(power).unsqueeze(-1)
+        return kron_matmul(self.vectors, inner)
+
+    def solve(self, r: Tensor) -> Tensor:
+        return self._apply(r, -1.0)
+
+    def logdet(self) -> Tensor:
+        return self.spectrum.log().sum(-1)
+
+    def root_matmul(self, eps: Tensor) -> Tensor:
+        return self._apply(eps, 0.5)
+
+
+# -- choice per structure -----------------------------------------------------------------------------
+
+
+def _kronecker_eigh(k: Kronecker) -> tuple[list[Tensor], list[Tensor]]:
+    """The eigen engine's factor eigendecompositions (float64, PSD-checked) as ``(values, vectors)`` in
+    the data's dtype."""
+    eig = factor_eigh(k.factor_matrices())
+    return [e.to(k.dtype) for e in eig.values], [q.to(k.dtype) for q in eig.vectors]
+
+
+def _top_eigenvectors(vectors: list[Tensor], index: Tensor) -> Tensor:
+    """Columns ``index`` ``(..., r)`` (row-major) of ``Q_1 (x) Q_2 (x) ...`` -> ``(..., N, r)``."""
+    picks, rest = [], index
+    for q in reversed(vectors):
+        n_i = q.shape[-1]
+        idx = rest % n_i
+        batch, r = torch.broadcast_shapes(q.shape[:-2], idx.shape[:-1]), idx.shape[-1]
+        where = idx.expand(*batch, r).unsqueeze(-2).expand(*batch, n_i, r)
+        picks.append(q.expand(*batch, n_i, n_i).gather(-1, where))
+        rest = rest // n_i
+    out = picks[-1]
+    for cols in reversed(picks[:-1]):
+        prod = out.unsqueeze(-2) * cols.unsqueeze(-3)
+        out = prod.reshape(*prod.shape[:-3], prod.shape[-3] * prod.shape[-2], prod.shape[-1])
+    return out
+
+
+def kronecker_preconditioner(op: AddedDiagonal, cfg: Settings, mode: str) -> Preconditioner:
+    """For ``Kronecker + diagonal noise``: ``mode`` ``"deflated"``, ``"eigen"`` or ``"auto"``."""
+    values, vectors = _kronecker_eigh(op.base)
+    lam = kron_vector(values).expand(*op.batch_shape, op.n)
+    noise = op.noise.diagonal().expand(*op.batch_shape, op.n)
+    if isinstance(op.noise, ScaledIdentity):  # P = A exactly
+        return KroneckerEigen(vectors, lam, op.noise.scale.expand(op.batch_shape))
+    if mode != "eigen":
+        budget = REMAINDER_TOL * noise.amin(-1, keepdim=True)
+        tail = lam.sort(dim=-1).values.cumsum(-1)  # tail[i]: sum of the i + 1 smallest eigenvalues
+        rank = int((op.n - (tail <= budget).sum(-1)).max())
+        # n r^2 to set up: beyond r = n / 2 it would cost about what a dense Cholesky (n^3 / 3) does
+        cap = min(MAX_DEFLATION_RANK, op.n // 2, cfg.memory_budget // (8 * op.n * op.dtype.itemsize))
+        if mode == "deflated" or rank <= cap:
+            rank = min(rank, op.n)
+            if rank == 0:
+                return Jacobi(noise)
+            top, index = lam.topk(rank, dim=-1)
+            factor = _top_eigenvectors(vectors, index) * top.sqrt().unsqueeze(-2)
+            return LowRankDiagonal(factor, noise, "deflated kronecker eigen + noise")
+    return KroneckerEigen(vectors, lam, noise.mean(-1))
+
+
+def pivoted_cholesky_preconditioner(op: Operator, rank: int) -> Preconditioner:
+    """Pivoted Cholesky ``L`` of rank at most ``rank``. For ``base + noise``: ``L`` of the base, grown until
+    the remainder's trace is at most ``REMAINDER_TOL * min(noise)``, and ``P = L L^T + noise`` (measured:
+    half the iterations of also adding the remainder's diagonal). Else ``P = L L^T + diag(remainder)``."""
+    if isinstance(op, AddedDiagonal):
+        noise = op.noise.diagonal().expand(*op.batch_shape, op.n)
+        factor, _ = pivoted_cholesky(op.base, rank, stop=REMAINDER_TOL * noise.amin(-1))
+        rest = noise
+    else:
+        factor, rest = pivoted_cholesky(op, rank)
+        rest = rest.to(op.dtype)
+    floor = math.sqrt(torch.finfo(rest.dtype).eps) * op.diagonal().mean(-1, keepdim=True).abs()
+    rest = torch.maximum(rest, floor)
+    if factor.shape[-1] == 0:
+        return Jacobi(rest)
+    return LowRankDiagonal(factor, rest, "pivoted cholesky")
+
+
+def _is_kronecker_sum(op: Operator) -> bool:
+    return isinstance(op, AddedDiagonal) and isinstance(op.base, Kronecker) and not op.base.is_diagonal
+
+
+def build(op: Operator, cfg: Settings) -> Preconditioner:
+    """The preconditioner for ``op`` under ``cfg.preconditioner`` (runs without autograd)."""
+    kind = cfg.preconditioner
+    with torch.no_grad():
+        if kind == "none":
+            return Identity(op.diagonal(), op.batch_shape)
+        if kind == "jacobi":
+            return Jacobi(op.diagonal().expand(*op.batch_shape, op.n))
+        if kind in ("kronecker_eigen", "kronecker_deflated"):
+            if not _is_kronecker_sum(op):
+                raise ValueError(
+                    f"preconditioner={kind!r} needs a Kronecker + diagonal operator, got {op!r}; "
+                    "use 'auto', 'pivoted_cholesky', 'jacobi' or 'none'"
+                )
+            return kronecker_preconditioner(op, cfg, "eigen" if kind == "kronecker_eigen" else "deflated")
+        if kind == "auto" and _is_kronecker_sum(op):
+            return kronecker_preconditioner(op, cfg, "auto")
+        return pivoted_cholesky_preconditioner(op, cfg.precond_rank)
