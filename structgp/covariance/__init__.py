@@ -4,6 +4,7 @@ Nothing here is materialised unless asked (``to_dense``, guarded by ``settings(d
 """
 
 from structgp.covariance._operator import DensifyError, Operator, as_operator
+from structgp.covariance.block_diag import BlockDiag, BlockDiagRoot
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
@@ -13,6 +14,8 @@ from structgp.covariance.sum import AddedDiagonal, Sum
 
 __all__ = [
     "AddedDiagonal",
+    "BlockDiag",
+    "BlockDiagRoot",
     "ConcatRoot",
     "Dense",
     "DenseRoot",

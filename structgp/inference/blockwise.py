@@ -1,0 +1,145 @@
+"""Block-diagonal operators answered block by block, each group of stacked blocks by its own plan.
+
+For ``A = diag(A_1, ..., A_b)``: ``A^{-1} y`` solves each block on its own rows,
+``log det A = sum_i log det A_i`` and ``y^T A^{-1} y = sum_i y_i^T A_i^{-1} y_i``. A
+:class:`~structgp.covariance.BlockDiag` holds its blocks in groups stacked along a batch dimension, so
+each group is one batched call of the engine :func:`structgp.plan` picks for it (one batched Cholesky
+for dense blocks, one batched Woodbury for low-rank-plus-noise blocks; a method forced by
+``structgp.settings(method=...)`` applies to the groups). Cost: the sum of the groups' costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from structgp import _config
+from structgp.covariance._operator import DensifyError, Operator
+from structgp.covariance.block_diag import BlockDiag, BlockDiagRoot
+from structgp.covariance.root import Root
+from structgp.inference import report
+from structgp.inference.cholesky import NotPositiveDefiniteError
+from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register
+from structgp.inference.roots import root
+
+T = TypeVar("T")
+_MAX_NOTES = 8
+
+
+@register(BlockDiag)
+class Blockwise(Engine):
+    name = "blockwise"
+    structural = True
+
+    def applies(self, op: Operator) -> str | None:
+        if not isinstance(op, BlockDiag):
+            return None
+        kinds = ", ".join(f"{_count(g)} x {g.n}" for g in op.groups)
+        return f"block diagonal ({kinds}): each group of stacked blocks by its own batched method"
+
+    def cost(self, op: BlockDiag) -> Cost:
+        costs = [group_plan(op, j).cost for j in range(len(op.groups))]
+        return Cost(sum(c.flops for c in costs), sum(c.bytes for c in costs))
+
+    def solve(self, op: BlockDiag, rhs: Tensor) -> Tensor:
+        parts = op.split_rows(rhs)
+        out = [_run(op, j, lambda e, g, x=x: e.solve(g, x)) for j, x in enumerate(parts)]
+        return op.merge_rows(out)
+
+    def logdet(self, op: BlockDiag) -> Tensor:
+        parts = [_run(op, j, lambda e, g: e.logdet(g)).sum(-1) for j in range(len(op.groups))]
+        return sum(parts[1:], parts[0]).expand(op.batch_shape)
+
+    def inv_quad_logdet(self, op: BlockDiag, rhs: Tensor) -> tuple[Tensor, Tensor]:
+        inv_quad, logdet = [], []
+        for j, x in enumerate(op.split_rows(rhs)):
+            q, ld = _run(op, j, lambda e, g, x=x: e.inv_quad_logdet(g, x))
+            inv_quad.append(q.sum(-2))
+            logdet.append(ld.sum(-1))
+        return sum(inv_quad[1:], inv_quad[0]), sum(logdet[1:], logdet[0]).expand(op.batch_shape)
+
+
+def group_plan(op: BlockDiag, j: int) -> Plan:
+    """The plan of group ``j``; ``method="blockwise"`` means "block by block", so the groups plan freely."""
+    group = op.groups[j]
+    try:
+        if _config.current().method == "blockwise":
+            with _config.settings(method="auto"):
+                return plan(group)
+        return plan(group)
+    except (ValueError, MemoryError) as err:
+        try:
+            wrapped = type(err)(f"block group {j} ({_describe_group(op, j)}) of {op!r}: {err}")
+        except Exception:  # an error type with another signature: keep it as it is
+            raise err from None
+        raise wrapped from err
+
+
+def _run(op: BlockDiag, j: int, question: Callable[[Engine, Operator], T]) -> T:
+    """Answer ``question`` for group ``j`` with its planned engine; a non-PSD block is named."""
+    p = group_plan(op, j)
+    _note(f"group {j} ({_describe_group(op, j)}): {p.method}", j)
+    try:
+        return question(p.engine, op.groups[j])
+    except NotPositiveDefiniteError as err:
+        raise _not_pd(op, j, err) from err
+
+
+def _note(text: str, j: int) -> None:
+    rep = report.current_report()
+    if rep is None or j > _MAX_NOTES:
+        return
+    if j == _MAX_NOTES:
+        text = "(more groups not listed)"
+    if text not in rep.notes:
+        rep.notes.append(text)
+
+
+@root.register
+def _(op: BlockDiag) -> Root:
+    parts = []
+    for j, group in enumerate(op.groups):
+        try:
+            parts.append(root(group))
+        except NotPositiveDefiniteError as err:
+            raise _not_pd(op, j, err) from err
+    return BlockDiagRoot(parts, op.perm, op.inverse)
+
+
+# -- errors -----------------------------------------------------------------------------------------
+def _describe_group(op: BlockDiag, j: int) -> str:
+    g = op.groups[j]
+    return f"{_count(g)} x {describe(g)} of size {g.n}"
+
+
+def _not_pd(op: BlockDiag, j: int, err: NotPositiveDefiniteError) -> NotPositiveDefiniteError:
+    blocks = failing_blocks(op, j)
+    shown = ", ".join(map(str, blocks[:10])) + (", ..." if len(blocks) > 10 else "")
+    return NotPositiveDefiniteError(
+        f"block(s) [{shown}] of {op!r} are not positive definite (group {j}: {_describe_group(op, j)}); {err}"
+    )
+
+
+def failing_blocks(op: BlockDiag, j: int) -> list[int]:
+    """The blocks of group ``j`` (indices in the order given) that fail a Cholesky factorisation even with
+    the largest jitter ``settings(max_jitter=...)``; all of them when that cannot be told densely."""
+    members = op.group_blocks()[j]
+    try:
+        with torch.no_grad():
+            a = op.groups[j].to_dense()
+    except DensifyError:
+        return list(members)
+    a = (a + a.mT) / 2
+    scale = a.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(a.dtype).tiny)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    info = torch.linalg.cholesky_ex(a + _config.current().max_jitter * scale[..., None, None] * eye).info
+    failed = (info > 0).flatten(0, -2).any(0) if info.dim() > 1 else info > 0
+    bad = [members[t] for t in failed.nonzero().flatten().tolist()]
+    return bad or list(members)
+
+
+def _count(group: Operator) -> int:
+    return group.batch_shape[-1]
