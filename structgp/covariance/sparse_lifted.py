@@ -1,0 +1,361 @@
+"""SparseLifted: ``L B L^T``, a latent covariance ``B`` lifted to many outputs by a sparse matrix ``L``.
+
+``L`` (``n_out x n_in``, e.g. interpolation weights from data points to a grid, or a design matrix) is
+held once in canonical CSR form (:class:`Lift`); ``B`` (``n_in x n_in``) is any operator (Dense,
+Kronecker, ...). Nothing ``n_out x n_out`` or dense ``n_out x n_in`` is formed by products or the
+diagonal; ``solve``/``logdet`` go to the latent-space Woodbury engine
+(:mod:`structgp.inference.lifted_woodbury`) when diagonal noise is added.
+
+Sparse products go through a custom autograd function: the forward is torch's CSR @ dense product and
+the backward is written out (``L^T g`` for the dense input; the sampled product ``sum_c g[i, c] x[j, c]``
+over the stored entries ``(i, j)`` for the values), because torch's own CSR backward is orders of
+magnitude slower and returns wrong gradients for CSR tensors whose columns are not sorted.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from structgp import _config
+from structgp.covariance._operator import DensifyError, Operator, as_operator
+from structgp.covariance._pytree_node import PyTreeNode
+from structgp.covariance._validation import check_finite
+from structgp.covariance.dense import Dense
+from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.low_rank import LowRank
+from structgp.covariance.root import Root
+
+DENSE_LIFT_LIMIT = 2**26  # entries of a dense ``lift`` tensor above which a sparse one is required
+_CHUNK = 2**21  # elements of the row-block / sampled-product temporaries processed at a time
+_FLOATS = (torch.float32, torch.float64)
+
+
+class Lift(PyTreeNode):
+    """The sparse lift ``L`` ``(n_out, n_in)`` in canonical CSR form (rows ascending, columns sorted and
+    unique within a row), with the permutation that gives ``L^T`` in CSR form.
+
+    Tensors: ``crow`` ``(n_out + 1,)``, ``col``/``row`` ``(nnz,)`` (int64), ``values`` ``(nnz,)`` (the
+    differentiable data), ``t_crow`` ``(n_in + 1,)``, ``t_col`` ``(nnz,)``, ``t_perm`` ``(nnz,)`` with
+    ``L^T = CSR(t_crow, t_col, values[t_perm])``. ``n_pairs`` is ``sum_r nnz_r^2``, the number of
+    within-row pairs of entries that the diagonal and ``L^T D^{-1} L`` visit.
+    """
+
+    _children = ("crow", "col", "row", "values", "t_crow", "t_col", "t_perm")
+    _static = ("n_out", "n_in", "n_pairs")
+
+    @classmethod
+    def from_tensor(
+        cls, lift: Tensor, name: str = "lift", *, like: tuple[int, torch.dtype, Any, str] | None = None
+    ) -> Lift:
+        """Canonicalise a dense, sparse COO or sparse CSR ``(n_out, n_in)`` tensor, validated (and checked
+        against ``like = (n_in, dtype, device, what they belong to)`` before any work on its entries)."""
+        _check_layout(lift, name)
+        if like is not None:
+            check_lift_matches(lift, name, *like)
+        row, col, values, (n_out, n_in) = _triplets(lift, name)
+        check_finite(values, name)
+        crow = torch.zeros(n_out + 1, dtype=torch.int64, device=row.device)
+        crow[1:] = torch.bincount(row, minlength=n_out).cumsum(0)
+        t_perm = torch.argsort(col * n_out + row)
+        t_crow = torch.zeros(n_in + 1, dtype=torch.int64, device=row.device)
+        t_crow[1:] = torch.bincount(col, minlength=n_in).cumsum(0)
+        counts = crow.diff()
+        n_pairs = int(counts.square().sum())
+        return cls._from_children(
+            [crow, col, row, values, t_crow, row[t_perm], t_perm], (n_out, n_in, n_pairs)
+        )
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n_out, self.n_in))
+
+    @property
+    def nnz(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def matmul(self, x: Tensor, values: Tensor | None = None) -> Tensor:
+        """``L x`` for ``x`` ``(..., n_in, c)`` -> ``(..., n_out, c)``; ``values`` overrides (e.g. casts)
+        the stored values."""
+        return self._product(x, values, transpose=False)
+
+    def tmatmul(self, y: Tensor, values: Tensor | None = None) -> Tensor:
+        """``L^T y`` for ``y`` ``(..., n_out, c)`` -> ``(..., n_in, c)``."""
+        return self._product(y, values, transpose=True)
+
+    def _product(self, x: Tensor, values: Tensor | None, transpose: bool) -> Tensor:
+        values = self.values.to(x.dtype) if values is None else values
+        n_rows = self.n_in if transpose else self.n_out
+        batch, c = x.shape[:-2], x.shape[-1]
+        flat = x.movedim(-2, 0).reshape(x.shape[-2], -1)  # batch folded into columns: L is unbatched
+        out = _LiftProduct.apply(values, flat, self, transpose)
+        return out.reshape(n_rows, *batch, c).movedim(0, -2)
+
+    def to_dense(self) -> Tensor:
+        """The dense ``(n_out, n_in)`` matrix (small sizes only)."""
+        out = self.values.new_zeros(self.n_out * self.n_in)
+        return out.index_add(0, self.row * self.n_in + self.col, self.values).view(self.n_out, self.n_in)
+
+    def row_blocks(self, max_elems: int = _CHUNK) -> Iterator[tuple[Tensor, Tensor]]:
+        """The rows with nonzeros, grouped by their count ``m`` and chunked so that ``k m^2 <= max_elems``
+        (at least one row a chunk): ``(rows (k,), positions of their entries (k, m))``."""
+        counts = self.crow.diff()
+        order = torch.argsort(counts)
+        start = 0
+        for m, k in enumerate(torch.bincount(counts).tolist()):
+            group, start = order[start : start + k], start + k
+            if not (k and m):
+                continue
+            offsets = torch.arange(m, device=group.device)
+            step = max(1, max_elems // (m * m))
+            for s in range(0, k, step):
+                rows = group[s : s + step]
+                yield rows, self.crow[rows].unsqueeze(-1) + offsets
+
+    def __repr__(self) -> str:
+        return f"Lift({self.n_out}x{self.n_in}, nnz={self.nnz}, {str(self.dtype).replace('torch.', '')})"
+
+
+class _LiftProduct(torch.autograd.Function):
+    """``L x`` (or ``L^T x``) for a 2-D dense ``x``; differentiable in ``values`` and ``x``."""
+
+    @staticmethod
+    def forward(values: Tensor, x: Tensor, lift: Lift, transpose: bool) -> Tensor:
+        return _csr(lift, values, transpose) @ x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        values, x, ctx.lift, ctx.transpose = inputs
+        ctx.save_for_backward(values, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, x = ctx.saved_tensors
+        lift, transpose = ctx.lift, ctx.transpose
+        grad_values = grad_x = None
+        if ctx.needs_input_grad[0]:
+            out_idx, in_idx = (lift.col, lift.row) if transpose else (lift.row, lift.col)
+            grad_values = _sampled_rowdot(grad, x, out_idx, in_idx)
+        if ctx.needs_input_grad[1]:
+            grad_x = _LiftProduct.apply(values, grad, lift, not transpose)
+        return grad_values, grad_x, None, None
+
+
+def _csr(lift: Lift, values: Tensor, transpose: bool) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        if transpose:
+            return torch.sparse_csr_tensor(
+                lift.t_crow, lift.t_col, values[lift.t_perm], (lift.n_in, lift.n_out), check_invariants=False
+            )
+        return torch.sparse_csr_tensor(
+            lift.crow, lift.col, values, (lift.n_out, lift.n_in), check_invariants=False
+        )
+
+
+def _sampled_rowdot(g: Tensor, x: Tensor, g_idx: Tensor, x_idx: Tensor) -> Tensor:
+    """``sum_c g[g_idx[k], c] x[x_idx[k], c]`` for each ``k`` (in chunks), shape ``(nnz,)``."""
+    step = max(1, _CHUNK // max(1, g.shape[-1]))
+    parts = [
+        (g[g_idx[s : s + step]] * x[x_idx[s : s + step]]).sum(-1) for s in range(0, g_idx.shape[0], step)
+    ]
+    return torch.cat(parts) if parts else g.new_zeros(0)
+
+
+def _check_layout(lift, name: str) -> None:
+    """A 2-D dense, sparse COO (not hybrid) or sparse CSR tensor of a floating dtype."""
+    if not isinstance(lift, Tensor):
+        raise TypeError(
+            f"{name}: expected a torch.Tensor (dense, sparse COO or sparse CSR), got {type(lift).__name__}"
+        )
+    if lift.layout not in (torch.strided, torch.sparse_coo, torch.sparse_csr):
+        raise TypeError(
+            f"{name}: expected a dense tensor or a sparse tensor of layout torch.sparse_coo or "
+            f"torch.sparse_csr, got {lift.layout}; convert it with .to_sparse_csr()"
+        )
+    if lift.dim() != 2:
+        raise ValueError(
+            f"{name}: expected a 2-D (n_out, n_in) matrix (unbatched), got shape {tuple(lift.shape)}"
+        )
+    if lift.layout == torch.sparse_coo and lift.dense_dim() != 0:
+        raise ValueError(f"{name}: expected a sparse COO matrix without dense dimensions, got a hybrid one")
+    if lift.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {lift.dtype}")
+
+
+def check_lift_matches(lift: Tensor | Lift, name: str, n: int, dtype: torch.dtype, device, what: str) -> None:
+    """``lift`` has ``n`` columns and the ``dtype`` and ``device`` of ``what``."""
+    if lift.shape[-1] != n:
+        raise ValueError(f"{name}: expected {n} columns (the size of {what}), got shape {tuple(lift.shape)}")
+    if lift.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of {what}), got {lift.dtype}")
+    if lift.device != device:
+        raise ValueError(f"{name}: expected device {device} (the device of {what}), got {lift.device}")
+
+
+def _triplets(lift: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+    """``(row, col, values, shape)`` of a lift in row-major order with unique entries."""
+    n_out, n_in = lift.shape
+    if lift.layout == torch.strided:
+        if lift.numel() > DENSE_LIFT_LIMIT:
+            raise ValueError(
+                f"{name}: a dense {n_out} x {n_in} lift is too large ({lift.numel()} > {DENSE_LIFT_LIMIT} "
+                "entries); pass a sparse COO or CSR tensor (e.g. lift.to_sparse_csr())"
+            )
+        if lift.requires_grad:  # keep every entry so the gradient is exact at the zeros too
+            row = torch.arange(n_out, device=lift.device).repeat_interleave(n_in)
+            col = torch.arange(n_in, device=lift.device).repeat(n_out)
+        else:
+            row, col = lift.nonzero().unbind(-1)
+        return row, col, lift[row, col], (n_out, n_in)
+    if lift.layout == torch.sparse_coo:
+        lift = lift.coalesce()  # sorted row-major, duplicates summed (differentiable)
+        row, col = lift.indices().unbind(0)
+        return row, col, lift.values(), (n_out, n_in)
+    crow, col = lift.crow_indices().to(torch.int64), lift.col_indices().to(torch.int64)
+    row = torch.repeat_interleave(torch.arange(n_out, device=col.device), crow.diff())
+    key = row * n_in + col
+    if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
+        raise ValueError(
+            f"{name}: CSR column indices must be sorted and unique within each row (torch's CSR invariant); "
+            "build it with .to_sparse_csr() from a coalesced COO tensor"
+        )
+    return row, col, lift.values(), (n_out, n_in)
+
+
+class SparseLifted(Operator):
+    """``L B L^T`` of shape ``(..., n_out, n_out)`` for a lift ``L`` ``(n_out, n_in)`` and a base ``B``
+    ``(..., n_in, n_in)`` (operator or tensor); batch dims are the base's (the lift is unbatched).
+
+    lift: dense, sparse COO or sparse CSR tensor of base's floating dtype and device, finite; a dense
+    lift over ``2^26`` entries is refused (pass a sparse one). Stored entries are kept (explicit zeros
+    included) and are differentiable; a dense lift that requires grad keeps all its entries.
+    """
+
+    _children = ("lift", "base")
+
+    def __init__(self, lift: Tensor | Lift, base: Operator | Tensor) -> None:
+        super().__init__()
+        base = as_operator(base, "base")
+        like = (base.n, base.dtype, base.device, "base")
+        if isinstance(lift, Lift):
+            check_lift_matches(lift, "lift", *like)
+        else:
+            lift = Lift.from_tensor(lift, "lift", like=like)
+        self.lift = lift
+        self.base = base
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.base.batch_shape + (self.lift.n_out, self.lift.n_out)
+
+    @property
+    def n_in(self) -> int:
+        return self.lift.n_in
+
+    def with_base(self, base: Operator | Tensor) -> SparseLifted:
+        """``L base L^T`` sharing this lift (and its cached pattern work) with a new base."""
+        base = as_operator(base, "base")
+        check_lift_matches(self.lift, "self.lift", base.n, base.dtype, base.device, "base")
+        return self._replace(base=base)
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        return self.lift.matmul(self.base._matmul(self.lift.tmatmul(rhs)))
+
+    def diagonal(self) -> Tensor:
+        """``sum_{a, b in row r} v_a v_b B[c_a, c_b]``: per row, the ``nnz_r x nnz_r`` block of ``B`` at the
+        row's columns is gathered (``sum_r nnz_r^2`` entries of ``B``, never ``L B L^T``)."""
+        lift = self.lift
+        out = lift.values.new_zeros(*self.base.batch_shape, lift.n_out)
+        for rows, pos in lift.row_blocks():
+            v, c = lift.values[pos], lift.col[pos]  # (k, m)
+            block = base_entries(self.base, c.unsqueeze(-1), c.unsqueeze(-2))  # (..., k, m, m)
+            quad = ((block @ v.unsqueeze(-1)).squeeze(-1) * v).sum(-1)  # (..., k)
+            out = out.index_copy(-1, rows, quad.expand(*out.shape[:-1], rows.shape[0]))
+        return out
+
+    def _to_dense(self) -> Tensor:
+        b = self.base._to_dense()
+        lb = self.lift.matmul(b)  # (..., n_out, n_in) = L B
+        return self.lift.matmul(lb.mT)  # L (L B)^T = L B L^T
+
+    def _scale(self, c: Tensor) -> SparseLifted:
+        return self._replace(base=self.base._scale(c))
+
+    def _expand(self, batch_shape: torch.Size) -> SparseLifted:
+        return self._replace(base=self.base._expand(batch_shape))
+
+
+def base_entries(op: Operator, i: Tensor, j: Tensor) -> Tensor:
+    """Entries ``op[..., i, j]`` for broadcasting index tensors ``i``, ``j`` -> ``(..., *index shape)``
+    without forming ``op``
+    when its structure allows (Dense, diagonal, LowRank, Kronecker of those); otherwise from the dense
+    ``n x n`` form (guarded by ``settings(dense_limit=...)``)."""
+    if isinstance(op, Dense):
+        return op.matrix[..., i, j]
+    if isinstance(op, (Diagonal, ScaledIdentity)):
+        d = op.diagonal()[..., i]
+        return torch.where(i == j, d, torch.zeros_like(d))
+    if isinstance(op, LowRank):
+        return (op.factor[..., i, :] * op.factor[..., j, :]).sum(-1)
+    if isinstance(op, Kronecker):
+        out, stride = None, op.n
+        for f in op.factors:  # row-major: the last factor varies fastest
+            stride //= f.n
+            part = base_entries(f, i // stride % f.n, j // stride % f.n)
+            out = part if out is None else out * part
+        return out
+    return op.to_dense()[..., i, j]
+
+
+class LiftedRoot(Root):
+    """``L R`` ``(..., n_out, r)`` for a lift ``L`` ``(n_out, n_in)`` and a root ``R`` ``(..., n_in, r)``;
+    ``(L R)(L R)^T = L B L^T`` when ``R R^T = B``."""
+
+    _children = ("lift", "inner")
+
+    def __init__(self, lift: Tensor | Lift, inner: Root) -> None:
+        super().__init__()
+        if not isinstance(inner, Root):
+            raise TypeError(f"inner: expected a structgp Root, got {type(inner).__name__}")
+        like = (inner.shape[-2], inner.dtype, inner.device, "inner")
+        if isinstance(lift, Lift):
+            check_lift_matches(lift, "lift", *like)
+        else:
+            lift = Lift.from_tensor(lift, "lift", like=like)
+        self.lift = lift
+        self.inner = inner
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.inner.batch_shape + (self.lift.n_out, self.inner.shape[-1])
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return self.lift.matmul(self.inner._matmul(x))
+
+    def tmatmul(self, y: Tensor) -> Tensor:
+        return self.inner.tmatmul(self.lift.tmatmul(y))
+
+    def to_dense(self) -> Tensor:
+        nbytes = math.prod(self.shape) * self.dtype.itemsize
+        limit = _config.current().dense_limit
+        if nbytes > limit:
+            raise DensifyError(
+                f"LiftedRoot.to_dense(): {tuple(self.shape)} would take {nbytes / 2**30:.1f} GiB, over the "
+                f"limit of {limit / 2**30:.1f} GiB; use R @ x and R.tmatmul(y) instead"
+            )
+        return self.lift.matmul(self.inner.to_dense())

@@ -1,0 +1,277 @@
+import pytest
+import torch
+
+import structgp as sg
+from structgp.covariance import Dense, Diagonal, Kronecker, LowRank, ScaledIdentity, SparseLifted
+from structgp.covariance.root import ConcatRoot
+from structgp.inference.lifted_woodbury import LiftedWoodbury, lift_gram
+from tests.reference import F64, assert_close, check_against_dense, dense_inv_quad_logdet, positive, spd
+
+KINDS = ("dense", "coo", "csr")
+
+
+def random_lift(n_out, n_in, kind="csr", density=0.3, seed=0):
+    """A random lift (one empty row, one full row) as ``kind``, and its dense float64 matrix."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n_out, n_in, generator=gen) < density
+    mask[0], mask[1] = False, True
+    dense = torch.randn(n_out, n_in, generator=gen, dtype=F64) * mask
+    lift = {"dense": dense, "coo": dense.to_sparse(), "csr": dense.to_sparse_csr()}[kind]
+    return lift, dense
+
+
+def interpolation_lift(n_out, g, seed=0):
+    """Linear interpolation of ``n_out`` points onto a ``g x g`` grid (4 nonzeros a row), sparse COO."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n_out, 2, generator=gen, dtype=F64) * (g - 1)
+    lo = x.floor().clamp(max=g - 2).long()
+    t = x - lo
+    rows, cols, vals = [], [], []
+    for di in (0, 1):
+        for dj in (0, 1):
+            w = (t[:, 0] if di else 1 - t[:, 0]) * (t[:, 1] if dj else 1 - t[:, 1])
+            rows.append(torch.arange(n_out))
+            cols.append((lo[:, 0] + di) * g + lo[:, 1] + dj)
+            vals.append(w)
+    idx = torch.stack([torch.cat(rows), torch.cat(cols)])
+    return torch.sparse_coo_tensor(idx, torch.cat(vals), (n_out, g * g), check_invariants=True)
+
+
+def noises(n, batch=()):
+    return {
+        "diagonal": Diagonal(positive(*batch, n)),
+        "scaled": ScaledIdentity(positive(*batch), n),
+    }
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("base_kind", ["dense", "kron"])
+@pytest.mark.parametrize("noise_kind", ["diagonal", "scaled"])
+@pytest.mark.parametrize("batch", [((), ()), ((2,), ()), ((), (3,)), ((2, 1), (3,))])
+def test_against_dense(kind, base_kind, noise_kind, batch):
+    base_batch, noise_batch = batch
+    lift, _ = random_lift(14, 6, kind)
+    base = spd(6, *base_batch) if base_kind == "dense" else Kronecker(spd(2, *base_batch), spd(3, *base_batch))
+    op = SparseLifted(lift, base) + noises(14, noise_batch)[noise_kind]
+    with sg.settings(method="woodbury"):
+        assert sg.plan(op).method == "woodbury"
+        check_against_dense(op, rtol=1e-8, atol=1e-8)
+        assert sg.last_report().method == "woodbury"
+    assert isinstance(op.root(), ConcatRoot)
+
+
+def test_kronecker_diagonal_noise_and_low_rank_base():
+    lift, _ = random_lift(12, 6, "coo")
+    noise = Kronecker(Diagonal(positive(3)), Diagonal(positive(4)))
+    op = SparseLifted(lift, Kronecker(spd(3), spd(2))) + noise
+    with sg.settings(method="woodbury"):
+        check_against_dense(op)
+    op = SparseLifted(lift, LowRank(torch.randn(6, 2, dtype=F64))) + Diagonal(positive(12))
+    plan = sg.plan(op)
+    assert plan.method == "woodbury" and "2 x 2 capacitance" in plan.reason
+    check_against_dense(op)
+
+
+def test_structured_bases_without_entry_rules():
+    lift, _ = random_lift(10, 6, "csr")
+    noisy_base = LowRank(torch.randn(6, 2, dtype=F64)) + Diagonal(positive(6))  # root [W, D^1/2]: 8 columns
+    op = SparseLifted(lift, noisy_base) + Diagonal(positive(10))
+    with sg.settings(method="woodbury"):
+        assert "8 x 8 capacitance" in sg.plan(op).reason
+        check_against_dense(op)
+    nested = SparseLifted(lift, SparseLifted(torch.randn(6, 4, dtype=F64), spd(4))) + ScaledIdentity(0.5, 10)
+    with sg.settings(method="woodbury"):
+        assert "4 x 4 capacitance" in sg.plan(nested).reason
+        check_against_dense(nested)
+
+
+def test_zero_lift():
+    op = SparseLifted(torch.zeros(5, 3, dtype=F64).to_sparse(), spd(3)) + Diagonal(positive(5))
+    with sg.settings(method="woodbury"):
+        check_against_dense(op)
+
+
+def test_torch_func_grad_with_a_prebuilt_lift():
+    lift, _ = random_lift(10, 6, "csr")
+    lifted = SparseLifted(lift, spd(6))  # canonicalise the sparse lift outside the transform
+    b, y = spd(3), torch.randn(10, dtype=F64)
+
+    def nll(s, a):
+        op = lifted.with_base(Kronecker(a, b)) + ScaledIdentity(s, 10)
+        with sg.settings(method="woodbury"):
+            q, ld = op.inv_quad_logdet(y)
+        return q + ld + op.diagonal().sum()
+
+    s, a = torch.tensor(0.3, dtype=F64), spd(2)
+    got = torch.func.grad(nll, argnums=(0, 1))(s, a)
+    s, a = s.requires_grad_(), a.requires_grad_()
+    ref = torch.autograd.grad(nll(s, a), (s, a))
+    for g, r in zip(got, ref):
+        assert_close(g, r)
+
+
+def test_auto_plan_and_never_densifies():
+    n_out, g = 1500, 8
+    lift = interpolation_lift(n_out, g)
+    op = SparseLifted(lift, Kronecker(spd(g), spd(g))) + ScaledIdentity(0.1, n_out)
+    plan = sg.plan(op)
+    assert plan.method == "woodbury"
+    assert plan.reason == "SparseLifted + ScaledIdentity: latent-space Woodbury with a 64 x 64 capacitance"
+    dense = op.to_dense()  # the reference, formed before the limit is lowered
+    y = torch.randn(n_out, dtype=F64)
+    with sg.settings(dense_limit=2**20):  # the dense operator (18 MB) is over this limit
+        with pytest.raises(sg.covariance.DensifyError):
+            op.to_dense()
+        q, ld = op.inv_quad_logdet(y)
+        x = op.solve(y)
+        assert sg.last_report().method == "woodbury"
+    ref_q, ref_ld = dense_inv_quad_logdet(dense, y)
+    assert_close(q, ref_q, rtol=1e-7, atol=1e-7)
+    assert_close(ld, ref_ld, rtol=1e-9, atol=1e-7)
+    assert_close(x, torch.linalg.solve(dense, y), rtol=1e-7, atol=1e-7)
+
+
+def test_extra_rhs_batch_dims_share_one_factorisation():
+    lift, l_dense = random_lift(10, 4, "csr")
+    base, d = spd(4, 2), positive(2, 10)
+    op = SparseLifted(lift, base) + Diagonal(d)
+    a = l_dense @ base @ l_dense.T + torch.diag_embed(d)
+    y = torch.randn(5, 2, 10, dtype=F64)
+    q, ld = op.inv_quad_logdet(y)
+    ref_q, ref_ld = dense_inv_quad_logdet(a, y)
+    assert q.shape == (5, 2) and ld.shape == (2,)
+    assert_close(q, ref_q)
+    assert_close(ld, ref_ld)
+    x = torch.randn(3, 2, 10, 4, dtype=F64)
+    assert_close(op.solve(x), torch.linalg.solve(a, x))
+
+
+def test_float32_data_within_float32_tolerance():
+    lift, l_dense = random_lift(40, 6, "csr")
+    base, s = spd(6), torch.tensor(0.05, dtype=F64)
+    a = l_dense @ base @ l_dense.T + s * torch.eye(40, dtype=F64)
+    op = SparseLifted(lift.to(torch.float32), base.float()) + ScaledIdentity(s.float(), 40)
+    y = torch.randn(40, dtype=F64)
+    with sg.settings(method="woodbury"):
+        q, ld = op.inv_quad_logdet(y.float())
+        x = op.solve(y.float())
+    assert q.dtype == ld.dtype == x.dtype == torch.float32
+    ref_q, ref_ld = dense_inv_quad_logdet(a, y)
+    assert_close(q, ref_q, rtol=1e-5, atol=1e-4)
+    assert_close(ld, ref_ld, rtol=1e-5, atol=1e-4)
+    assert_close(x, torch.linalg.solve(a, y), rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_match_dense_autograd():
+    idx = random_lift(16, 6, "dense")[1].nonzero().T
+    leaves = {
+        "vals": torch.randn(idx.shape[1], dtype=F64),
+        "k1": spd(2, 2),
+        "k2": spd(3),
+        "d": positive(16),
+        "y": torch.randn(2, 16, dtype=F64),
+    }
+
+    def loss(structured: bool, vals, k1, k2, d, y):
+        if structured:
+            lift = torch.sparse_coo_tensor(idx, vals, (16, 6))
+            op = SparseLifted(lift, Kronecker(k1, k2)) + Diagonal(d)
+            with sg.settings(method="woodbury"):
+                q, ld = op.inv_quad_logdet(y)
+                x = op.solve(y.mT)
+        else:
+            lift = torch.sparse_coo_tensor(idx, vals, (16, 6)).to_dense()
+            kron = (k1[..., :, None, :, None] * k2[:, None, :]).reshape(2, 6, 6)
+            a = lift @ kron @ lift.T + torch.diag(d)
+            q, ld = dense_inv_quad_logdet(a, y)
+            x = torch.linalg.solve(a, y.mT)
+        return q.sum() + ld.sum() + x.square().sum()
+
+    grads = []
+    for structured in (True, False):
+        ins = [t.clone().requires_grad_() for t in leaves.values()]
+        grads.append(torch.autograd.grad(loss(structured, *ins), ins))
+    for name, g, ref in zip(leaves, *grads):
+        if name in ("k1", "k2"):  # factorisations see the symmetric part of a matrix: compare those
+            g, ref = (g + g.mT) / 2, (ref + ref.mT) / 2
+        assert_close(g, ref, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("noise_kind", ["diagonal", "scaled"])
+def test_gradcheck(noise_kind):
+    gen = torch.Generator().manual_seed(2)
+    idx = (torch.rand(7, 4, generator=gen) < 0.5).nonzero().T
+    vals = torch.randn(idx.shape[1], dtype=F64, generator=gen, requires_grad=True)
+    k1, k2 = spd(2).requires_grad_(), spd(2, 3).requires_grad_()
+    noise = positive(7) if noise_kind == "diagonal" else positive(3)
+    noise.requires_grad_()
+    y = torch.randn(3, 7, dtype=F64, requires_grad=True)
+
+    def f(vals, k1, k2, noise, y):
+        lift = torch.sparse_coo_tensor(idx, vals, (7, 4))
+        n = Diagonal(noise) if noise_kind == "diagonal" else ScaledIdentity(noise, 7)
+        op = SparseLifted(lift, Kronecker(k1, k2)) + n
+        with sg.settings(method="woodbury"):
+            q, ld = op.inv_quad_logdet(y)
+            return q, ld, op.solve(y.unsqueeze(-1))
+
+    assert torch.autograd.gradcheck(f, (vals, k1, k2, noise, y), fast_mode=noise_kind == "scaled")
+
+
+def test_second_derivatives():
+    gen = torch.Generator().manual_seed(3)
+    idx = (torch.rand(5, 2, generator=gen) < 0.7).nonzero().T
+    vals = torch.randn(idx.shape[1], dtype=F64, generator=gen, requires_grad=True)
+    k = spd(2).requires_grad_()
+    d = positive(5).requires_grad_()
+    y = torch.randn(5, dtype=F64, requires_grad=True)
+
+    def f(vals, k, d, y):
+        op = SparseLifted(torch.sparse_coo_tensor(idx, vals, (5, 2)), k) + Diagonal(d)
+        with sg.settings(method="woodbury"):
+            q, ld = op.inv_quad_logdet(y)
+            return q + ld, op.solve(y)
+
+    assert torch.autograd.gradgradcheck(f, (vals, k, d, y))
+
+
+def test_lift_gram_against_dense_and_gradcheck():
+    lift, l_dense = random_lift(11, 5, "csr")
+    op = SparseLifted(lift, spd(5))
+    w = positive(2, 11)
+    assert_close(lift_gram(op.lift, op.lift.values), l_dense.T @ l_dense)
+    assert_close(lift_gram(op.lift, op.lift.values, w), l_dense.T @ (w.unsqueeze(-1) * l_dense))
+    values = op.lift.values.clone().requires_grad_()
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, w: lift_gram(op.lift, v, w), (values, w))
+    assert torch.autograd.gradcheck(lambda v: lift_gram(op.lift, v), (values,))
+
+
+def test_factor_and_pattern_gram_are_cached_only_without_grad():
+    lift, _ = random_lift(20, 6, "coo")
+    lifted = SparseLifted(lift, spd(6))
+    op = lifted + ScaledIdentity(0.2, 20)
+    with sg.settings(method="woodbury"):
+        first = op.logdet()
+        assert "lifted_woodbury" in op._cache and "gram" in lifted.lift._cache
+        assert_close(op.logdet(), first)
+        other = lifted.with_base(spd(6, seed=5)) + ScaledIdentity(0.2, 20)
+        gram = lifted.lift._cache["gram"]
+        other.logdet()
+        assert other.base.lift._cache["gram"] is gram  # the pattern work is shared through with_base
+        s = torch.tensor(0.2, dtype=F64, requires_grad=True)
+        graph = lifted + ScaledIdentity(s, 20)
+        graph.logdet().backward()
+        assert "lifted_woodbury" not in graph._cache and s.grad is not None
+
+
+def test_cost_and_applies():
+    lift, _ = random_lift(50, 6, "csr")
+    op = SparseLifted(lift, Kronecker(spd(2), spd(3))) + Diagonal(positive(50))
+    engine = LiftedWoodbury()
+    assert engine.applies(op) == "SparseLifted + Diagonal: latent-space Woodbury with a 6 x 6 capacitance"
+    assert engine.applies(Dense(spd(4)) + Diagonal(positive(4))) is None
+    cost = engine.cost(op)
+    assert cost.flops >= op.base.lift.n_pairs + 6**3 / 3 and cost.bytes >= 2 * 6 * 6 * 8
+    with sg.settings(method="eigen"), pytest.raises(ValueError, match="woodbury"):
+        op.logdet()
