@@ -10,6 +10,7 @@ from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.root import ConcatRoot, DenseRoot, DiagonalRoot, KroneckerRoot, Root
+from structgp.covariance.sparse_lifted import LiftedRoot, SparseLifted
 from structgp.covariance.sum import AddedDiagonal, Sum
 
 __all__ = [
@@ -24,10 +25,12 @@ __all__ = [
     "DiagonalRoot",
     "Kronecker",
     "KroneckerRoot",
+    "LiftedRoot",
     "LowRank",
     "Operator",
     "Root",
     "ScaledIdentity",
+    "SparseLifted",
     "Sum",
     "as_operator",
 ]
