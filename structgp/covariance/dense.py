@@ -12,8 +12,8 @@ from structgp.covariance._validation import as_tensor, check_finite, check_squar
 class Dense(Operator):
     """``A`` held as a dense tensor ``matrix`` of shape ``(..., n, n)``.
 
-    ``matrix`` must be symmetric (checked to a relative 1e-3 in float32, 1e-5 in float64); the
-    factorisations use its symmetric part ``(A + A^T) / 2``.
+    ``matrix`` must be symmetric (checked by a product with a random vector to a relative 1e-3 in float32,
+    1e-5 in float64); the factorisations use its symmetric part ``(A + A^T) / 2``.
     """
 
     _children = ("matrix",)
