@@ -124,8 +124,8 @@ def test_scale_expand_to_and_pytree():
     op = BlockDiag(blocks)
     ref = torch.block_diag(*mats)
     c = positive(3)
-    assert_close((c[:, None, None] * op).to_dense(), c[:, None, None] * ref)
-    assert_close(op._scale(c).to_dense(), c[:, None, None] * ref)
+    assert_close(op._scale(c).to_dense(), c[:, None, None] * ref)  # a batch of positive scales
+    assert_close((2.0 * op).to_dense(), 2 * ref)
     assert_close((op / 2.0).to_dense(), ref / 2)
     assert_close(op.expand(2).to_dense(), ref.expand(2, 13, 13))
     leaves, spec = pytree.tree_flatten(op)
