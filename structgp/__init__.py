@@ -3,9 +3,19 @@
 Importing structgp never imports botorch and never changes gpytorch/linear_operator settings.
 """
 
-from structgp import covariance, inference
+from structgp import covariance, distributions, inference
 from structgp.inference import Plan, Report, last_report, plan, settings
 
 __version__ = "0.1.0"
 
-__all__ = ["Plan", "Report", "__version__", "covariance", "inference", "last_report", "plan", "settings"]
+__all__ = [
+    "Plan",
+    "Report",
+    "__version__",
+    "covariance",
+    "distributions",
+    "inference",
+    "last_report",
+    "plan",
+    "settings",
+]

@@ -1,0 +1,15 @@
+"""Distributions over structured covariances: MultivariateNormal, Gaussian likelihoods, the marginal
+log likelihood."""
+
+from structgp.distributions.likelihoods import FixedNoiseGaussianLikelihood, GaussianLikelihood, LearnedNoise
+from structgp.distributions.marginal_log_likelihood import ExactMarginalLogLikelihood, marginal_log_likelihood
+from structgp.distributions.multivariate_normal import MultivariateNormal
+
+__all__ = [
+    "ExactMarginalLogLikelihood",
+    "FixedNoiseGaussianLikelihood",
+    "GaussianLikelihood",
+    "LearnedNoise",
+    "MultivariateNormal",
+    "marginal_log_likelihood",
+]

@@ -1,0 +1,201 @@
+"""MultivariateNormal over a structured covariance operator.
+
+For ``x ~ N(mu, A)`` with ``A`` ``(..., n, n)`` held by a structgp operator:
+
+    log p(x) = -1/2 ((x - mu)^T A^{-1} (x - mu) + log det A + n log 2 pi)    one ``inv_quad_logdet``
+    x = mu + R eps,  R R^T = A,  eps ~ N(0, I_k)                              ``R = A.root()`` ``(..., n, k)``
+    H = 1/2 (n (1 + log 2 pi) + log det A)
+
+so every question is answered by the engine that fits the structure (``structgp.plan``); the covariance is
+materialised only when ``covariance_matrix``, ``scale_tril`` or ``precision_matrix`` is asked for.
+
+As in ``torch.distributions.MultivariateNormal`` the covariance is kept unbroadcast: a distribution
+expanded to a batch (``pyro.plate``, ``expand``) shares one operator, so one factorisation serves the
+whole batch and every sample (``inv_quad_logdet`` folds extra leading dimensions into columns).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.distributions.torch_distribution import TorchDistribution
+from torch import Tensor
+from torch.distributions import constraints
+from torch.distributions.utils import lazy_property
+
+from structgp import _config
+from structgp.covariance._operator import Operator, as_operator
+from structgp.covariance._validation import broadcast_batch, value_checks_enabled
+from structgp.inference.cholesky import psd_cholesky
+
+_LOG_2PI = math.log(2 * math.pi)
+_NO_SAMPLE = torch.Size()
+
+
+class MultivariateNormal(TorchDistribution):
+    """``N(loc, covariance)`` with a structured covariance.
+
+    loc: ``(..., n)`` tensor; covariance: a structgp operator ``(..., n, n)`` or an SPD tensor (wrapped in
+    ``Dense``). The batch shape is the broadcast of ``loc.shape[:-1]`` and ``covariance.batch_shape``; the
+    event shape is ``(n,)``. ``loc`` and ``covariance`` share one dtype (float32 or float64) and device.
+    """
+
+    arg_constraints = {"loc": constraints.real_vector}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, covariance: Operator | Tensor, validate_args: bool | None = None) -> None:
+        covariance = as_operator(covariance, "covariance")
+        _check_loc(loc, covariance)
+        n = covariance.n
+        batch_shape = broadcast_batch(loc.shape[:-1], covariance.batch_shape, names=("loc", "covariance"))
+        self.loc = loc.expand(batch_shape + (n,))
+        self._unbroadcasted_covariance = covariance
+        super().__init__(batch_shape, torch.Size((n,)), validate_args=validate_args)
+        if self._validate_args:
+            _check_covariance_values(covariance)
+
+    # -- parameters ----------------------------------------------------------------------------------
+    @property
+    def covariance(self) -> Operator:
+        """The covariance operator ``(*batch_shape, n, n)`` (a broadcast view; nothing is copied)."""
+        op = self._unbroadcasted_covariance
+        return op if op.batch_shape == self.batch_shape else op.expand(self.batch_shape)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    @property
+    def mode(self) -> Tensor:
+        return self.loc
+
+    @property
+    def variance(self) -> Tensor:
+        """``diag(A)`` ``(*batch_shape, n)``, from the operator's ``diagonal()``."""
+        return self._unbroadcasted_covariance.diagonal().expand(self.batch_shape + self.event_shape)
+
+    @property
+    def stddev(self) -> Tensor:
+        return self.variance.sqrt()
+
+    @lazy_property
+    def covariance_matrix(self) -> Tensor:
+        """Dense ``A`` ``(*batch_shape, n, n)``; refuses sizes over ``settings(dense_limit=...)``."""
+        dense = self._unbroadcasted_covariance.to_dense()
+        return dense.expand(self.batch_shape + self.event_shape + self.event_shape)
+
+    @lazy_property
+    def scale_tril(self) -> Tensor:
+        """Dense lower Cholesky factor of ``A`` ``(*batch_shape, n, n)`` (materialises ``A``)."""
+        return self._unbroadcasted_scale_tril.expand(self.batch_shape + self.event_shape + self.event_shape)
+
+    @lazy_property
+    def precision_matrix(self) -> Tensor:
+        """Dense ``A^{-1}`` ``(*batch_shape, n, n)`` (materialises ``A``)."""
+        precision = torch.cholesky_inverse(self._unbroadcasted_scale_tril)
+        return precision.expand(self.batch_shape + self.event_shape + self.event_shape)
+
+    @lazy_property
+    def _unbroadcasted_scale_tril(self) -> Tensor:
+        op = self._unbroadcasted_covariance
+        return psd_cholesky(op.to_dense(), f"the covariance {op!r}")
+
+    # -- torch.distributions API ----------------------------------------------------------------------
+    def expand(self, batch_shape, _instance=None) -> MultivariateNormal:
+        """The distribution broadcast to ``batch_shape``; the covariance operator is shared, not copied."""
+        batch_shape = torch.Size(batch_shape)
+        try:
+            ok = torch.broadcast_shapes(batch_shape, self.batch_shape) == batch_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"batch_shape: cannot expand {tuple(self.batch_shape)} to {tuple(batch_shape)}")
+        new = self._get_checked_instance(MultivariateNormal, _instance)
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        new._unbroadcasted_covariance = self._unbroadcasted_covariance
+        super(MultivariateNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``log N(value; loc, A)`` ``(*sample, *batch)`` for ``value`` ``(*sample, *batch, n)``."""
+        if self._validate_args:
+            self._validate_sample(value)
+        op = self._unbroadcasted_covariance
+        if not isinstance(value, Tensor) or value.dtype != op.dtype:
+            what = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(f"value: expected a tensor of dtype {op.dtype} (the covariance's), got {what}")
+        diff = value - self.loc
+        inv_quad, logdet = op.inv_quad_logdet(diff)
+        return -0.5 * (inv_quad + logdet + self.event_shape[0] * _LOG_2PI)
+
+    def rsample(self, sample_shape=_NO_SAMPLE) -> Tensor:
+        """Reparameterised draws ``loc + R eps`` ``(*sample_shape, *batch_shape, n)`` with ``R = A.root()``.
+
+        ``R`` is ``(..., n, k)`` and structured (e.g. a Kronecker product of factor roots, or a
+        concatenation with an independent draw per term of a sum); all draws are one product with ``R``.
+        """
+        shape = self._extended_shape(torch.Size(sample_shape))
+        root = self._unbroadcasted_covariance.root()
+        k = root.shape[-1]
+        # batch dims the root carries stay batch dims; the remaining leading dims become columns
+        lead = shape[:-1]
+        split = len(lead) - len(root.batch_shape)
+        extra, inner = lead[:split], lead[split:]
+        eps = torch.randn(*inner, k, extra.numel(), dtype=self.loc.dtype, device=self.loc.device)
+        draws = root @ eps
+        draws = draws.expand(*inner, *draws.shape[-2:]).movedim(-1, 0).reshape(shape)
+        return self.loc + draws
+
+    def entropy(self) -> Tensor:
+        """``1/2 (n (1 + log 2 pi) + log det A)`` ``(*batch_shape)``."""
+        n = self.event_shape[0]
+        logdet = self._unbroadcasted_covariance.logdet()
+        return (0.5 * (n * (1 + _LOG_2PI) + logdet)).expand(self.batch_shape)
+
+    # -- interop -------------------------------------------------------------------------------------
+    def to_gpytorch(self):
+        """This distribution as a ``gpytorch.distributions.MultivariateNormal``.
+
+        Its covariance is :func:`structgp.integrations.gpytorch.as_linear_operator` of this covariance, so
+        gpytorch's ``log_prob`` and sampling run through structgp's exact structured paths.
+        """
+        import gpytorch
+
+        from structgp.integrations.gpytorch import as_linear_operator
+
+        covariance = as_linear_operator(self._unbroadcasted_covariance, batch_shape=self.batch_shape)
+        return gpytorch.distributions.MultivariateNormal(self.loc, covariance)
+
+    def __repr__(self) -> str:
+        op = self._unbroadcasted_covariance
+        return f"{type(self).__name__}(loc: {tuple(self.loc.shape)}, covariance: {op!r})"
+
+
+def _check_loc(loc: Tensor, covariance: Operator) -> None:
+    if not isinstance(loc, Tensor):
+        raise TypeError(f"loc: expected a torch.Tensor of shape (..., n), got {type(loc).__name__}")
+    if loc.dim() < 1 or loc.shape[-1] != covariance.n:
+        raise ValueError(
+            f"loc: expected shape (..., {covariance.n}) to match the covariance {tuple(covariance.shape)}, "
+            f"got {tuple(loc.shape)}"
+        )
+    if loc.dtype != covariance.dtype:
+        raise TypeError(f"loc: expected dtype {covariance.dtype} (the covariance's), got {loc.dtype}")
+    if loc.device != covariance.device:
+        raise ValueError(f"loc: expected device {covariance.device} (the covariance's), got {loc.device}")
+
+
+def _check_covariance_values(covariance: Operator) -> None:
+    """A cheap necessary condition of positive definiteness: a finite, positive diagonal (``n`` values)."""
+    diag = covariance.diagonal()
+    enabled = getattr(_config.current(), "check_values", True)
+    if not enabled or torch.jit.is_tracing() or not value_checks_enabled(diag):
+        return
+    if not bool((torch.isfinite(diag) & (diag > 0)).all()):
+        raise ValueError(
+            f"covariance: expected a positive definite operator, but {covariance!r} has non-positive or "
+            "non-finite diagonal entries"
+        )
