@@ -15,7 +15,7 @@ _FLOATS = (torch.float32, torch.float64)
 
 def value_checks_enabled(t: Tensor) -> bool:
     """Whether ``t``'s values may be read on the host (not under vmap, not while compiling)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or t.device.type == "meta":
         return False
     return not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
