@@ -52,7 +52,7 @@ def psd_cholesky(matrix: Tensor, what: str = "matrix") -> Tensor:
         eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
         factor, info = torch.linalg.cholesky_ex(a + jitter[..., None, None] * eye)
         if not bool((info > 0).any()):
-            amount = float(jitter.max())
+            amount = float(jitter.detach().max())
             warnings.warn(
                 f"{what} was not positive definite in {a.dtype}: added jitter {amount:.3g} "
                 f"({rel:.0e} of the mean diagonal) to the diagonal",
