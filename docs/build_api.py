@@ -9,15 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-MODULES = [
-    "structgp",
-    "structgp.covariance",
-    "structgp.inference",
-    "structgp.distributions",
-    "structgp.kernels",
-    "structgp.models",
-    "structgp.integrations.gpytorch",
-]
+MODULES = ["structgp", "!structgp.integrations.botorch.*", "!structgp.integrations.botorch"]  # pdoc recurses
 
 
 def build(out: Path) -> list[Path]:
