@@ -4,7 +4,7 @@ Importing structgp never imports botorch and never changes gpytorch/linear_opera
 """
 
 from structgp import covariance, distributions, inference
-from structgp.inference import Plan, Report, last_report, plan, settings
+from structgp.inference import Plan, Report, eigsh, last_report, plan, settings
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,7 @@ __all__ = [
     "__version__",
     "covariance",
     "distributions",
+    "eigsh",
     "inference",
     "last_report",
     "plan",

@@ -11,6 +11,8 @@ import contextvars
 import dataclasses
 from collections.abc import Iterator
 
+import torch
+
 METHODS = ("auto", "cholesky", "woodbury", "eigen", "blockwise", "diagonal", "cg")
 PRECONDITIONERS = ("auto", "none", "jacobi", "pivoted_cholesky", "kronecker_eigen", "kronecker_deflated")
 
@@ -64,9 +66,16 @@ class Settings:
 
 _CURRENT: contextvars.ContextVar[Settings] = contextvars.ContextVar("structgp_settings", default=Settings())  # noqa: B039 (frozen)
 
+# What torch.compile reads instead: Dynamo cannot trace ``ContextVar.get`` (a graph break), but it traces and
+# guards a module global, so a compiled function recompiles when the settings it was traced under change.
+# Kept equal to the innermost settings of the thread that last entered or left ``settings(...)``.
+_TRACED: Settings = _CURRENT.get()
+
 
 def current() -> Settings:
     """The settings in force in this context."""
+    if torch.compiler.is_compiling():
+        return _TRACED
     return _CURRENT.get()
 
 
@@ -80,9 +89,12 @@ def settings(**overrides) -> Iterator[Settings]:
     unknown = set(overrides) - fields
     if unknown:
         raise TypeError(f"settings: unknown option(s) {sorted(unknown)}; known: {sorted(fields)}")
+    global _TRACED
     new = dataclasses.replace(current(), **overrides)
     token = _CURRENT.set(new)
+    _TRACED = new
     try:
         yield new
     finally:
         _CURRENT.reset(token)
+        _TRACED = _CURRENT.get()

@@ -7,30 +7,54 @@ from structgp.covariance._operator import DensifyError, Operator, as_operator
 from structgp.covariance.block_diag import BlockDiag, BlockDiagRoot
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.indexing import DenseIndexWarning
 from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.linear_map import (
+    BlockDiagMap,
+    DenseMap,
+    KroneckerMap,
+    OperatorMap,
+    Permutation,
+    Product,
+    Selection,
+    SparseMap,
+    Transpose,
+)
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.root import ConcatRoot, DenseRoot, DiagonalRoot, KroneckerRoot, Root
 from structgp.covariance.sparse_lifted import LiftedRoot, SparseLifted
 from structgp.covariance.sum import AddedDiagonal, Sum
+from structgp.covariance.torch_function import DenseFallbackWarning
 
 __all__ = [
     "AddedDiagonal",
     "BlockDiag",
+    "BlockDiagMap",
     "BlockDiagRoot",
     "ConcatRoot",
     "Dense",
+    "DenseFallbackWarning",
+    "DenseIndexWarning",
+    "DenseMap",
     "DenseRoot",
     "DensifyError",
     "Diagonal",
     "DiagonalRoot",
     "Kronecker",
+    "KroneckerMap",
     "KroneckerRoot",
     "LiftedRoot",
     "LowRank",
     "Operator",
+    "OperatorMap",
+    "Permutation",
+    "Product",
     "Root",
     "ScaledIdentity",
+    "Selection",
     "SparseLifted",
+    "SparseMap",
     "Sum",
+    "Transpose",
     "as_operator",
 ]

@@ -21,6 +21,7 @@ from torch import Tensor
 from structgp import _config
 from structgp.covariance._pytree_node import PyTreeNode
 from structgp.covariance._validation import as_tensor, check_positive
+from structgp.covariance.root import Root
 
 
 class DensifyError(RuntimeError):
@@ -124,8 +125,10 @@ class Operator(PyTreeNode):
         return self._matmul(rhs)
 
     def __matmul__(self, rhs: Tensor) -> Tensor:
-        if isinstance(rhs, Operator):
-            return NotImplemented
+        if isinstance(rhs, (Operator, Root)):
+            from structgp.covariance.linear_map import compose  # an operator or map: a lazy product
+
+            return compose(self, rhs)
         return self.matmul(rhs)
 
     def __rmatmul__(self, lhs: Tensor) -> Tensor:
@@ -154,6 +157,32 @@ class Operator(PyTreeNode):
         c = as_tensor(c, "c (divisor)", dtype=self.dtype, device=self.device)
         check_positive(c, "c (divisor)")
         return self._scale(1.0 / c)
+
+    # -- tensor-like behaviour (structgp.covariance.torch_function, structgp.covariance.indexing) ------
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """``torch.*`` functions on operators: structured rules where they exist, else the dense tensor."""
+        from structgp.covariance.torch_function import dispatch
+
+        return dispatch(func, args, kwargs or {})
+
+    def __getitem__(self, index: Any) -> Any:
+        """``op[index]`` as for a tensor of shape ``op.shape``, keeping structure (see ``indexing``)."""
+        from structgp.covariance.indexing import getitem
+
+        return getitem(self, index)
+
+    @property
+    def mT(self) -> Operator:
+        """The transpose of the last two dims: the operator itself (it is symmetric)."""
+        return self
+
+    @property
+    def T(self) -> Operator:
+        """The transpose of an unbatched operator: itself; batched operators have ``.mT``."""
+        if self.dim() != 2:
+            raise ValueError(f"T: defined for unbatched (n, n) operators, got shape {tuple(self.shape)}; use .mT")
+        return self
 
     # -- questions answered by structgp.inference ---------------------------------------------------
     def solve(self, rhs: Tensor) -> Tensor:

@@ -45,7 +45,31 @@ class Root(PyTreeNode):
     def to_dense(self) -> Tensor:
         raise NotImplementedError
 
+    @property
+    def mT(self) -> Root:
+        """The transpose ``R^T`` ``(..., k, n)``, itself a structured map (:mod:`structgp.covariance.linear_map`)."""
+        from structgp.covariance.linear_map import transpose
+
+        return transpose(self)
+
+    @property
+    def T(self) -> Root:
+        """``R^T`` of an unbatched map (as ``Tensor.T``); use ``.mT`` for batched maps."""
+        if len(self.shape) != 2:
+            raise ValueError(f"T: defined for unbatched (n, k) maps, got shape {tuple(self.shape)}; use .mT")
+        return self.mT
+
+    def __rmatmul__(self, y: Tensor) -> Tensor:
+        """``y @ R`` for ``y`` ``(..., c, n)`` (or ``(n,)``): ``(R^T y^T)^T``."""
+        if y.dim() == 1:
+            return self.mT @ y
+        return (self.mT @ y.mT).mT
+
     def __matmul__(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):  # a map, root or operator: a lazy product
+            from structgp.covariance.linear_map import compose
+
+            return compose(self, x)
         k = self.shape[-1]
         if x.dim() == 1:
             if x.shape[-1] != k:

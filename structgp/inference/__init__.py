@@ -7,6 +7,8 @@ from structgp.inference import blockwise, cholesky, elementwise, iterative, kron
 from structgp.inference.cg import CGConvergenceWarning
 from structgp.inference.cholesky import JitterWarning, NotPositiveDefiniteError, psd_cholesky
 from structgp.inference.dispatch import inv_quad_logdet, logdet, solve
+from structgp.inference.eigsh import Eigenpairs, eigsh, eigvalsh
+from structgp.inference.matrix_functions import SqrtRoot, inv_sqrt_matmul, sqrt_matmul
 from structgp.inference.plan import Plan, plan
 from structgp.inference.report import Report, last_report
 from structgp.inference.roots import root
@@ -14,12 +16,17 @@ from structgp.inference.settings import Settings, settings
 
 __all__ = [
     "CGConvergenceWarning",
+    "Eigenpairs",
     "JitterWarning",
     "NotPositiveDefiniteError",
     "Plan",
     "Report",
     "Settings",
+    "SqrtRoot",
+    "eigsh",
+    "eigvalsh",
     "inv_quad_logdet",
+    "inv_sqrt_matmul",
     "last_report",
     "logdet",
     "plan",
@@ -27,4 +34,5 @@ __all__ = [
     "root",
     "settings",
     "solve",
+    "sqrt_matmul",
 ]

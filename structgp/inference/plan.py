@@ -146,7 +146,10 @@ def plan(op: Operator) -> Plan:
                 f"{_fmt_bytes(cfg.memory_budget)} (the cheapest needs {_fmt_bytes(need)}); raise "
                 "structgp.settings(memory_budget=...) or use method='cg'"
             )
-        engine, chosen = min(fitting, key=lambda eo: eo[1].cost.flops)
+        engine, chosen = fitting[0]
+        for e, o in fitting[1:]:  # the cheapest (a loop, not min(key=...), which torch.compile cannot trace)
+            if o.cost.flops < chosen.cost.flops:
+                engine, chosen = e, o
         forced = False
     others = tuple(o for e, o in options if e is not engine)
     return Plan(repr(op), chosen.method, chosen.reason, chosen.cost, others, forced, engine)

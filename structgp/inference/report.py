@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 
+import torch
+
 
 @dataclasses.dataclass
 class Report:
@@ -44,9 +46,12 @@ def last_report() -> Report | None:
 
 def start(operation: str, method: str, reason: str) -> Report:
     report = Report(operation, method, reason)
-    _LAST.set(report)
+    if not torch.compiler.is_compiling():  # Dynamo cannot trace ContextVar.set: compiled calls go unreported
+        _LAST.set(report)
     return report
 
 
 def current_report() -> Report | None:
+    if torch.compiler.is_compiling():
+        return None
     return _LAST.get()
