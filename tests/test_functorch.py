@@ -57,3 +57,9 @@ def test_grad_and_vmap_of_grad():
         wi = w[i].clone().requires_grad_()
         ref.append(torch.autograd.grad(loss(wi, d[i], y[i]), wi)[0])
     torch.testing.assert_close(gw, torch.stack(ref))
+
+
+def test_dense_built_inside_vmap_from_a_captured_matrix():
+    b = spd(3)
+    out = vmap(lambda x: Dense(b) @ x)(torch.randn(2, 3, 1, dtype=F64))
+    assert out.shape == (2, 3, 1)

@@ -48,7 +48,8 @@ class Diagonal(Operator):
 class ScaledIdentity(Operator):
     """``s I_n`` for a positive ``scale`` of shape ``()`` or ``(...)``.
 
-    A Python-number scale is weakly typed: added to an operator it takes that operator's dtype and device.
+    A Python-number scale is weakly typed: added to an operator it is rebuilt from the number in that
+    operator's dtype and on its device (no float32 rounding of a float64 model's noise).
     """
 
     _children = ("scale",)
@@ -58,7 +59,7 @@ class ScaledIdentity(Operator):
         super().__init__()
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n: expected a positive int, got {n!r}")
-        self.weak = not isinstance(scale, Tensor)
+        self.weak = None if isinstance(scale, Tensor) else float(scale)  # the Python number, if any
         scale = as_tensor(scale, "scale")
         check_positive(scale, "scale")
         self.scale = scale
@@ -83,7 +84,7 @@ class ScaledIdentity(Operator):
         return self.scale[..., None, None] * eye
 
     def _scale(self, c: Tensor) -> ScaledIdentity:
-        return self._replace(scale=c * self.scale)
+        return self._replace(scale=c * self.scale, weak=None)
 
     def _expand(self, batch_shape: torch.Size) -> ScaledIdentity:
         return self._replace(scale=self.scale.expand(batch_shape))

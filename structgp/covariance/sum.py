@@ -104,8 +104,10 @@ def add_diagonals(a: Operator, b: Operator) -> Operator:
 
 def _adopt_weak(op: Operator, other: Operator) -> Operator:
     """A ScaledIdentity built from a Python number takes the other operand's dtype and device."""
-    if isinstance(op, ScaledIdentity) and op.weak and not (isinstance(other, ScaledIdentity) and other.weak):
-        return op._replace(scale=op.scale.to(dtype=other.dtype, device=other.device), weak=False)
+    if isinstance(op, ScaledIdentity) and op.weak is not None:
+        if not (isinstance(other, ScaledIdentity) and other.weak is not None):
+            scale = torch.full(op.scale.shape, op.weak, dtype=other.dtype, device=other.device)
+            return op._replace(scale=scale, weak=None)
     return op
 
 

@@ -83,3 +83,13 @@ def test_plan_reports_structure():
     op = LowRank(torch.randn(100, 4, dtype=F64)) + ScaledIdentity(0.1, 100)
     text = str(sg.plan(op))
     assert "woodbury" in text and "capacitance" in text and "cholesky" in text
+
+
+def test_python_number_noise_keeps_float64_precision():
+    op = Dense(spd(3)) + ScaledIdentity(0.1, 3)
+    assert op.noise.scale.dtype == F64 and op.noise.scale.item() == 0.1
+
+
+def test_scaled_python_number_noise_keeps_its_scale():
+    op = Dense(spd(3)) + 2.0 * ScaledIdentity(0.1, 3)
+    assert abs(op.noise.scale.item() - 0.2) < 1e-7
