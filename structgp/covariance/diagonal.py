@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from structgp.covariance._operator import Operator
-from structgp.covariance._validation import as_tensor, check_ndim, check_positive
+from structgp.covariance._validation import as_tensor, check_ndim, check_positive, value_checks_enabled
 
 
 class Diagonal(Operator):
@@ -84,7 +84,10 @@ class ScaledIdentity(Operator):
         return self.scale[..., None, None] * eye
 
     def _scale(self, c: Tensor) -> ScaledIdentity:
-        return self._replace(scale=c * self.scale, weak=None)
+        weak = None
+        if self.weak is not None and c.dim() == 0 and not c.requires_grad and value_checks_enabled(c):
+            weak = self.weak * float(c)  # a number times a weak scale stays weakly typed
+        return self._replace(scale=c * self.scale, weak=weak)
 
     def _expand(self, batch_shape: torch.Size) -> ScaledIdentity:
         return self._replace(scale=self.scale.expand(batch_shape))
