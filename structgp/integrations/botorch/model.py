@@ -1,0 +1,281 @@
+"""BoTorchModel: a structgp ExactGP as a BoTorch ``Model`` (with ``FantasizeMixin``).
+
+BoTorch's acquisition functions see an ordinary model; every number comes from structgp. ``posterior(X)`` for
+``X`` ``(*b, q, d)`` is the gp's joint posterior over each ``q``-point set, from its cached structured training
+solve (one solve for all ``b`` sets, a dense ``q x q`` covariance each, see :mod:`.joint`), handed over as a
+Cholesky-root operator (:mod:`.posterior`). Nothing goes through gpytorch's prediction strategy or
+linear_operator's settings, which ``import botorch`` changes.
+
+``condition_on_observations`` (and so ``fantasize``) returns a view of the same gp conditioned on the new data
+by a Schur-complement update (:mod:`.conditioning`): the training factorisation is reused whatever its
+structure, and the fantasy dims of ``Y`` become batch dims of the new model.
+
+Outputs (see :mod:`.layout`): one output; a multitask kernel's ``t`` correlated outputs; or independent outputs
+as the gp's last batch dim (``batched_outputs=True``). Transforms follow BoTorch: the gp holds the
+*transformed* training data (``from_data`` applies them), ``posterior`` applies ``input_transform`` to ``X`` and
+untransforms the posterior with ``outcome_transform``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import gpytorch
+import torch
+from botorch.models.model import FantasizeMixin, Model
+from botorch.posteriors import GPyTorchPosterior
+from gpytorch.models import GP
+from torch import Tensor, nn
+
+from structgp.distributions import FixedNoiseGaussianLikelihood
+from structgp.integrations.botorch.conditioning import Observations, conditioned_joint
+from structgp.integrations.botorch.joint import gp_joint
+from structgp.integrations.botorch.layout import Layout
+from structgp.integrations.botorch.posterior import botorch_posterior
+from structgp.kernels import as_kernel
+from structgp.models import ExactGP
+
+
+class BoTorchModel(Model, FantasizeMixin, GP):
+    """A fitted structgp :class:`~structgp.models.ExactGP` as a BoTorch model.
+
+    gp: the model (its training data already input- and outcome-transformed, see :meth:`from_data`);
+    batched_outputs: the gp's last batch dim holds independent outputs (``train_y`` ``(..., m, n)``);
+    input_transform / outcome_transform: BoTorch transforms, already fitted to the training data.
+
+    It is also a gpytorch ``GP`` so that ``gpytorch.mlls`` accept it: ``fit_gpytorch_mll`` then minimises the
+    gp's own structured loss (``compute_custom_loss``), see :mod:`.fit`.
+    """
+
+    _supports_cache_root = False  # BoTorch's root caching needs gpytorch's prediction strategy
+    _ensemble = False  # EnsembleModel: the gp's leading batch dim holds hyperparameter samples
+
+    def __init__(
+        self,
+        gp: ExactGP,
+        *,
+        batched_outputs: bool = False,
+        input_transform: nn.Module | None = None,
+        outcome_transform: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(gp, ExactGP):
+            raise TypeError(f"gp: expected a structgp.models.ExactGP, got {type(gp).__name__}")
+        self.gp = gp
+        self._layout = self._make_layout(gp, batched_outputs)
+        self._batched_outputs = batched_outputs
+        self._steps: tuple[Observations, ...] = ()
+        self._outputs: list[int] | None = None
+        if input_transform is not None:
+            self.input_transform = input_transform
+        if outcome_transform is not None:
+            self.outcome_transform = outcome_transform.eval()
+
+    @classmethod
+    def _make_layout(cls, gp: ExactGP, batched_outputs: bool) -> Layout:
+        if gp.num_tasks > 1:
+            if batched_outputs:
+                raise ValueError("batched_outputs: a multitask gp holds its outputs as tasks; pass False")
+            return Layout("tasks", gp.num_tasks, cls._ensemble)
+        if batched_outputs:
+            if gp.train_y.dim() < 2:
+                raise ValueError(
+                    "batched_outputs: expected the gp's train_y to be (..., m, n) with one batch member per "
+                    f"output, got shape {tuple(gp.train_y.shape)}"
+                )
+            return Layout("batch", gp.train_y.shape[-2], cls._ensemble)
+        return Layout("single", 1, cls._ensemble)
+
+    @classmethod
+    def from_data(
+        cls,
+        train_X: Tensor,
+        train_Y: Tensor,
+        kernel,
+        *,
+        train_Yvar: Tensor | None = None,
+        likelihood: nn.Module | None = None,
+        mean: nn.Module | None = None,
+        input_transform: nn.Module | None = None,
+        outcome_transform: nn.Module | None = None,
+    ) -> BoTorchModel:
+        """Build the gp from BoTorch-style data, fitting the transforms first (as BoTorch's models do).
+
+        train_X ``(*b, n, d)``, train_Y ``(*b, n, m)``, train_Yvar (observed noise, same shape as train_Y: a
+        structgp ``FixedNoiseGaussianLikelihood``); kernel: a structgp or gpytorch kernel. ``m > 1`` outputs
+        are the tasks of a multitask kernel (``kernel.num_tasks == m``), else independent outputs as a batch
+        (give the kernel ``batch_shape=(m,)`` for separate hyperparameters). The gp is returned unfitted inside
+        the model (``model.gp.fit()`` or ``fit_gpytorch_mll``).
+        """
+        if input_transform is not None:
+            input_transform.train()
+            train_X = input_transform(train_X)
+            input_transform.eval()
+        if outcome_transform is not None:
+            outcome_transform.train()
+            train_Y, train_Yvar = outcome_transform(train_Y, train_Yvar, X=train_X)
+            outcome_transform.eval()
+        m = train_Y.shape[-1]
+        tasks = as_kernel(kernel, "kernel").num_tasks
+        batched = m > 1 and tasks == 1
+        layout = Layout("tasks" if tasks > 1 else "batch" if batched else "single", m)
+        if tasks > 1 and tasks != m:
+            raise ValueError(f"train_Y: expected {tasks} columns (the kernel's tasks), got {m}")
+        y = layout.to_values(train_Y, "train_Y")
+        x = train_X.unsqueeze(-3) if batched and train_X.dim() > 2 else train_X
+        if train_Yvar is not None:
+            if likelihood is not None:
+                raise ValueError("train_Yvar: give either observed noise or a likelihood, not both")
+            likelihood = FixedNoiseGaussianLikelihood(layout.to_values(train_Yvar, "train_Yvar"))
+        gp = ExactGP(x, y, kernel, likelihood=likelihood, mean=mean)
+        return cls(gp, batched_outputs=batched, input_transform=input_transform, outcome_transform=outcome_transform)
+
+    # -- what BoTorch asks ----------------------------------------------------------------------------
+    @property
+    def num_outputs(self) -> int:
+        return self._layout.outputs if self._outputs is None else len(self._outputs)
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        """The gp's batch (without an output dim; an ensemble's sample dim included), broadcast with the batch
+        dims of the observations conditioned on (fantasies)."""
+        shapes = [self.gp.training_solve().alpha.shape[:-1]]
+        for obs in self._steps:
+            shapes += [obs.x.shape[:-2], obs.y.shape[:-1]]
+        return self._layout.model_batch(torch.broadcast_shapes(*shapes))
+
+    @property
+    def likelihood(self) -> nn.Module:
+        return self.gp.likelihood
+
+    def posterior(
+        self,
+        X: Tensor,
+        output_indices: list[int] | None = None,
+        observation_noise: bool | Tensor = False,
+        posterior_transform=None,
+        **kwargs: Any,
+    ) -> GPyTorchPosterior:
+        """The joint posterior at ``X`` ``(*b, q, d)`` (outputs ``(*b', q, m)``, ``b'`` broadcasting ``b`` with
+        :attr:`batch_shape`).
+
+        observation_noise: True adds the likelihood's noise (a fixed-noise likelihood: the mean of its
+        training noise, per output, as BoTorch does); a tensor ``(*b, q, m)`` (outcome-transformed) is added
+        as is. The result is differentiable with respect to ``X``.
+        """
+        self.eval()
+        if not isinstance(X, Tensor) or X.dim() < 2:
+            raise ValueError(f"X: expected a tensor (..., q, d), got {getattr(X, 'shape', type(X).__name__)}")
+        X_tf = self.transform_inputs(X)
+        q = X_tf.shape[-2]
+        mean, cov = self._joint(self._layout.model_inputs(X_tf))
+        if observation_noise is not False:
+            cov = cov + torch.diag_embed(self._test_noise(observation_noise, q))
+        outputs = self._absolute(output_indices)
+        posterior = botorch_posterior(mean, cov, self._layout, q, outputs, mixture=self._layout.ensemble)
+        if hasattr(self, "outcome_transform"):
+            tf = (
+                self.outcome_transform
+                if output_indices is None
+                else self.outcome_transform.subset_output(output_indices)
+            )
+            posterior = tf.untransform_posterior(posterior, X=X_tf)
+        if posterior_transform is not None:
+            posterior = posterior_transform(posterior)
+        return posterior
+
+    def forward(self, X: Tensor) -> gpytorch.distributions.MultivariateNormal:
+        """The posterior distribution at ``X`` in the model's (outcome-transformed) space."""
+        X_tf = self.transform_inputs(X)
+        mean, cov = self._joint(self._layout.model_inputs(X_tf))
+        return botorch_posterior(mean, cov, self._layout, X_tf.shape[-2], self._outputs).distribution
+
+    def condition_on_observations(self, X: Tensor, Y: Tensor, noise: Tensor | None = None, **kwargs: Any):
+        """This model conditioned on ``Y`` ``(*b', n', m)`` observed at ``X`` ``(*b, n', d)`` (leading dims of
+        ``Y``, e.g. fantasies, become batch dims); ``noise``: their observed noise variances (same shape as
+        ``Y``, outcome-transformed), default the likelihood's. The new model shares this one's gp, its
+        hyperparameters and cached training solve."""
+        if self._outputs is not None:
+            raise NotImplementedError("condition_on_observations: not supported on a subset_output model")
+        self.eval()
+        X_tf = self.transform_inputs(X)
+        if hasattr(self, "outcome_transform"):
+            Y, _ = self.outcome_transform(Y, X=X_tf)
+        if Y.shape[-2] != X_tf.shape[-2]:
+            raise ValueError(f"Y: expected {X_tf.shape[-2]} observations (as X), got shape {tuple(Y.shape)}")
+        obs = Observations(
+            self._layout.model_inputs(X_tf),
+            self._layout.to_values(Y, "Y"),
+            None if noise is None else self._layout.to_values(noise.expand_as(Y), "noise"),
+        )
+        return self._view(steps=self._steps + (obs,))
+
+    def subset_output(self, idcs: list[int]) -> BoTorchModel:
+        """A view of the outputs ``idcs`` (posteriors over those outputs only); all outputs in order: ``self``."""
+        idcs = list(idcs)
+        if not idcs or any(not 0 <= i < self.num_outputs for i in idcs):
+            raise ValueError(f"idcs: expected indices in [0, {self.num_outputs}), got {idcs}")
+        if idcs == list(range(self.num_outputs)):
+            return self
+        tf = getattr(self, "outcome_transform", None)
+        return self._view(
+            outputs=self._absolute(idcs), outcome_transform=None if tf is None else tf.subset_output(idcs)
+        )
+
+    # -- fitting (botorch.fit.fit_gpytorch_mll) --------------------------------------------------------
+    def compute_custom_loss(self, mll=None, **kwargs: Any) -> Tensor:
+        """The loss ``fit_gpytorch_mll`` minimises: the gp's structured ``-(log p(y) + log prior) / n``."""
+        return self.gp.loss()
+
+    # -- BoTorch hooks that would rewrite training inputs: the gp already holds transformed ones --------
+    def _set_transformed_inputs(self) -> None:
+        pass
+
+    def _revert_to_original_inputs(self) -> None:
+        pass
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _joint(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        base = functools.partial(gp_joint, self.gp)
+        return conditioned_joint(base, self._steps, self._layout, self._noise_values, x)
+
+    def _noise_values(self, n: int) -> Tensor:
+        """The likelihood's noise variances at ``n`` new points, as values (a fixed-noise likelihood: the mean
+        of its training noise per output)."""
+        gp = self.gp
+        if not _is_fixed_noise(gp.likelihood):
+            return gp.noise_covariance(n).diagonal()
+        train = gp.noise_covariance(gp.kernel.num_points(gp.train_x)).diagonal()
+        if self._layout.kind == "tasks":
+            t = self._layout.outputs
+            return train.unflatten(-1, (-1, t)).mean(-2, keepdim=True).expand(*train.shape[:-1], n, t).flatten(-2)
+        return train.mean(-1, keepdim=True).expand(*train.shape[:-1], n)
+
+    def _test_noise(self, observation_noise: bool | Tensor, q: int) -> Tensor:
+        if isinstance(observation_noise, Tensor):
+            return self._layout.to_values(observation_noise, "observation_noise")
+        return self._noise_values(q)
+
+    def _absolute(self, idcs: list[int] | None) -> list[int] | None:
+        """Output indices of this model as indices of the gp's outputs."""
+        if idcs is None:
+            return self._outputs
+        return list(idcs) if self._outputs is None else [self._outputs[i] for i in idcs]
+
+    def _view(self, *, steps=None, outputs=None, outcome_transform=None) -> BoTorchModel:
+        new = type(self)(
+            self.gp,
+            batched_outputs=self._batched_outputs,
+            input_transform=getattr(self, "input_transform", None),
+            outcome_transform=getattr(self, "outcome_transform", None)
+            if outcome_transform is None
+            else outcome_transform,
+        )
+        new._steps = self._steps if steps is None else steps
+        new._outputs = self._outputs if outputs is None else outputs
+        return new
+
+
+def _is_fixed_noise(likelihood) -> bool:
+    return isinstance(likelihood, (FixedNoiseGaussianLikelihood, gpytorch.likelihoods.FixedNoiseGaussianLikelihood))

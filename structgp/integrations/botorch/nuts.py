@@ -1,0 +1,202 @@
+"""Fully Bayesian hyperparameters: Pyro NUTS over a structgp gp, turned into a BoTorch ensemble.
+
+Every learned hyperparameter ``v`` of the gp (a parameter that requires grad, read through its constraint) is
+a Pyro sample site named after it (``"kernel.base_kernel.outputscale"``), sampled on an unbounded scale:
+
+    z = log(v - l)   for a constraint with lower bound l and no upper bound (GreaterThan, Positive: z = log v)
+    z = v            for an unconstrained parameter (e.g. a constant mean)
+
+with a prior over ``z``: given in ``priors``, else the prior the model registers on ``v`` (a gpytorch prior such
+as ``lengthscale_prior``, a structgp ``noise_prior``) carried over to ``z`` with its Jacobian
+(:class:`.value_prior.ValuePrior`), else ``Normal(z_now, 1)`` (log-normal around the current, e.g. fitted,
+value). The likelihood is the gp's exact marginal ``N(y; m, K + N)``, a structgp
+``MultivariateNormal`` whose ``log_prob`` is one structured ``inv_quad_logdet``:
+
+    p(z | y)  propto  p(y | z) prod_sites p(z_site)
+
+NUTS draws ``s`` samples; :func:`~structgp.integrations.botorch.ensemble.batch_hyperparameters` puts them on a
+batch dim of a copy of the gp, and :class:`~structgp.integrations.botorch.ensemble.EnsembleModel` presents it to
+BoTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import MCMC, NUTS
+from pyro.infer.autoguide import init_to_value
+from torch import Tensor, nn
+
+from structgp.integrations.botorch.ensemble import EnsembleModel, batch_hyperparameters
+from structgp.integrations.botorch.model import BoTorchModel
+from structgp.integrations.botorch.value_prior import ValuePrior
+from structgp.models import ExactGP
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A hyperparameter sampled by NUTS: ``name`` (the value's), ``raw_name`` (the parameter's), its shape,
+    its constraint (or None), the lower bound ``l`` of ``z = log(v - l)`` (None: ``z = v``) and the prior the
+    model registers on ``v`` (or None)."""
+
+    name: str
+    raw_name: str
+    shape: torch.Size
+    constraint: object | None
+    lower: float | None
+    model_prior: torch.distributions.Distribution | None = None
+
+    def to_raw(self, z: Tensor, like: Tensor) -> Tensor:
+        """The raw parameter for the sampled ``z`` (cast as ``like``)."""
+        z = z.to(like)
+        value = z if self.lower is None else self.lower + z.exp()
+        return value if self.constraint is None else self.constraint.inverse_transform(value)
+
+    def from_raw(self, raw: Tensor) -> Tensor:
+        value = raw if self.constraint is None else self.constraint.transform(raw)
+        return value if self.lower is None else (value - self.lower).log()
+
+
+def hyperparameter_sites(gp: ExactGP, exclude: Iterable[str] = ()) -> list[Site]:
+    """The gp's learned hyperparameters as sample sites (parameters that require grad, less ``exclude``:
+    value or raw names). Constraints with a finite upper bound are not supported (exclude them)."""
+    exclude = set(exclude)
+    sites = []
+    for raw_name, p in gp.named_parameters():
+        owner_name, _, leaf = raw_name.rpartition(".")
+        name = f"{owner_name}.{leaf.removeprefix('raw_')}" if owner_name else leaf.removeprefix("raw_")
+        if not p.requires_grad or raw_name in exclude or name in exclude:
+            continue
+        owner = gp.get_submodule(owner_name)
+        constraint = _constraint(owner, leaf)
+        prior = getattr(owner, f"{leaf.removeprefix('raw_')}_prior", None)
+        prior = prior if isinstance(prior, torch.distributions.Distribution) else None
+        sites.append(Site(name, raw_name, p.shape, constraint, _lower_bound(constraint, name), prior))
+    if not sites:
+        raise ValueError("gp: no hyperparameter to sample (no parameter requires grad, or all are excluded)")
+    return sites
+
+
+def nuts_model(
+    gp: ExactGP, priors: Mapping[str, dist.Distribution] | None = None, exclude: Iterable[str] = ()
+) -> tuple[Callable[[], None], list[Site]]:
+    """The Pyro model ``p(z) p(y | z)`` of the gp's hyperparameters, and its sites.
+
+    priors: site name -> a Pyro distribution over ``z`` (scalar ones are expanded to the site's shape);
+    other sites get the model's prior on their value (as a prior over ``z``), else ``Normal(z_now, 1)``.
+    """
+    sites = hyperparameter_sites(gp, exclude)
+    params = dict(gp.named_parameters())
+    unknown = set(priors or {}) - {s.name for s in sites}
+    if unknown:
+        raise ValueError(f"priors: unknown site(s) {sorted(unknown)}; sites: {[s.name for s in sites]}")
+    site_priors = {s.name: _prior(s, (priors or {}).get(s.name), params[s.raw_name]) for s in sites}
+    marginal = _Marginal(gp)
+    y = gp.train_y.flatten(-2) if gp.num_tasks > 1 else gp.train_y
+
+    def model() -> None:
+        values = {}
+        for s in sites:
+            z = pyro.sample(s.name, site_priors[s.name])
+            values[f"gp.{s.raw_name}"] = s.to_raw(z, params[s.raw_name])
+        likelihood = torch.func.functional_call(marginal, values, ())
+        pyro.sample("y", likelihood.to_event(len(likelihood.batch_shape)), obs=y)
+
+    return model, sites
+
+
+def nuts_ensemble(
+    model: BoTorchModel | ExactGP,
+    *,
+    priors: Mapping[str, dist.Distribution] | None = None,
+    exclude: Iterable[str] = (),
+    num_samples: int = 32,
+    warmup_steps: int = 64,
+    thinning: int = 1,
+    max_tree_depth: int = 6,
+    seed: int = 0,
+    progress: bool = False,
+) -> EnsembleModel:
+    """Run NUTS over the hyperparameters of ``model``'s gp and return the ensemble of ``num_samples`` draws.
+
+    The chain starts at the current hyperparameters (fit them first); ``num_samples * thinning`` draws follow
+    ``warmup_steps`` of step-size and mass adaptation, every ``thinning``-th is kept. The global RNG state is
+    left untouched (the run uses ``seed``). The ensemble keeps ``model``'s transforms; its
+    ``mcmc_samples`` are the kept ``z`` draws per site.
+    """
+    wrapper = model if isinstance(model, BoTorchModel) else None
+    gp = wrapper.gp if wrapper is not None else model
+    if not isinstance(gp, ExactGP):
+        raise TypeError(f"model: expected a BoTorchModel or a structgp ExactGP, got {type(model).__name__}")
+    if wrapper is not None and (wrapper._steps or wrapper._outputs is not None):
+        raise ValueError("model: expected a model as fitted, not a conditioned or subset_output view")
+    for name, value in (("num_samples", num_samples), ("thinning", thinning), ("max_tree_depth", max_tree_depth)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    fn, sites = nuts_model(gp, priors, exclude)
+    params = dict(gp.named_parameters())
+    start = {s.name: s.from_raw(params[s.raw_name]).detach() for s in sites}
+    kernel = NUTS(fn, max_tree_depth=max_tree_depth, init_strategy=init_to_value(values=start))
+    mcmc = MCMC(kernel, num_samples=num_samples * thinning, warmup_steps=warmup_steps, disable_progbar=not progress)
+    device = gp.train_y.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        mcmc.run()
+    draws = {name: z[::thinning].detach() for name, z in mcmc.get_samples().items()}
+    raw = {s.raw_name: s.to_raw(draws[s.name], params[s.raw_name]).detach() for s in sites}
+    ensemble_gp = batch_hyperparameters(gp, raw)
+    ensemble = EnsembleModel(
+        ensemble_gp,
+        batched_outputs=wrapper._batched_outputs if wrapper is not None else False,
+        input_transform=getattr(wrapper, "input_transform", None),
+        outcome_transform=getattr(wrapper, "outcome_transform", None),
+    )
+    ensemble.mcmc_samples = draws
+    return ensemble
+
+
+class _Marginal(nn.Module):
+    """``gp.marginal()`` as a module's forward, for ``torch.func.functional_call``."""
+
+    def __init__(self, gp: ExactGP) -> None:
+        super().__init__()
+        self.gp = gp
+
+    def forward(self):
+        return self.gp.marginal()
+
+
+def _constraint(owner: nn.Module, leaf: str):
+    for attr in (f"{leaf}_constraint", f"{leaf.removeprefix('raw_')}_constraint"):
+        c = getattr(owner, attr, None)
+        if c is not None and callable(getattr(c, "transform", None)):
+            return c
+    return None
+
+
+def _lower_bound(constraint, name: str) -> float | None:
+    if constraint is None:
+        return None
+    lower, upper = (float(torch.as_tensor(b).max()) for b in (constraint.lower_bound, constraint.upper_bound))
+    if math.isfinite(upper):
+        raise ValueError(
+            f"{name}: its constraint {constraint} has a finite upper bound, which NUTS sites here do not "
+            "support; exclude it (exclude=[...]) or use a constraint without an upper bound"
+        )
+    return None if lower == -math.inf else lower
+
+
+def _prior(site: Site, prior: dist.Distribution | None, param: Tensor) -> dist.Distribution:
+    if prior is None and site.model_prior is not None:
+        return ValuePrior(site.model_prior, site.lower, site.shape)
+    if prior is None:
+        loc = site.from_raw(param).detach()
+        prior = dist.Normal(loc, torch.ones_like(loc))
+    elif prior.event_shape == () and prior.batch_shape != site.shape:
+        prior = prior.expand(site.shape)
+    return prior.to_event(len(site.shape)) if prior.event_shape == () and len(site.shape) else prior
