@@ -3,7 +3,7 @@
 Importing structgp never imports botorch and never changes gpytorch/linear_operator settings.
 """
 
-from structgp import covariance, distributions, inference
+from structgp import covariance, distributions, inference, kernels, models
 from structgp.inference import Plan, Report, eigsh, last_report, plan, settings
 
 __version__ = "0.1.0"
@@ -16,7 +16,9 @@ __all__ = [
     "distributions",
     "eigsh",
     "inference",
+    "kernels",
     "last_report",
+    "models",
     "plan",
     "settings",
 ]

@@ -1,0 +1,40 @@
+"""DenseKernel: any gpytorch kernel, evaluated to a ``Dense`` operator."""
+
+from __future__ import annotations
+
+import gpytorch
+from torch import Tensor
+
+from structgp.covariance import Dense
+from structgp.kernels.base import Kernel, check_gpytorch_kernel, evaluate, evaluate_diag, symmetrize
+
+
+class DenseKernel(Kernel):
+    """``K(x, x) = k(x, x)`` held densely, ``(..., n, n)``; ``k`` is any gpytorch kernel (its
+    hyperparameters, priors and constraints are the ones trained). Batch dims of ``k`` and ``x`` broadcast.
+    """
+
+    def __init__(self, base_kernel: gpytorch.kernels.Kernel) -> None:
+        super().__init__()
+        self.base_kernel = check_gpytorch_kernel(base_kernel, "base_kernel")
+
+    def forward(self, x: Tensor) -> Dense:
+        return Dense(symmetrize(evaluate(self.base_kernel, x)), name="k(x, x)")
+
+    def cross(self, x1: Tensor, x2: Tensor) -> Tensor:
+        return evaluate(self.base_kernel, x1, x2)
+
+    def prior(self, x: Tensor) -> Dense:
+        return self.forward(x)
+
+    def prior_diagonal(self, x: Tensor) -> Tensor:
+        return evaluate_diag(self.base_kernel, x)
+
+
+def as_kernel(kernel, name: str = "kernel") -> Kernel:
+    """A structgp kernel as it is; a gpytorch kernel wrapped in :class:`DenseKernel`."""
+    if isinstance(kernel, Kernel):
+        return kernel
+    if isinstance(kernel, gpytorch.kernels.Kernel):
+        return DenseKernel(kernel)
+    raise TypeError(f"{name}: expected a structgp kernel or a gpytorch.kernels.Kernel, got {type(kernel).__name__}")
