@@ -78,6 +78,14 @@ def time_call(fn: Callable[[], Tensor], reps: int = 3) -> tuple[float, float]:
     return sorted(times)[len(times) // 2], value
 
 
+def _ll_with_gradient(model: ExactGP) -> Tensor:
+    """structgp's exact log marginal likelihood and its gradient (one evaluation of the fitting loop)."""
+    model.zero_grad()
+    value = model.marginal_log_likelihood().sum()
+    value.backward()
+    return value.detach()
+
+
 # -- problem 1: a full grid --------------------------------------------------------------------------------
 def grid_problem(m: int, dev: torch.device, progress: bool) -> dict:
     dtype = torch.float64
@@ -100,13 +108,7 @@ def grid_problem(m: int, dev: torch.device, progress: bool) -> dict:
 def _grid_timing(model: ExactGP, x: Tensor, y: Tensor, dev: torch.device) -> Timing:
     """One log-likelihood evaluation (forward + backward): structgp vs a gpytorch dense ExactGP."""
 
-    def structgp_ll() -> Tensor:
-        model.zero_grad()
-        value = model.marginal_log_likelihood().sum()
-        value.backward()
-        return value.detach()
-
-    sg_ms, sg_value = time_call(structgp_ll)
+    sg_ms, sg_value = time_call(lambda: _ll_with_gradient(model))
     gp = _gpytorch_twin(model, x, y).to(dev)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(gp.likelihood, gp)
     gp.train()
@@ -201,13 +203,7 @@ def _lifted_timing(model: ExactGP, weights: Tensor, y: Tensor, noise: Tensor, m:
     """One log-likelihood evaluation: structgp's exact path vs linear_operator's InterpolatedLinearOperator."""
     from linear_operator.operators import DiagLinearOperator, InterpolatedLinearOperator, KroneckerProductLinearOperator
 
-    def structgp_ll() -> Tensor:
-        model.zero_grad()
-        value = model.marginal_log_likelihood().sum()
-        value.backward()
-        return value.detach()
-
-    sg_ms, sg_value = time_call(structgp_ll)
+    sg_ms, sg_value = time_call(lambda: _ll_with_gradient(model))
     idx, vals = _padded_rows(weights)
     first, second = model.kernel.grid.kernels
     axis = model.kernel.grid.axes[0]

@@ -48,14 +48,6 @@ class Operator(PyTreeNode):
         return self.shape[-1]
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self._first_float().dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._tensors()[0].device
-
-    @property
     def is_diagonal(self) -> bool:
         """True when the operator is a diagonal matrix (so it can serve as noise in a structured sum)."""
         return False

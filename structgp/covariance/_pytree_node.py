@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
@@ -50,6 +51,14 @@ class PyTreeNode:
 
     def _first_float(self) -> Tensor:
         return next(t for t in self._tensors() if t.is_floating_point())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._first_float().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensors()[0].device
 
 
 def _flatten(node: PyTreeNode) -> tuple[list, tuple]:

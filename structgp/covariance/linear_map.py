@@ -25,7 +25,7 @@ from structgp import _config
 from structgp.covariance._kron import kron_dense
 from structgp.covariance._operator import DensifyError, Operator
 from structgp.covariance._validation import as_tensor, broadcast_batch, check_ndim, check_same_kind
-from structgp.covariance.root import DiagonalRoot, KroneckerRoot, Root
+from structgp.covariance.root import DenseRoot, DiagonalRoot, KroneckerRoot, Root
 
 
 def as_map(x: Any, name: str = "map") -> Root:
@@ -107,29 +107,13 @@ class Transpose(Root):
         return self.inner
 
 
-class DenseMap(Root):
-    """A dense map ``(..., n, k)`` held as its matrix (any shape, not necessarily symmetric)."""
-
-    _children = ("matrix",)
+class DenseMap(DenseRoot):
+    """A dense map ``(..., n, k)`` held as its matrix (any shape, not necessarily symmetric), validated."""
 
     def __init__(self, matrix: Tensor, *, name: str = "matrix") -> None:
-        super().__init__()
         matrix = as_tensor(matrix, name)
         check_ndim(matrix, name, 2, "(..., n, k)")
-        self.matrix = matrix
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.matrix.shape
-
-    def _matmul(self, x: Tensor) -> Tensor:
-        return self.matrix @ x
-
-    def tmatmul(self, y: Tensor) -> Tensor:
-        return self.matrix.mT @ y
-
-    def to_dense(self) -> Tensor:
-        return self.matrix
+        super().__init__(matrix)
 
     def _transpose(self) -> DenseMap:
         return self._replace(matrix=self.matrix.mT)

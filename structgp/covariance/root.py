@@ -26,14 +26,6 @@ class Root(PyTreeNode):
     def batch_shape(self) -> torch.Size:
         return self.shape[:-2]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._first_float().dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._tensors()[0].device
-
     def _matmul(self, x: Tensor) -> Tensor:
         """``R x`` for ``x`` of shape ``(..., k, c)``."""
         raise NotImplementedError
