@@ -14,7 +14,9 @@ from collections.abc import Iterator
 import torch
 
 METHODS = ("auto", "cholesky", "woodbury", "eigen", "blockwise", "diagonal", "cg")
-PRECONDITIONERS = ("auto", "none", "jacobi", "pivoted_cholesky", "kronecker_eigen", "kronecker_deflated")
+PRECONDITIONERS = (
+    "auto", "none", "jacobi", "pivoted_cholesky", "kronecker_eigen", "kronecker_deflated", "lifted_eigen"
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,14 +160,13 @@ class MultivariateNormal(TorchDistribution):
         """This distribution as a ``gpytorch.distributions.MultivariateNormal``.
 
         Its covariance is :func:`structgp.integrations.gpytorch.as_linear_operator` of this covariance, so
-        gpytorch's ``log_prob`` and sampling run through structgp's exact structured paths.
+        gpytorch's ``log_prob`` (also after ``import botorch`` flips gpytorch's fast-computation flags) and
+        sampling run through structgp's exact structured paths.
         """
-        import gpytorch
-
-        from structgp.integrations.gpytorch import as_linear_operator
+        from structgp.integrations.gpytorch import as_linear_operator, structured_multivariate_normal
 
         covariance = as_linear_operator(self._unbroadcasted_covariance, batch_shape=self.batch_shape)
-        return gpytorch.distributions.MultivariateNormal(self.loc, covariance)
+        return structured_multivariate_normal(self.loc, covariance)
 
     def __repr__(self) -> str:
         op = self._unbroadcasted_covariance

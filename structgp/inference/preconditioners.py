@@ -21,11 +21,17 @@ the iterative engine are unbiased for any ``P`` (:mod:`.iterative`).
 - :class:`KroneckerEigen`: ``P = K + s I = Q (Lambda + s) Q^T`` for a Kronecker ``K = Q Lambda Q^T`` from
   the eigendecompositions of its factors (``sum n_i^3``), applied by factor-wise products; ``s`` is the
   mean of a heteroskedastic noise. ``R = Q (Lambda + s)^{1/2} Q^T``.
+- :func:`lifted_eigen_preconditioner`: for ``L B L^T + D`` (:class:`~structgp.covariance.SparseLifted` plus
+  diagonal noise) with a latent grid too large for the exact latent Woodbury, the top-``k`` eigenpairs of
+  the latent base ``B ~= U Lambda U^T`` (:func:`.eigsh`, exact by structure for Kronecker ``B``) give the
+  tall factor ``F = L U Lambda^{1/2}`` (``n_out x k``, by sparse products) and ``P = F F^T + D``, applied as
+  :class:`LowRankDiagonal` (``k x k`` float64 capacitance, determinant lemma, symmetric root).
 
 :func:`build` picks one per structure (``settings(preconditioner="auto")``): Kronecker + diagonal noise
 gets the *deflated* Kronecker preconditioner ``Q_r Lambda_r Q_r^T + D`` (the top ``r`` eigenpairs of ``K``,
 the fewest that leave out a trace of at most ``REMAINDER_TOL * min(d)``; exact noise) when ``r`` is
-affordable, else ``(K + mean(d) I)``; every other operator gets a pivoted Cholesky of rank up to
+affordable, else ``(K + mean(d) I)``; SparseLifted + diagonal noise gets the latent eigen preconditioner;
+every other operator gets a pivoted Cholesky of rank up to
 ``precond_rank`` (rank 0: Jacobi).
 """
 
@@ -41,7 +47,9 @@ from structgp.covariance._kron import kron_matmul, kron_vector
 from structgp.covariance._operator import Operator
 from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.sparse_lifted import SparseLifted
 from structgp.covariance.sum import AddedDiagonal
+from structgp.inference.eigsh import eigsh
 from structgp.inference.kronecker_eigen import factor_eigh
 from structgp.inference.pivoted_cholesky import pivoted_cholesky
 
@@ -49,6 +57,9 @@ from structgp.inference.pivoted_cholesky import pivoted_cholesky
 # variance: then P^{-1} A has eigenvalues in [1, 1 + REMAINDER_TOL] (few CG iterations, tiny SLQ variance).
 REMAINDER_TOL = 0.1
 MAX_DEFLATION_RANK = 4096
+# relative residual of the latent eigenpairs where they come from Lanczos (bases without an exact rule): any
+# F keeps P = F F^T + D positive definite, so loose eigenpairs only cost iterations, never correctness
+LATENT_EIGSH_TOL = 1e-3
 
 
 class Preconditioner:
@@ -231,6 +242,26 @@ def pivoted_cholesky_preconditioner(op: Operator, rank: int) -> Preconditioner:
     return LowRankDiagonal(factor, rest, "pivoted cholesky")
 
 
+def lifted_eigen_preconditioner(op: AddedDiagonal, cfg: Settings) -> Preconditioner:
+    """For ``L B L^T + D``: ``P = F F^T + D``, ``F = L U Lambda^{1/2}`` ``(..., n_out, k)`` from the top
+    ``k = precond_rank`` eigenpairs of ``B`` (fewer where ``F`` would pass the memory budget, or ``B`` is
+    smaller); rank 0 gives Jacobi on the diagonal of ``A``."""
+    lifted: SparseLifted = op.base
+    noise = op.noise.diagonal().expand(*op.batch_shape, op.n)
+    cap = cfg.memory_budget // (8 * op.n * op.dtype.itemsize)
+    rank = min(cfg.precond_rank, lifted.n_in, cap)
+    if rank == 0:
+        return Jacobi(op.diagonal().expand(*op.batch_shape, op.n))
+    lam, u = eigsh(lifted.base, rank, tol=LATENT_EIGSH_TOL)
+    # tiny negative eigenvalues of a PSD base (rounding) contribute nothing rather than NaN
+    factor = lifted.lift.matmul(u * lam.clamp_min(0).sqrt().unsqueeze(-2))  # sparse L times (n_in, k)
+    return LowRankDiagonal(factor, noise, "lifted latent eigen + noise")
+
+
+def _is_lifted_sum(op: Operator) -> bool:
+    return isinstance(op, AddedDiagonal) and isinstance(op.base, SparseLifted)
+
+
 def _is_kronecker_sum(op: Operator) -> bool:
     return isinstance(op, AddedDiagonal) and isinstance(op.base, Kronecker) and not op.base.is_diagonal
 
@@ -250,6 +281,15 @@ def build(op: Operator, cfg: Settings) -> Preconditioner:
                     "use 'auto', 'pivoted_cholesky', 'jacobi' or 'none'"
                 )
             return kronecker_preconditioner(op, cfg, "eigen" if kind == "kronecker_eigen" else "deflated")
+        if kind == "lifted_eigen":
+            if not _is_lifted_sum(op):
+                raise ValueError(
+                    f"preconditioner='lifted_eigen' needs a SparseLifted + diagonal operator, got {op!r}; "
+                    "use 'auto', 'pivoted_cholesky', 'jacobi' or 'none'"
+                )
+            return lifted_eigen_preconditioner(op, cfg)
         if kind == "auto" and _is_kronecker_sum(op):
             return kronecker_preconditioner(op, cfg, "auto")
+        if kind == "auto" and _is_lifted_sum(op):
+            return lifted_eigen_preconditioner(op, cfg)
         return pivoted_cholesky_preconditioner(op, cfg.precond_rank)

@@ -18,6 +18,9 @@ Importing this module imports gpytorch/linear_operator only; it changes none of 
 
 from __future__ import annotations
 
+import math
+
+import gpytorch
 import torch
 import torch.utils._pytree as pytree
 from linear_operator.operators import (
@@ -35,7 +38,13 @@ from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.root import Root
 from structgp.inference.cholesky import psd_cholesky
 
-__all__ = ["StructuredLinearOperator", "StructuredRootLinearOperator", "as_linear_operator"]
+__all__ = [
+    "StructuredLinearOperator",
+    "StructuredMultivariateNormal",
+    "StructuredRootLinearOperator",
+    "as_linear_operator",
+    "structured_multivariate_normal",
+]
 
 
 def as_linear_operator(op: Operator | Tensor, batch_shape: torch.Size | tuple[int, ...] | None = None):
@@ -308,3 +317,27 @@ def _diagonal_operator(diag: Tensor, op: Operator) -> Operator | None:
     if diag.shape[-1] != op.n:
         return None
     return Diagonal(diag)
+
+
+class StructuredMultivariateNormal(gpytorch.distributions.MultivariateNormal):
+    """A gpytorch ``MultivariateNormal`` whose ``log_prob`` always takes structgp's exact structured path.
+
+    gpytorch's own ``log_prob`` densifies when ``fast_computations.log_prob`` is off, which importing
+    botorch switches globally; this subclass ignores that flag (the value is exact either way).
+    """
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        diff = value - self.loc
+        cov = self.lazy_covariance_matrix
+        batch = torch.broadcast_shapes(diff.shape[:-1], cov.batch_shape)
+        inv_quad, logdet = cov.expand(*batch, *cov.shape[-2:]).inv_quad_logdet(
+            inv_quad_rhs=diff.expand(*batch, diff.shape[-1]).unsqueeze(-1), logdet=True
+        )
+        return -0.5 * (inv_quad + logdet + diff.shape[-1] * math.log(2 * math.pi))
+
+
+def structured_multivariate_normal(loc: Tensor, covariance: StructuredLinearOperator) -> StructuredMultivariateNormal:
+    """``StructuredMultivariateNormal(loc, covariance)``."""
+    return StructuredMultivariateNormal(loc, covariance)

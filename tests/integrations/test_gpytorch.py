@@ -302,3 +302,20 @@ print(json.dumps({"diffs": diffs, "values": values, "botorch": "botorch" in sys.
     assert all(math.isfinite(v) for vs in result["values"] for v in vs)
     if with_botorch:  # botorch does change gpytorch settings on import; the adapter does not depend on them
         assert result["max_cholesky_size"] != 800
+
+
+def test_to_gpytorch_log_prob_stays_structured_when_fast_computations_are_off():
+    """botorch's import turns gpytorch's fast log_prob off globally; the adapter's MVN must not densify."""
+    import gpytorch
+
+    from structgp import settings
+    from structgp.covariance import Kronecker, ScaledIdentity
+    from structgp.distributions import MultivariateNormal
+
+    g = torch.linspace(0, 1, 30, dtype=torch.float64)
+    k = torch.exp(-0.5 * (g[:, None] - g[None, :]) ** 2 / 0.04)
+    mvn = MultivariateNormal(torch.zeros(900, dtype=torch.float64), Kronecker(k, k) + ScaledIdentity(0.1, 900))
+    y = torch.randn(900, dtype=torch.float64)
+    expected = mvn.log_prob(y)
+    with gpytorch.settings.fast_computations(log_prob=False), settings(dense_limit=2**16):
+        torch.testing.assert_close(mvn.to_gpytorch().log_prob(y), expected)
