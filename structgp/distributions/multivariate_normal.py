@@ -27,7 +27,7 @@ from torch.distributions.utils import lazy_property
 from structgp import _config
 from structgp.covariance._operator import Operator, as_operator
 from structgp.covariance._validation import broadcast_batch, value_checks_enabled
-from structgp.inference.cholesky import psd_cholesky
+from structgp.inference.cholesky import inverse_from_cholesky, psd_cholesky
 
 _LOG_2PI = math.log(2 * math.pi)
 _NO_SAMPLE = torch.Size()
@@ -94,7 +94,7 @@ class MultivariateNormal(TorchDistribution):
     @lazy_property
     def precision_matrix(self) -> Tensor:
         """Dense ``A^{-1}`` ``(*batch_shape, n, n)`` (materialises ``A``)."""
-        precision = torch.cholesky_inverse(self._unbroadcasted_scale_tril)
+        precision = inverse_from_cholesky(self._unbroadcasted_scale_tril)
         return precision.expand(self.batch_shape + self.event_shape + self.event_shape)
 
     @lazy_property

@@ -19,9 +19,9 @@ Cost ``n_pairs + 2 n_in^2 r + r^3 / 3`` flops (``n_pairs = sum_r nnz_r^2``).
 
 Gradients reach the lift's values, the base's tensors (through ``R``) and the noise. ``log det C`` and
 ``C^{-1} t`` are custom autograd functions on the (graph-free) Cholesky factor of ``C``: their backward
-uses one ``cholesky_inverse`` / ``cholesky_solve`` instead of differentiating the Cholesky factorisation
-(about 4x less work at ``r = 4096``). Under ``create_graph=True`` the backward refactorises ``C`` with
-autograd, so second derivatives are exact too.
+uses one Cholesky inverse (``inverse_from_cholesky``) / ``cholesky_solve`` instead of differentiating the
+Cholesky factorisation (about 4x less work at ``r = 4096``). Under ``create_graph=True`` the backward
+refactorises ``C`` with autograd, so second derivatives are exact too.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from structgp.covariance.root import Root
 from structgp.covariance.sparse_lifted import _CHUNK, Lift, LiftedRoot, SparseLifted, _csr
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.inference._cache import cached
-from structgp.inference.cholesky import cholesky_logdet, psd_cholesky
+from structgp.inference.cholesky import cholesky_logdet, inverse_from_cholesky, psd_cholesky
 from structgp.inference.plan import Cost, Engine, describe, register
 from structgp.inference.roots import root
 
@@ -101,7 +101,7 @@ class _LiftGram(torch.autograd.Function):
 
 class _CapacitanceLogdet(torch.autograd.Function):
     """``log det C`` from its Cholesky factor (computed without graph); backward ``grad C^{-1}`` (one
-    ``cholesky_inverse``) instead of autograd's Cholesky backward (two ``r^3`` triangular solves and a
+    ``inverse_from_cholesky``) instead of autograd's Cholesky backward (two ``r^3`` triangular solves and a
     product). Inputs ``C`` ``(..., r, r)`` and ``chol`` (no graph)."""
 
     @staticmethod
@@ -115,7 +115,7 @@ class _CapacitanceLogdet(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         capacitance, chol = ctx.saved_tensors
-        inverse = torch.cholesky_inverse(_backward_factor(capacitance, chol))
+        inverse = inverse_from_cholesky(_backward_factor(capacitance, chol))
         return grad[..., None, None] * inverse, None
 
 
