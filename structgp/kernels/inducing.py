@@ -70,9 +70,10 @@ class InducingPointKernel(Kernel):
         return psd_cholesky(kzz, "K(z, z) of the inducing points")
 
     def cross_factor(self, x: Tensor) -> Tensor:
-        """``F(x) = K_xz L^{-T}`` ``(..., n, m)``, so that ``Q(x1, x2) = F(x1) F(x2)^T``; ``K_xz`` is evaluated in
-        the dtype of ``x`` (the ``n x m`` work), the triangular solve is float64."""
-        kxz = evaluate(self.base_kernel, x, self.inducing_points.to(x.dtype)).double()
+        """``F(x) = K_xz L^{-T}`` ``(..., n, m)``, so that ``Q(x1, x2) = F(x1) F(x2)^T``, returned in the dtype of
+        ``x``. ``K_xz`` and the triangular solve are float64: the solve amplifies rounding in ``K_xz`` by up to
+        ``cond(K_zz)^{1/2}``, which float32 inputs would turn into visible errors in ``Q``."""
+        kxz = evaluate(self.base_kernel, x.double(), self.inducing_points.double())
         chol = self.inducing_cholesky()
         chol = chol.expand(*torch.broadcast_shapes(chol.shape[:-2], kxz.shape[:-2]), *chol.shape[-2:])
         factor = torch.linalg.solve_triangular(chol, kxz.mT, upper=False).mT
