@@ -151,10 +151,10 @@ def _gpytorch_twin(model: ExactGP, x: Tensor, y: Tensor):
 def _grid_params(kernels, noise: Tensor) -> dict:
     first, second = kernels
     return {
-        "outputscale": float(first.outputscale),
-        "lengthscale_1": float(first.base_kernel.lengthscale),
-        "lengthscale_2": float(second.lengthscale),
-        "noise": float(noise.reshape(-1)[0]),
+        "outputscale": first.outputscale.item(),
+        "lengthscale_1": first.base_kernel.lengthscale.item(),
+        "lengthscale_2": second.lengthscale.item(),
+        "noise": noise.reshape(-1)[0].item(),
     }
 
 
