@@ -136,3 +136,25 @@ def environment(device: torch.device) -> dict:
 
 def gauss_ll(inv_quad: torch.Tensor, logdet: torch.Tensor, n: int) -> torch.Tensor:
     return -0.5 * (inv_quad + logdet + n * math.log(2 * math.pi))
+
+
+def rbf_1d(g: torch.Tensor, lengthscale) -> torch.Tensor:
+    """An RBF kernel matrix on the 1-D points ``g`` ``(m,)``."""
+    return torch.exp(-0.5 * (g[:, None] - g[None, :]).square() / lengthscale**2)
+
+
+def lo_ll(cov, y: torch.Tensor) -> torch.Tensor:
+    """Gaussian log-likelihood through a linear_operator ``LinearOperator``."""
+    inv_quad, logdet = cov.inv_quad_logdet(inv_quad_rhs=y.unsqueeze(-1), logdet=True)
+    return gauss_ll(inv_quad, logdet, y.shape[-1])
+
+
+def sg_ll(cov, y: torch.Tensor) -> torch.Tensor:
+    """Gaussian log-likelihood through a structgp operator."""
+    inv_quad, logdet = cov.inv_quad_logdet(y)
+    return gauss_ll(inv_quad, logdet, y.shape[-1])
+
+
+def backward(value: torch.Tensor) -> torch.Tensor:
+    value.backward()
+    return value.detach()

@@ -18,7 +18,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Result, environment, gauss_ll, print_table, run_case, write_json  # noqa: E402
+from _harness import (  # noqa: E402
+    Result,
+    backward,
+    environment,
+    gauss_ll,
+    lo_ll,
+    print_table,
+    rbf_1d,
+    run_case,
+    sg_ll,
+    write_json,
+)
 
 import structgp as sg  # noqa: E402
 from structgp.covariance import Diagonal, Kronecker, LowRank, ScaledIdentity  # noqa: E402
@@ -27,25 +38,6 @@ SIZES = {
     "small": dict(lr_n=200_000, lr_k=64, kron_m=32, lift_n=50_000, lift_m=12, block_b=2_000, block_m=64),
     "full": dict(lr_n=1_000_000, lr_k=64, kron_m=64, lift_n=200_000, lift_m=16, block_b=10_000, block_m=64),
 }
-
-
-def rbf_1d(g: torch.Tensor, lengthscale: torch.Tensor) -> torch.Tensor:
-    return torch.exp(-0.5 * (g[:, None] - g[None, :]).square() / lengthscale.square())
-
-
-def lo_ll(cov, y: torch.Tensor) -> torch.Tensor:
-    inv_quad, logdet = cov.inv_quad_logdet(inv_quad_rhs=y.unsqueeze(-1), logdet=True)
-    return gauss_ll(inv_quad, logdet, y.shape[-1])
-
-
-def sg_ll(cov, y: torch.Tensor) -> torch.Tensor:
-    inv_quad, logdet = cov.inv_quad_logdet(y)
-    return gauss_ll(inv_quad, logdet, y.shape[-1])
-
-
-def backward(value: torch.Tensor) -> torch.Tensor:
-    value.backward()
-    return value.detach()
 
 
 def case_low_rank(n: int, k: int, dev: torch.device):

@@ -27,7 +27,18 @@ import torch
 import torch.utils._pytree as pytree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Result, environment, gauss_ll, print_table, run_case, write_json  # noqa: E402
+from _harness import (  # noqa: E402
+    Result,
+    backward,
+    environment,
+    gauss_ll,
+    lo_ll,
+    print_table,
+    rbf_1d,
+    run_case,
+    sg_ll,
+    write_json,
+)
 
 import structgp as sg  # noqa: E402
 from structgp._config import current  # noqa: E402
@@ -37,25 +48,6 @@ from structgp.inference.cg import CGConvergenceWarning, pcg  # noqa: E402
 from structgp.inference.preconditioners import build  # noqa: E402
 
 KRON_LENGTHSCALES = (0.25, 0.3, 0.225)
-
-
-def rbf_1d(g: torch.Tensor, lengthscale) -> torch.Tensor:
-    return torch.exp(-0.5 * (g[:, None] - g[None, :]).square() / lengthscale**2)
-
-
-def lo_ll(cov, y: torch.Tensor) -> torch.Tensor:
-    inv_quad, logdet = cov.inv_quad_logdet(inv_quad_rhs=y.unsqueeze(-1), logdet=True)
-    return gauss_ll(inv_quad, logdet, y.shape[-1])
-
-
-def sg_ll(cov, y: torch.Tensor) -> torch.Tensor:
-    inv_quad, logdet = cov.inv_quad_logdet(y)
-    return gauss_ll(inv_quad, logdet, y.shape[-1])
-
-
-def backward(value: torch.Tensor) -> torch.Tensor:
-    value.backward()
-    return value.detach()
 
 
 def dense_reference(a64: torch.Tensor, y64: torch.Tensor) -> float:

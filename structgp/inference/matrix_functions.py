@@ -33,8 +33,8 @@ from structgp.covariance._kron import kron_matmul, kron_vector
 from structgp.covariance._operator import Operator, guard_dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.linear_map import OperatorMap
 from structgp.covariance.low_rank import LowRank
-from structgp.covariance.root import Root
 from structgp.covariance.sum import AddedDiagonal
 
 DENSE_N = 256  # operators up to this size are decomposed densely
@@ -201,21 +201,9 @@ def _quadrature(alphas: list[Tensor], betas: list[Tensor], fn: Callable[[Tensor]
     return (s * (fn(theta) * s[..., 0, :]).unsqueeze(-2)).sum(-1)  # S f(Theta) S^T e_1
 
 
-class SqrtRoot(Root):
+class SqrtRoot(OperatorMap):
     """``A^{1/2}`` ``(..., n, n)`` as a root (``R R^T = A``, ``R`` symmetric) applied by :func:`sqrt_matmul`:
     samples ``R eps`` of ``N(0, A)`` for operators without a structured root of their own."""
-
-    _children = ("op",)
-
-    def __init__(self, op: Operator) -> None:
-        super().__init__()
-        if not isinstance(op, Operator):
-            raise TypeError(f"op: expected a structgp operator, got {type(op).__name__}")
-        self.op = op
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.op.shape
 
     def _matmul(self, x: Tensor) -> Tensor:
         return sqrt_matmul(self.op, x)
