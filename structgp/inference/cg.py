@@ -12,6 +12,13 @@ A column stops (its ``alpha`` is masked to 0 on the device) once its relative re
 ``||r|| / ||b||`` is at most ``tol``; the host looks at the masks only every few iterations, so there is no
 device synchronisation per iteration.
 
+Under ``torch.func.vmap`` (or ``torch.compile``) the values cannot be read on the host, so the loop runs
+exactly ``max_iter`` iterations with the same masked updates (a converged column's ``alpha`` and ``beta``
+are 0, so its solution and coefficients are those of the early-stopping run) and nothing is inspected: the
+residual is computed and returned but no :class:`CGConvergenceWarning` can be raised there, and
+``converged``/``breakdown`` are reported as ``True``/``False``. Keep ``max_iter`` near the iterations a
+problem needs (every iteration is paid for, and the tridiagonals are ``max_iter`` long).
+
 PCG is the Lanczos process on ``M = P^{-1/2} A P^{-1/2}`` started from ``P^{-1/2} b``; its coefficients
 give the Lanczos tridiagonal ``T`` of each column without storing a basis:
 
@@ -28,6 +35,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from structgp.covariance._validation import value_checks_enabled
 
 
 class CGConvergenceWarning(UserWarning):
@@ -96,6 +105,8 @@ def pcg(
     autograd. Warns (:class:`CGConvergenceWarning`, with the residual reached) when some column does not
     reach ``tol`` within ``max_iter`` iterations, and when the operator shows it is not positive definite.
     ``history``, if given, receives each iteration's relative residuals ``(..., c)`` (device tensors).
+    Where ``rhs`` cannot be read on the host (vmap, compile) it runs ``max_iter`` masked iterations and
+    does not warn (see the module docstring).
     """
     precondition = precondition or (lambda r: r)
     with torch.no_grad():
@@ -115,31 +126,37 @@ def pcg(
         betas: list[Tensor] = []
         check = 0
         for j in range(max_iter):
-            if j == check:
+            # readable values: not under vmap (the products may be batched where rhs is not)
+            if j == check and value_checks_enabled(active):
                 check = _next_check(j, check_every)
                 if not bool(active.any()):
                     break
             ap = matmul(p)
             pap = (p * ap).sum(-2)
-            broke |= active & ~(pap > 0)
-            active &= pap > 0
+            broke = broke | (active & ~(pap > 0))
+            active = active & (pap > 0)
             alpha = torch.where(active, rz / torch.where(active, pap, torch.ones_like(pap)), 0.0)
-            x.addcmul_(alpha.unsqueeze(-2), p)
-            r.addcmul_(alpha.unsqueeze(-2), ap, value=-1)
+            if value_checks_enabled(alpha):
+                x.addcmul_(alpha.unsqueeze(-2), p)
+                r.addcmul_(alpha.unsqueeze(-2), ap, value=-1)
+            else:  # under vmap an unbatched x or r cannot take batched updates in place
+                x = torch.addcmul(x, alpha.unsqueeze(-2), p)
+                r = torch.addcmul(r, alpha.unsqueeze(-2), ap, value=-1)
             z = precondition(r)
             rz_new = (r * z).sum(-2)
             beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), 0.0)
             p = z + beta.unsqueeze(-2) * p
             alphas.append(alpha)
             betas.append(beta)
-            iterations += active
+            iterations = iterations + active
             rz = torch.where(active, rz_new, rz)
             residual = torch.where(active, r.norm(dim=-2) / safe_b, residual)
-            active &= residual > tol
+            active = active & (residual > tol)
             if history is not None:
                 history.append(residual.clone())
-        still = bool(active.any())
-        breakdown = bool(broke.any())
+        readable = value_checks_enabled(active) and value_checks_enabled(broke)
+        still = bool(active.any()) if readable else False
+        breakdown = bool(broke.any()) if readable else False
     if still:
         worst = float(residual.max())
         warnings.warn(

@@ -20,11 +20,25 @@ gradients are the right ones (with ``x``, ``u``, ``v_i = P^{-1} z_i`` detached):
 
 The ``A x`` and ``A v`` products are one differentiable product with the operator, so the gradients reach
 every tensor the operator was built from, reuse the forward solves, and compose with ``torch.func.grad``
-(plain ops and a ``setup_context`` function; the CG loop itself stops on data, so it cannot run under
-``vmap``). Surrogates rather than a custom function for ``inv_quad_logdet``: a custom function would have to
-take the operator's leaves as inputs and compute their vector-Jacobian products itself, which is what
-autograd already does for the one product above. Second derivatives are not supported (the solve's
+(plain ops and a ``setup_context`` function with a generated vmap rule). Surrogates rather than a custom
+function for ``inv_quad_logdet``: a custom function would have to take the operator's leaves as inputs
+and compute their vector-Jacobian products itself, which is what autograd already does for the one product
+above. Second derivatives are not supported (the solve's
 backward is once-differentiable; the others differentiate only the last product).
+
+``torch.func.vmap``. Design: the same code runs, with every host read made conditional (values are read
+only where :func:`~structgp.covariance._validation.value_checks_enabled` says so). Under vmap PCG runs a
+fixed ``max_iter`` iterations with the masked per-column updates it already uses (converged columns get
+``alpha = beta = 0``), the pivoted Cholesky preconditioner runs all its steps and gives a member that would
+have stopped zero columns, and the probes are drawn outside the transform (so every member sees the probes
+a call outside vmap would). Each member therefore gets the values and gradients of a Python loop, up to
+rounding. The cost: every member pays ``max_iter`` iterations (keep ``max_iter`` near what the problem
+needs), the residual is computed but cannot be inspected (no ``CGConvergenceWarning`` under vmap;
+``sg.last_report()`` records no iterations or residual), and steps that choose by values (the Kronecker
+deflation rank of ``preconditioner="auto"``) raise a clear error. The alternative, a custom function whose
+``vmap`` rule moves the vmapped dimension into the operator's batch dimensions, would have to take the
+operator's leaves as inputs and write their backward by hand (see above).
+Outside vmap nothing changes: the conditional reads all happen and the arithmetic is the same.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from torch.autograd.function import once_differentiable
 
 from structgp import _config
 from structgp.covariance._operator import Operator
+from structgp.covariance._validation import value_checks_enabled
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
@@ -115,9 +130,14 @@ def _detached(op: Operator) -> Operator:
 
 
 def rademacher(shape: tuple[int, ...], like: Tensor, seed: int) -> Tensor:
-    """Rademacher (+-1) entries of ``shape`` from a generator seeded with ``seed`` on ``like``'s device."""
+    """Rademacher (+-1) entries of ``shape`` from a generator seeded with ``seed`` on ``like``'s device.
+
+    The draw depends on no tensor's values, so it is made outside any functorch transform: under ``vmap``
+    every batch member gets the probes a call outside ``vmap`` would (vmap's randomness mode is not asked).
+    """
     gen = torch.Generator(device=like.device).manual_seed(seed)
-    bits = torch.randint(0, 2, shape, generator=gen, device=like.device)
+    with torch._C._DisableFuncTorch():
+        bits = torch.randint(0, 2, shape, generator=gen, device=like.device)
     return (2 * bits - 1).to(like.dtype)
 
 
@@ -127,12 +147,14 @@ def _explain_vmap() -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
-        if "data-dependent control flow" not in str(err):
+        if not str(err).startswith("vmap:"):  # data-dependent control flow, .item(), ...
             raise
         raise RuntimeError(
-            "the iterative engine ('cg') stops on the residuals it reaches, so it cannot run under "
-            "torch.func.vmap; give the operator and right-hand side a batch dimension instead (they "
-            "broadcast), or use an exact method"
+            "this setup of the iterative engine ('cg') chooses by the operator's values (e.g. the rank of "
+            "the Kronecker deflation preconditioner), so it cannot run under torch.func.vmap; pick a fixed "
+            "preconditioner (settings(preconditioner='kronecker_eigen' / 'pivoted_cholesky' / 'jacobi')), "
+            "give the operator and right-hand side a batch dimension instead (they broadcast), or use an "
+            "exact method"
         ) from err
 
 
@@ -165,8 +187,8 @@ def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
 
 def _record(result: CGResult, precond: Preconditioner, cfg: _config.Settings, stderr: Tensor | None) -> None:
     rep = report.current_report()
-    if rep is None:
-        return
+    if rep is None or not value_checks_enabled(result.residual):
+        return  # under vmap the iterations and residual cannot be read: the report keeps no numbers
     rep.iterations = int(result.iterations.max()) if result.iterations.numel() else 0
     rep.residual = float(result.residual.max()) if result.residual.numel() else 0.0
     rep.notes.append(f"preconditioner {precond.describe()}")
@@ -182,7 +204,10 @@ def _needs_grad(op: Operator, *tensors: Tensor) -> bool:
 
 class _ResidualSolve(torch.autograd.Function):
     """``S(r)``: value 0, derivative ``A^{-1}`` (a CG solve in the backward). ``x + S(b - A x)`` has the
-    value ``x`` and the derivative ``A^{-1} (db - dA x)``."""
+    value ``x`` and the derivative ``A^{-1} (db - dA x)``. Under vmap the generated rule runs the backward's
+    CG batched (the masked fixed-count loop of :func:`.cg.pcg`)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(residual: Tensor, solver: functools.partial) -> Tensor:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from structgp.covariance._kron import kron_vector
 from structgp.covariance._operator import Operator
+from structgp.covariance._validation import value_checks_enabled
 from structgp.covariance.dense import Dense
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
@@ -90,16 +91,23 @@ def pivoted_cholesky(
         k = min(rank, op.n)
         factor = d.new_zeros(*d.shape, k)
         floor = 10 * torch.finfo(op.dtype).eps * d.abs().amax(-1)  # pivots below it are rounding noise
+        # under vmap/compile the values cannot end the loop: all ``k`` steps run, and a member that would
+        # have stopped gets zero columns (the same L L^T)
+        readable = value_checks_enabled(d)
+        done = torch.zeros(d.shape[:-1], dtype=torch.bool, device=d.device)
         if stop is not None:
             stop = torch.maximum(torch.as_tensor(stop, dtype=d.dtype, device=d.device), op.n * floor)
         for j in range(k):
-            if stop is not None and j % check_every == 0 and bool((d.sum(-1) <= stop).all()):
-                return factor[..., :j], d
+            if stop is not None and j % check_every == 0:
+                if readable and bool((d.sum(-1) <= stop).all()):
+                    return factor[..., :j], d
+                if not readable:
+                    done = done | (d.sum(-1) <= stop)
             pivot_value, pivot = d.max(-1)
             col = column(op, pivot).expand_as(d).double()
             row = factor.gather(-2, pivot[..., None, None].expand(*d.shape[:-1], 1, k))
             resid = col - (factor[..., :j] @ row[..., 0, :j, None]).squeeze(-1)
-            ok = pivot_value > floor
+            ok = (pivot_value > floor) & ~done  # a member done under vmap adds zero columns
             scale = torch.where(ok, pivot_value, torch.ones_like(pivot_value)).rsqrt()
             l_j = torch.where(ok[..., None], resid * scale[..., None], 0.0)
             factor[..., j] = l_j

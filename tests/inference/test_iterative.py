@@ -267,17 +267,6 @@ def test_composes_with_torch_func_grad():
     torch.testing.assert_close(gd, rd)
 
 
-def test_vmap_is_refused_with_a_clear_message():
-    w, d = torch.randn(2, 10, 2, dtype=F64), positive(2, 10)
-
-    def logdet(w, d):
-        with cg():
-            return (LowRank(w) + Diagonal(d)).logdet()
-
-    with pytest.raises(RuntimeError, match="cannot run under torch.func.vmap"):
-        torch.func.vmap(logdet)(w, d)
-
-
 # -- reports and warnings ----------------------------------------------------------------------------
 
 
