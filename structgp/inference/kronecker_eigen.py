@@ -22,7 +22,8 @@ operations, so they compose with ``torch.func.grad``/``vmap``: with ``S`` the de
     inv_quad:  2 r.x0 - x0^T B x0
 
 whose values equal the exact ones and whose first derivatives are exact (``tr(B^{-1} dB)`` only needs the
-diagonal of ``Q^T dB Q``). Second derivatives of these paths are not supported.
+diagonal of ``Q^T dB Q``). Second derivatives of these paths are not supported: ``create_graph=True``
+raises (see ``_FirstOrderOnly``) rather than returning wrong Hessians.
 """
 
 from __future__ import annotations
@@ -147,11 +148,36 @@ def _needs_grad(p: _Problem, *tensors: Tensor) -> bool:
     return any(t.requires_grad for t in pieces)
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity whose backward refuses to build a graph: the surrogates' first derivatives are exact, their
+    second derivatives are not, so ``create_graph=True`` (Hessians by ``torch.autograd``) raises instead of
+    returning wrong values. Under ``torch.func`` transforms (whose backward always records) it passes."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(grad):
+            raise RuntimeError(
+                "second derivatives (create_graph=True) of the Kronecker eigen path are not supported: its "
+                "gradients are exact to first order only; use structgp.settings(method='cholesky') for Hessians"
+            )
+        return grad
+
+
 def _solve_b(p: _Problem, rhs: Tensor) -> Tensor:
     x0 = _inverse(p, rhs)
     if not _needs_grad(p, rhs):
         return x0
-    return x0 + _inverse_differentiable_rhs(p, rhs - _apply_b(p, x0))
+    return _FirstOrderOnly.apply(x0 + _inverse_differentiable_rhs(p, rhs - _apply_b(p, x0)))
 
 
 def _inverse_differentiable_rhs(p: _Problem, r: Tensor) -> Tensor:
@@ -175,7 +201,7 @@ def _logdet_b(p: _Problem) -> Tensor:
     surrogate = (w.to(m_hat.dtype) * m_hat).sum(-1)
     if p.sigma is not None:
         surrogate = surrogate + p.sigma * w.sum(-1).to(p.sigma.dtype)
-    return value + (surrogate - surrogate.detach()).double()
+    return _FirstOrderOnly.apply(value + (surrogate - surrogate.detach()).double())
 
 
 def _outer(p: _Problem) -> Tensor | None:
@@ -225,7 +251,7 @@ class KroneckerEigen(Engine):
         r = rhs if outer is None else outer.to(rhs.dtype).unsqueeze(-1) * rhs
         x0 = _inverse(p, r)
         if _needs_grad(p, r):
-            inv_quad = 2 * (r * x0).sum(-2) - (x0 * _apply_b(p, x0)).sum(-2)
+            inv_quad = _FirstOrderOnly.apply(2 * (r * x0).sum(-2) - (x0 * _apply_b(p, x0)).sum(-2))
         else:
             inv_quad = (r * x0).sum(-2)
         return inv_quad, self.logdet(op)

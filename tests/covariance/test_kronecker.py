@@ -166,3 +166,13 @@ def test_non_psd_factor_is_named():
     op = Kronecker(spd(4), bad) + ScaledIdentity(0.1, 12)
     with sg.settings(method="eigen"), pytest.raises(ValueError, match="Kronecker factor 1 is not positive"):
         op.logdet()
+
+
+def test_second_derivatives_of_the_eigen_path_raise_instead_of_being_wrong():
+    a = spd(3).requires_grad_()
+    s = positive().requires_grad_()
+    op = Kronecker(a, spd(2)) + ScaledIdentity(s, 6)
+    with sg.settings(method="eigen"):
+        q, l = op.inv_quad_logdet(torch.randn(6, dtype=F64))
+    with pytest.raises(RuntimeError, match="create_graph=True.*method='cholesky'"):
+        torch.autograd.grad(q + l, s, create_graph=True)
