@@ -369,8 +369,8 @@ def _(op: LowRank, rows: Rows, cols: Rows) -> Root:
 # -- entries ------------------------------------------------------------------------------------------
 @functools.singledispatch
 def entries(op: Operator, i: Tensor, j: Tensor) -> Tensor:
-    """``op[..., i_k, j_k]`` for index vectors ``(P,)`` -> ``(..., P)``, gathered from the structure; operators
-    without a rule are read from their dense matrix (guarded, warned)."""
+    """``op[..., i, j]`` for broadcasting index tensors (e.g. vectors ``(P,)`` -> ``(..., P)``), gathered from
+    the structure; operators without a rule are read from their dense matrix (guarded, warned)."""
     guard_dense(op, "entries")
     warnings.warn(f"{type(op).__name__} has no entry rule: gathering from its dense matrix", DenseIndexWarning, 3)
     return op.to_dense()[..., i, j]
@@ -389,7 +389,7 @@ def _(op: Diagonal, i: Tensor, j: Tensor) -> Tensor:
 
 @entries.register
 def _(op: ScaledIdentity, i: Tensor, j: Tensor) -> Tensor:
-    s = op.scale.unsqueeze(-1)
+    s = op.scale.reshape(*op.scale.shape, *(1,) * max(i.dim(), 1))  # batch dims before the index dims
     return torch.where(i == j, s, torch.zeros_like(s))
 
 

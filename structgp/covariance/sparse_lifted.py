@@ -26,10 +26,6 @@ from structgp import _config
 from structgp.covariance._operator import DensifyError, Operator, as_operator
 from structgp.covariance._pytree_node import PyTreeNode
 from structgp.covariance._validation import check_finite
-from structgp.covariance.dense import Dense
-from structgp.covariance.diagonal import Diagonal, ScaledIdentity
-from structgp.covariance.kronecker import Kronecker
-from structgp.covariance.low_rank import LowRank
 from structgp.covariance.root import Root
 
 DENSE_LIFT_LIMIT = 2**26  # entries of a dense ``lift`` tensor above which a sparse one is required
@@ -279,11 +275,13 @@ class SparseLifted(Operator):
     def diagonal(self) -> Tensor:
         """``sum_{a, b in row r} v_a v_b B[c_a, c_b]``: per row, the ``nnz_r x nnz_r`` block of ``B`` at the
         row's columns is gathered (``sum_r nnz_r^2`` entries of ``B``, never ``L B L^T``)."""
+        from structgp.covariance.indexing import entries  # indexing registers rules for this module's types
+
         lift = self.lift
         out = lift.values.new_zeros(*self.base.batch_shape, lift.n_out)
         for rows, pos in lift.row_blocks():
             v, c = lift.values[pos], lift.col[pos]  # (k, m)
-            block = base_entries(self.base, c.unsqueeze(-1), c.unsqueeze(-2))  # (..., k, m, m)
+            block = entries(self.base, c.unsqueeze(-1), c.unsqueeze(-2))  # (..., k, m, m)
             quad = ((block @ v.unsqueeze(-1)).squeeze(-1) * v).sum(-1)  # (..., k)
             out = out.index_copy(-1, rows, quad.expand(*out.shape[:-1], rows.shape[0]))
         return out
@@ -298,28 +296,6 @@ class SparseLifted(Operator):
 
     def _expand(self, batch_shape: torch.Size) -> SparseLifted:
         return self._replace(base=self.base._expand(batch_shape))
-
-
-def base_entries(op: Operator, i: Tensor, j: Tensor) -> Tensor:
-    """Entries ``op[..., i, j]`` for broadcasting index tensors ``i``, ``j`` -> ``(..., *index shape)``
-    without forming ``op``
-    when its structure allows (Dense, diagonal, LowRank, Kronecker of those); otherwise from the dense
-    ``n x n`` form (guarded by ``settings(dense_limit=...)``)."""
-    if isinstance(op, Dense):
-        return op.matrix[..., i, j]
-    if isinstance(op, (Diagonal, ScaledIdentity)):
-        d = op.diagonal()[..., i]
-        return torch.where(i == j, d, torch.zeros_like(d))
-    if isinstance(op, LowRank):
-        return (op.factor[..., i, :] * op.factor[..., j, :]).sum(-1)
-    if isinstance(op, Kronecker):
-        out, stride = None, op.n
-        for f in op.factors:  # row-major: the last factor varies fastest
-            stride //= f.n
-            part = base_entries(f, i // stride % f.n, j // stride % f.n)
-            out = part if out is None else out * part
-        return out
-    return op.to_dense()[..., i, j]
 
 
 class LiftedRoot(Root):
