@@ -535,7 +535,11 @@ def _expand_rows(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
 
 def _lifted_entries(op: Any, i: Tensor, j: Tensor) -> Tensor:
     """``(L B L^T)[i_k, j_k] = sum_{a in row i_k, b in row j_k} v_a v_b B[c_a, c_b]``: the pairs of stored
-    entries of the two rows, ``sum_k nnz(i_k) nnz(j_k)`` gathers of ``B``."""
+    entries of the two rows, ``sum_k nnz(i_k) nnz(j_k)`` gathers of ``B``. Broadcasting index tensors are
+    flattened to vectors and the result is shaped back ``(..., *index shape)``."""
+    i, j = torch.broadcast_tensors(i, j)
+    index_shape = i.shape
+    i, j = i.reshape(-1), j.reshape(-1)
     lift, v = op.lift, op.lift.values
     ci, cj = lift.crow.diff()[i], lift.crow.diff()[j]
     pair_owner, t = _expand_rows(torch.zeros_like(ci), ci * cj)
@@ -544,7 +548,7 @@ def _lifted_entries(op: Any, i: Tensor, j: Tensor) -> Tensor:
     weight = v[a] * v[b]
     vals = weight * entries(op.base, lift.col[a], lift.col[b])
     out = vals.new_zeros(*vals.shape[:-1], i.shape[0])
-    return out.index_add(-1, pair_owner, vals)
+    return out.index_add(-1, pair_owner, vals).reshape(*vals.shape[:-1], *index_shape)
 
 
 for _register in (_register_block_diag, _register_sparse_lifted):

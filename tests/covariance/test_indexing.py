@@ -236,3 +236,14 @@ def test_unsupported_indices():
     with pytest.warns(DenseIndexWarning):  # index tensors in batch and matrix dims at once
         out = op[I([0, 1]), :, I([2, 3])]
     assert_close(out, op.to_dense()[I([0, 1]), :, I([2, 3])])
+
+
+def test_lifted_entries_take_broadcasting_index_tensors():
+    from structgp.covariance import SparseLifted
+    from structgp.covariance.indexing import entries
+
+    lift = torch.rand(6, 4, dtype=torch.float64)
+    base = torch.randn(4, 4, dtype=torch.float64)
+    op = SparseLifted(lift.to_sparse(), base @ base.T + torch.eye(4, dtype=torch.float64))
+    i, j = torch.tensor([[0, 1], [5, 2]]), torch.tensor([[3], [2]])
+    torch.testing.assert_close(entries(op, i, j), op.to_dense()[..., i, j])
