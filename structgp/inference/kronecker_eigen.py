@@ -23,7 +23,7 @@ operations, so they compose with ``torch.func.grad``/``vmap``: with ``S`` the de
 
 whose values equal the exact ones and whose first derivatives are exact (``tr(B^{-1} dB)`` only needs the
 diagonal of ``Q^T dB Q``). Second derivatives of these paths are not supported: ``create_graph=True``
-raises (see ``_FirstOrderOnly``) rather than returning wrong Hessians.
+raises (see :mod:`structgp.inference.first_order`) rather than returning wrong Hessians.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.sum import AddedDiagonal
 from structgp.inference._cache import cached
 from structgp.inference.cholesky import NotPositiveDefiniteError
+from structgp.inference.first_order import first_order_only
 from structgp.inference.plan import Cost, Engine, register
+
+_WHAT = "the Kronecker eigen path"
 
 
 @dataclasses.dataclass
@@ -63,31 +66,32 @@ class _Problem:
     eig: _Eig
 
 
-def factor_eigh(mats: list[Tensor]) -> _Eig:
+def factor_eigh(mats: list[Tensor], names: list[str] | None = None) -> _Eig:
     """Eigendecompositions (float64, detached) of the symmetric parts of ``mats`` ``(..., n_i, n_i)``.
 
     Eigenvalues below zero by more than rounding (``100 n eps`` of the largest, in the data's precision)
-    mean a factor is not positive semidefinite: that raises, naming the factor; smaller ones are set to 0.
+    mean a factor is not positive semidefinite: that raises, naming the factor (``names[i]``, default
+    ``"Kronecker factor i"``); smaller ones are set to 0.
     """
     values, vectors = [], []
     with torch.no_grad():
         for i, m in enumerate(mats):
             m64 = m.detach().double()
             lam, q = torch.linalg.eigh((m64 + m64.mT) / 2)
-            _check_psd(lam, m, i)
+            _check_psd(lam, m, names[i] if names else f"Kronecker factor {i}")
             values.append(lam.clamp_min(0))
             vectors.append(q)
     return _Eig(values, vectors)
 
 
-def _check_psd(lam: Tensor, m: Tensor, index: int) -> None:
+def _check_psd(lam: Tensor, m: Tensor, name: str) -> None:
     if not value_checks_enabled(lam):
         return
     top = lam.abs().amax(-1, keepdim=True)
     tol = 100 * lam.shape[-1] * torch.finfo(m.dtype).eps * top
     if bool((lam < -tol).any()):
         raise NotPositiveDefiniteError(
-            f"Kronecker factor {index} is not positive semidefinite: smallest eigenvalue {float(lam.min()):.3g}"
+            f"{name} is not positive semidefinite: smallest eigenvalue {float(lam.min()):.3g}"
         )
 
 
@@ -148,36 +152,11 @@ def _needs_grad(p: _Problem, *tensors: Tensor) -> bool:
     return any(t.requires_grad for t in pieces)
 
 
-class _FirstOrderOnly(torch.autograd.Function):
-    """Identity whose backward refuses to build a graph: the surrogates' first derivatives are exact, their
-    second derivatives are not, so ``create_graph=True`` (Hessians by ``torch.autograd``) raises instead of
-    returning wrong values. Under ``torch.func`` transforms (whose backward always records) it passes."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return x.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(grad):
-            raise RuntimeError(
-                "second derivatives (create_graph=True) of the Kronecker eigen path are not supported: its "
-                "gradients are exact to first order only; use structgp.settings(method='cholesky') for Hessians"
-            )
-        return grad
-
-
 def _solve_b(p: _Problem, rhs: Tensor) -> Tensor:
     x0 = _inverse(p, rhs)
     if not _needs_grad(p, rhs):
         return x0
-    return _FirstOrderOnly.apply(x0 + _inverse_differentiable_rhs(p, rhs - _apply_b(p, x0)))
+    return first_order_only(x0 + _inverse_differentiable_rhs(p, rhs - _apply_b(p, x0)), _WHAT)
 
 
 def _inverse_differentiable_rhs(p: _Problem, r: Tensor) -> Tensor:
@@ -201,7 +180,7 @@ def _logdet_b(p: _Problem) -> Tensor:
     surrogate = (w.to(m_hat.dtype) * m_hat).sum(-1)
     if p.sigma is not None:
         surrogate = surrogate + p.sigma * w.sum(-1).to(p.sigma.dtype)
-    return _FirstOrderOnly.apply(value + (surrogate - surrogate.detach()).double())
+    return first_order_only(value + (surrogate - surrogate.detach()).double(), _WHAT)
 
 
 def _outer(p: _Problem) -> Tensor | None:
@@ -251,7 +230,7 @@ class KroneckerEigen(Engine):
         r = rhs if outer is None else outer.to(rhs.dtype).unsqueeze(-1) * rhs
         x0 = _inverse(p, r)
         if _needs_grad(p, r):
-            inv_quad = _FirstOrderOnly.apply(2 * (r * x0).sum(-2) - (x0 * _apply_b(p, x0)).sum(-2))
+            inv_quad = first_order_only(2 * (r * x0).sum(-2) - (x0 * _apply_b(p, x0)).sum(-2), _WHAT)
         else:
             inv_quad = (r * x0).sum(-2)
         return inv_quad, self.logdet(op)

@@ -17,7 +17,19 @@ With ``D = s I`` the pattern Gram ``L^T L`` is computed once and cached on the l
 need no gradient. Everything after the sparse products is float64, also for float32 data.
 Cost ``n_pairs + 2 n_in^2 r + r^3 / 3`` flops (``n_pairs = sum_r nnz_r^2``).
 
-Gradients reach the lift's values, the base's tensors (through ``R``) and the noise. ``log det C`` and
+``R`` is the base's Cholesky root when the base is positive definite in float64. A Kronecker or dense base
+that is singular to working precision (a smooth kernel on a fine grid) gets its truncated spectral root
+instead (:mod:`structgp.inference.spectral_root`): no jitter, so the answers stay exact, and a capacitance
+only as large as the base's numerical rank. That root carries no graph; the base's gradients come from
+first-order surrogate terms ``<G, K>`` with the detached ``G = dL/dK``:
+
+    log det A:   G = L^T A^{-1} L = M - P C^{-1} P^T,   P = M R     (tr(G K) = sum(M * K) - sum(P C^{-1} * K P))
+    b^T A^{-1} b: G = -v v^T,                          v = L^T A^{-1} b
+    A^{-1} b:     d x = -A^{-1} L dK v                   (the detached inverse applied to L (K v - (K v).detach()))
+
+exact to first order; second derivatives through them raise (:mod:`structgp.inference.first_order`).
+
+Gradients reach the lift's values, the base's tensors (through ``R`` or the surrogates) and the noise. ``log det C`` and
 ``C^{-1} t`` are custom autograd functions on the (graph-free) Cholesky factor of ``C``: their backward
 uses one Cholesky inverse (``inverse_from_cholesky``) / ``cholesky_solve`` instead of differentiating the
 Cholesky factorisation (about 4x less work at ``r = 4096``). Under ``create_graph=True`` the backward
@@ -37,10 +49,13 @@ from structgp.covariance.low_rank import LowRank
 from structgp.covariance.root import Root
 from structgp.covariance.sparse_lifted import _CHUNK, Lift, LiftedRoot, SparseLifted, _csr
 from structgp.covariance.sum import AddedDiagonal, Sum
+from structgp.inference import report
 from structgp.inference._cache import cached
 from structgp.inference.cholesky import cholesky_logdet, inverse_from_cholesky, psd_cholesky
+from structgp.inference.first_order import first_order_only
 from structgp.inference.plan import Cost, Engine, describe, register
 from structgp.inference.roots import root
+from structgp.inference.spectral_root import exact_root
 
 
 @root.register
@@ -159,6 +174,9 @@ def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
     return x.sum(dims, keepdim=True) if dims else x
 
 
+_WHAT = "the lifted Woodbury path with a spectral root"
+
+
 @dataclasses.dataclass
 class _Factor:
     """What the three questions share (all float64)."""
@@ -167,11 +185,22 @@ class _Factor:
     noise_logdet: Tensor  # (...)
     values: Tensor  # the lift's values (nnz,)
     root: Root  # R (..., n_in, r)
-    capacitance: Tensor  # C = I + R^T M R (..., r, r), carrying the graph to M and R
+    capacitance: Tensor  # C = I + R^T M R (..., r, r), carrying the graph to M (and R unless spectral)
     chol: Tensor  # L_C (..., r, r), no graph
+    gram: Tensor  # M (..., n_in, n_in), carrying the graph to the lift's values and the noise
+    mr: Tensor  # (R^T M)^T = M R (..., n_in, r)
+    spectral: bool  # R is the base's truncated spectral root (no graph)
+    base: Operator | None  # the float64 base when R is a graph-free spectral root and it needs gradients
 
     def logdet(self) -> Tensor:
-        return self.noise_logdet + _CapacitanceLogdet.apply(self.capacitance, self.chol)
+        value = self.noise_logdet + _CapacitanceLogdet.apply(self.capacitance, self.chol)
+        if self.base is None:
+            return value
+        p = self.mr.detach()
+        pc = torch.cholesky_solve(p.mT, self.chol).mT  # P C^{-1}
+        k = self.base
+        surrogate = (self.gram.detach() * k._to_dense()).sum((-2, -1)) - (pc * (k @ p)).sum((-2, -1))
+        return first_order_only(value + (surrogate - surrogate.detach()), _WHAT)
 
     def latent(self, lift: Lift, white: Tensor) -> Tensor:
         """``R^T L^T white`` ``(..., r, c)`` for ``white`` ``(..., n_out, c)`` float64."""
@@ -179,6 +208,19 @@ class _Factor:
 
     def cap_solve(self, t: Tensor) -> Tensor:
         return _CapacitanceSolve.apply(self.capacitance, self.chol, t)
+
+    def inverse_detached(self, lift: Lift, rhs: Tensor) -> Tensor:
+        """``A^{-1} rhs`` (float64) with every factor detached: gradients flow through ``rhs`` only."""
+        inv_noise, values = self.inv_noise.detach().unsqueeze(-1), self.values.detach()
+        white = inv_noise * rhs
+        latent = torch.cholesky_solve(self.root.tmatmul(lift.tmatmul(white, values)), self.chol)
+        return white - inv_noise * lift.matmul(self.root._matmul(latent), values)
+
+    def base_term(self, lift: Lift, x: Tensor) -> tuple[Tensor, Tensor]:
+        """For ``x = A^{-1} b`` ``(..., n_out, c)``: ``v = L^T x`` (detached) and ``K v`` carrying the base's
+        graph (only when ``self.base`` is set)."""
+        v = lift.tmatmul(x.detach(), self.values.detach())
+        return v, self.base @ v
 
 
 def _factor(op: AddedDiagonal) -> _Factor:
@@ -195,14 +237,33 @@ def _factor(op: AddedDiagonal) -> _Factor:
             d = noise.diagonal().double()
             inv_noise, noise_logdet = 1 / d, d.log().sum(-1)
             m = lift_gram(lift, values, inv_noise)
-        r = root(lifted.base.to(torch.float64))
-        rmr = r.tmatmul(r.tmatmul(m).mT)  # R^T M R (M symmetric)
+        r, spectral, base = _latent_root(lifted.base)
+        mr = r.tmatmul(m).mT  # M R (M symmetric)
+        rmr = r.tmatmul(mr)
         capacitance = rmr + torch.eye(rmr.shape[-1], dtype=rmr.dtype, device=rmr.device)
         # eigenvalues >= 1: never needs jitter; the graph goes through _Capacitance* instead
         chol = psd_cholesky(capacitance.detach(), "the latent Woodbury capacitance I + R^T L^T D^-1 L R")
-        return _Factor(inv_noise, noise_logdet, values, r, capacitance, chol)
+        return _Factor(inv_noise, noise_logdet, values, r, capacitance, chol, m, mr, spectral, base)
 
-    return cached(op, "lifted_woodbury", compute)
+    f = cached(op, "lifted_woodbury", compute)
+    rep = report.current_report()
+    if f.spectral and rep is not None:
+        rep.notes.append(f"spectral root of rank {f.root.shape[-1]} (the base is singular in float64; no jitter)")
+    return f
+
+
+def _latent_root(base: Operator) -> tuple[Root, bool, Operator | None]:
+    """``R`` (float64) with ``R R^T = base``; whether it is a graph-free spectral root; and then the float64
+    base when its gradients are owed by surrogate terms (None otherwise)."""
+    found = exact_root(base)
+    if found is None:
+        return root(base.to(torch.float64)), False, None
+    r, differentiable = found
+    if differentiable:
+        return r, False, None
+    base64 = base.to(torch.float64)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in base64._tensors())
+    return r, True, base64 if needs_grad else None
 
 
 def _root_rank(op: Operator) -> int:
@@ -240,7 +301,11 @@ class LiftedWoodbury(Engine):
         white = f.inv_noise.unsqueeze(-1) * rhs.double()
         latent = f.cap_solve(f.latent(lift, white))
         correction = lift.matmul(f.root._matmul(latent), f.values)
-        return (white - f.inv_noise.unsqueeze(-1) * correction).to(rhs.dtype)
+        x = white - f.inv_noise.unsqueeze(-1) * correction
+        if f.base is not None:  # d x = -A^{-1} L dK v
+            _, kv = f.base_term(lift, x)
+            x = first_order_only(x - f.inverse_detached(lift, lift.matmul(kv - kv.detach())), _WHAT)
+        return x.to(rhs.dtype)
 
     def logdet(self, op: AddedDiagonal) -> Tensor:
         return _factor(op).logdet().to(op.dtype)
@@ -250,5 +315,11 @@ class LiftedWoodbury(Engine):
         b = rhs.double()
         white = f.inv_noise.unsqueeze(-1) * b
         t = f.latent(lift, white)
-        inv_quad = (b * white).sum(-2) - (t * f.cap_solve(t)).sum(-2)
+        latent = f.cap_solve(t)
+        inv_quad = (b * white).sum(-2) - (t * latent).sum(-2)
+        if f.base is not None:  # G = -v v^T
+            x = white - f.inv_noise.unsqueeze(-1) * lift.matmul(f.root._matmul(latent), f.values)
+            v, kv = f.base_term(lift, x)
+            surrogate = -(v * kv).sum(-2)
+            inv_quad = first_order_only(inv_quad + (surrogate - surrogate.detach()), _WHAT)
         return inv_quad.to(op.dtype), f.logdet().to(op.dtype)

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -275,3 +277,94 @@ def test_cost_and_applies():
     assert cost.flops >= op.base.lift.n_pairs + 6**3 / 3 and cost.bytes >= 2 * 6 * 6 * 8
     with sg.settings(method="eigen"), pytest.raises(ValueError, match="woodbury"):
         op.logdet()
+
+
+def smooth_grid(n: int, lengthscale: torch.Tensor) -> torch.Tensor:
+    """An RBF Gram matrix on ``n`` points of [0, 1], differentiable in ``lengthscale``; singular in float64."""
+    x = torch.linspace(0, 1, n, dtype=F64)
+    return torch.exp(-0.5 * (x[:, None] - x[None, :]).square() / lengthscale.square())
+
+
+@pytest.mark.parametrize("noise_kind", ["diagonal", "scaled"])
+@pytest.mark.parametrize("base_kind", ["kron", "dense"])
+def test_singular_base_is_exact_without_jitter(noise_kind, base_kind):
+    """A smooth grid kernel needs jitter for Cholesky; the spectral root keeps the answers exact."""
+    g = 24
+    lift = interpolation_lift(300, g)
+    ls = torch.tensor(0.4, dtype=F64)
+    if base_kind == "kron":
+        base = Kronecker(smooth_grid(g, ls), smooth_grid(g, ls * 1.5))
+    else:
+        base = Dense(smooth_grid(g * g, ls))
+    scale = torch.tensor(0.05, dtype=F64)
+    noise = Diagonal(positive(300, low=0.01)) if noise_kind == "diagonal" else ScaledIdentity(scale, 300)
+    op = SparseLifted(lift, base) + noise
+    y = torch.randn(2, 300, dtype=F64)
+    a = lift.to_dense() @ base.to_dense() @ lift.to_dense().T + noise.to_dense()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no JitterWarning
+        with sg.settings(method="woodbury"):
+            q, ld = op.inv_quad_logdet(y)
+            x = op.solve(y.mT)
+    assert "spectral root of rank" in str(sg.last_report())
+    ref_q, ref_ld = dense_inv_quad_logdet(a, y)
+    assert_close(q, ref_q, rtol=1e-10, atol=1e-9)
+    assert_close(ld, ref_ld, rtol=1e-10, atol=1e-9)
+    assert_close(x, torch.linalg.solve(a, y.mT), rtol=1e-9, atol=1e-9)
+
+
+def test_singular_base_gradients_match_dense_autograd():
+    """The spectral root's surrogate gradients (lengthscale, lift values, noise, targets) equal dense autograd."""
+    g = 16
+    coo = interpolation_lift(120, g).coalesce()
+    idx = coo.indices()
+    leaves = {
+        "ls": torch.tensor(0.5, dtype=F64),
+        "vals": coo.values(),
+        "d": positive(120, low=0.02),
+        "y": torch.randn(2, 120, dtype=F64),
+    }
+
+    def loss(structured: bool, ls, vals, d, y):
+        lift = torch.sparse_coo_tensor(idx, vals, (120, g * g))
+        base = Kronecker(smooth_grid(g, ls), smooth_grid(g, 2 * ls))
+        if structured:
+            op = SparseLifted(lift, base) + Diagonal(d)
+            with sg.settings(method="woodbury"):
+                q, ld = op.inv_quad_logdet(y)
+                x = op.solve(y.mT)
+            assert "spectral root" in str(sg.last_report())
+        else:
+            dense_lift = lift.to_dense()
+            a = dense_lift @ base.to_dense() @ dense_lift.T + torch.diag(d)
+            q, ld = dense_inv_quad_logdet(a, y)
+            x = torch.linalg.solve(a, y.mT)
+        return q.sum() + ld.sum() + x.square().sum()
+
+    grads = []
+    for structured in (True, False):
+        ins = [t.clone().requires_grad_() for t in leaves.values()]
+        grads.append(torch.autograd.grad(loss(structured, *ins), ins))
+    for name, g_, ref in zip(leaves, *grads):
+        assert torch.isfinite(g_).all(), name
+        assert_close(g_, ref, rtol=1e-7, atol=1e-8)
+
+
+def test_singular_base_refuses_second_derivatives():
+    g = 20
+    lift = interpolation_lift(50, g)
+    ls = torch.tensor(0.8, dtype=F64, requires_grad=True)
+    y = torch.randn(50, dtype=F64)
+
+    def loss():
+        base = Kronecker(smooth_grid(g, ls), smooth_grid(g, ls))
+        op = SparseLifted(lift, base) + ScaledIdentity(torch.tensor(0.1, dtype=F64), 50)
+        with sg.settings(method="woodbury"):
+            q, ld = op.inv_quad_logdet(y)
+        assert "spectral root" in str(sg.last_report())
+        return q + ld
+
+    (grad,) = torch.autograd.grad(loss(), ls)  # first order: fine
+    assert torch.isfinite(grad)
+    with pytest.raises(RuntimeError, match="spectral root.*method='cholesky'"):
+        torch.autograd.grad(loss(), ls, create_graph=True)

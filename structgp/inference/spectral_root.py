@@ -1,0 +1,90 @@
+"""A jitter-free root of a singular Kronecker or dense covariance, from its truncated eigendecomposition.
+
+A smooth kernel on a fine grid (an RBF factor whose lengthscale spans many grid points) is singular to
+working precision: its Cholesky factorisation needs jitter, which changes the covariance by ``jitter * I``
+(relative errors of 1e-6 in a log-likelihood, measured). The spectral root
+
+    R = R_1 (x) ... (x) R_d,      R_i = Q_i[:, keep] diag(lambda_i[keep])^{1/2}
+
+keeps the eigenpairs with ``lambda > n_i eps lambda_max`` (float64): the dropped part is below the accuracy
+of ``eigh`` itself, so ``R R^T = K`` as exactly as ``K`` is known, and ``R`` has only as many columns as
+``K`` has numerical rank (a smaller capacitance for the engines that use it). It is computed without an
+autograd graph (``eigh``'s backward divides by eigenvalue gaps, infinite for the clustered tiny
+eigenvalues of exactly these matrices); the engines that use it add first-order surrogate terms for the
+covariance's gradients instead (see :mod:`structgp.inference.lifted_woodbury`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from structgp.covariance._operator import Operator
+from structgp.covariance._validation import value_checks_enabled
+from structgp.covariance.dense import Dense
+from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.root import DenseRoot, KroneckerRoot, Root
+from structgp.inference._cache import cached
+from structgp.inference.kronecker_eigen import factor_eigh
+
+
+def spectral_matrices(op: Operator) -> tuple[list[Tensor], list[str]] | None:
+    """The dense factors ``(..., n_i, n_i)`` of a Kronecker (or a Dense) covariance and their names, or None
+    for operators whose root has another rule (diagonal, low-rank, ...)."""
+    if isinstance(op, Kronecker) and not op.is_diagonal:
+        return op.factor_matrices(), [f"Kronecker factor {i}" for i in range(len(op.factors))]
+    if isinstance(op, Dense):
+        return [op.matrix], ["the Dense matrix"]
+    return None
+
+
+def cholesky_root(mats: list[Tensor]) -> list[Tensor] | None:
+    """Differentiable float64 Cholesky factors of the symmetric parts of ``mats``, or None when one of them
+    (any batch member) is not positive definite in float64 without jitter."""
+    factors = []
+    for m in mats:
+        m64 = m.double()
+        factor, info = torch.linalg.cholesky_ex((m64 + m64.mT) / 2)
+        if bool((info > 0).any()):
+            return None
+        factors.append(factor)
+    return factors
+
+
+def _truncated(lam: Tensor, q: Tensor) -> Tensor:
+    """``Q[:, keep] diag(lambda[keep])^{1/2}`` ``(..., n, k)``; ``k`` is the largest count over the batch of
+    eigenvalues above ``n eps lambda_max`` (eigenvalues ascending, clamped at 0)."""
+    n = lam.shape[-1]
+    tol = n * torch.finfo(torch.float64).eps * lam.amax(-1, keepdim=True)
+    k = max(1, int((lam > tol).sum(-1).max()))
+    return q[..., -k:] * lam[..., -k:].sqrt().unsqueeze(-2)
+
+
+def spectral_root(op: Operator) -> Root:
+    """The truncated spectral root (float64, no graph) of a Kronecker or Dense covariance ``(..., n, n)``;
+    raises ``NotPositiveDefiniteError`` naming the factor that is not positive semidefinite."""
+    found = spectral_matrices(op)
+    if found is None:
+        raise TypeError(f"spectral_root: expected a Kronecker or Dense covariance, got {type(op).__name__}")
+    mats, names = found
+
+    def compute() -> Root:
+        eig = factor_eigh(mats, names)
+        factors = [_truncated(lam, q) for lam, q in zip(eig.values, eig.vectors)]
+        return KroneckerRoot(factors) if isinstance(op, Kronecker) else DenseRoot(factors[0])
+
+    return cached(op, "spectral_root", compute, detached=True)
+
+
+def exact_root(op: Operator) -> tuple[Root, bool] | None:
+    """For a Kronecker or Dense covariance: its differentiable Cholesky root (float64) when every factor is
+    positive definite without jitter, ``(root, True)``; otherwise its spectral root, ``(root, False)``
+    (no graph: the caller owes surrogate gradients). None for other operators and where values cannot be
+    read (vmap, compile), where the caller's default root applies."""
+    found = spectral_matrices(op)
+    if found is None or not value_checks_enabled(found[0][0]):
+        return None
+    chols = cholesky_root(found[0])
+    if chols is not None:
+        return (KroneckerRoot(chols) if isinstance(op, Kronecker) else DenseRoot(chols[0])), True
+    return spectral_root(op), False
