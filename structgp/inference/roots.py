@@ -2,12 +2,15 @@
 
 Roots keep the structure so that sampling ``R eps`` costs what a product with the operator costs:
 a sum's root is the side-by-side concatenation of its terms' roots (one independent draw per term),
-a Kronecker product's root is the Kronecker product of its factors' Cholesky factors.
+a Kronecker product's root is the Kronecker product of its factors' Cholesky factors (when no gradient is
+needed and a factor is singular in float64, its truncated spectral root instead: no jitter).
 """
 
 from __future__ import annotations
 
 import functools
+
+import torch
 
 from structgp.covariance._operator import Operator
 from structgp.covariance.dense import Dense
@@ -17,6 +20,7 @@ from structgp.covariance.low_rank import LowRank
 from structgp.covariance.root import ConcatRoot, DenseRoot, DiagonalRoot, KroneckerRoot, Root
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.inference.cholesky import psd_cholesky
+from structgp.inference.spectral_root import exact_root
 
 
 @functools.singledispatch
@@ -51,6 +55,12 @@ def _(op: LowRank) -> Root:
 def _(op: Kronecker) -> Root:
     if op.is_diagonal:
         return DiagonalRoot(op.diagonal().sqrt())
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in op._tensors())):
+        # no gradients needed (sampling, prediction): a singular factor gets the exact spectral root
+        # instead of a jittered Cholesky factor
+        found = exact_root(op)
+        if found is not None:
+            return KroneckerRoot([f.to(op.dtype) for f in found[0].factors])
     mats = op.factor_matrices()
     chols = [
         psd_cholesky(m.double(), f"Kronecker factor {i}").to(m.dtype) for i, m in enumerate(mats)

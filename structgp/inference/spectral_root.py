@@ -25,6 +25,7 @@ from structgp.covariance.dense import Dense
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.root import DenseRoot, KroneckerRoot, Root
 from structgp.inference._cache import cached
+from structgp.inference.cholesky import NotPositiveDefiniteError
 from structgp.inference.kronecker_eigen import factor_eigh
 
 
@@ -79,12 +80,16 @@ def spectral_root(op: Operator) -> Root:
 def exact_root(op: Operator) -> tuple[Root, bool] | None:
     """For a Kronecker or Dense covariance: its differentiable Cholesky root (float64) when every factor is
     positive definite without jitter, ``(root, True)``; otherwise its spectral root, ``(root, False)``
-    (no graph: the caller owes surrogate gradients). None for other operators and where values cannot be
-    read (vmap, compile), where the caller's default root applies."""
+    (no graph: the caller owes surrogate gradients). None for other operators, where values cannot be read
+    (vmap, compile) and for factors indefinite beyond rounding: there the caller's default root applies
+    (a Cholesky factor with warned jitter, which raises when jitter cannot help)."""
     found = spectral_matrices(op)
     if found is None or not value_checks_enabled(found[0][0]):
         return None
     chols = cholesky_root(found[0])
     if chols is not None:
         return (KroneckerRoot(chols) if isinstance(op, Kronecker) else DenseRoot(chols[0])), True
-    return spectral_root(op), False
+    try:
+        return spectral_root(op), False
+    except NotPositiveDefiniteError:  # indefinite beyond rounding: the caller's jittered Cholesky decides
+        return None

@@ -1,8 +1,10 @@
+import warnings
+
 import pytest
 import torch
 
 from structgp.covariance import Dense, Diagonal, Kronecker
-from structgp.inference.cholesky import NotPositiveDefiniteError
+from structgp.inference.cholesky import JitterWarning, NotPositiveDefiniteError
 from structgp.inference.spectral_root import cholesky_root, exact_root, spectral_root
 from tests.reference import F64, assert_close, spd
 
@@ -49,8 +51,38 @@ def test_not_psd_names_the_factor():
         spectral_root(Kronecker(rbf(20, 0.5), bad))
     with pytest.raises(NotPositiveDefiniteError, match="the Dense matrix"):
         spectral_root(Dense(bad))
+    assert exact_root(Kronecker(rbf(20, 0.5), bad)) is None  # the caller's jittered Cholesky decides
+
+
+def test_rounding_level_indefiniteness_falls_back_to_jittered_cholesky():
+    k = rbf(40, 0.3).float().double()  # float32 rounding: eigenvalues down to -1e-7 in a float64 matrix
+    with pytest.warns(JitterWarning):
+        r = Kronecker(k, k).root()
+    assert r.shape == (1600, 1600)
 
 
 def test_rejects_other_operators():
     with pytest.raises(TypeError, match="Kronecker or Dense"):
         spectral_root(Diagonal(torch.ones(3, dtype=F64)))
+
+
+def test_kronecker_root_without_gradients_is_spectral_and_unjittered():
+    """Sampling a smooth grid prior needs no jitter: ``root`` (no grad) is the exact spectral root."""
+    k = rbf(40, 0.3)
+    op = Kronecker(k, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no JitterWarning
+        r = op.root()
+    assert r.shape == (1600, r.shape[-1]) and r.shape[-1] < 1600
+    dense = r.to_dense()
+    assert_close(dense @ dense.mT, op.to_dense(), rtol=0, atol=1e-13)
+    f32 = Kronecker(k.float(), k.float()).root()  # float32 data: a float32 root of the same product
+    assert f32.factors[0].dtype == torch.float32
+    assert_close((f32.to_dense() @ f32.to_dense().mT).double(), op.to_dense(), rtol=0, atol=1e-5)
+
+
+def test_kronecker_root_with_gradients_keeps_the_differentiable_cholesky():
+    k = rbf(40, 0.3).requires_grad_()
+    with pytest.warns(JitterWarning):
+        r = Kronecker(k, spd(3)).root()
+    assert r.shape == (120, 120) and r.factors[0].requires_grad
