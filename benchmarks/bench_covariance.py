@@ -35,8 +35,10 @@ import structgp as sg  # noqa: E402
 from structgp.covariance import Diagonal, Kronecker, LowRank, ScaledIdentity  # noqa: E402
 
 SIZES = {
-    "small": dict(lr_n=200_000, lr_k=64, kron_m=32, lift_n=50_000, lift_m=12, block_b=2_000, block_m=64),
-    "full": dict(lr_n=1_000_000, lr_k=64, kron_m=64, lift_n=200_000, lift_m=16, block_b=10_000, block_m=64),
+    "small": dict(lr_n=200_000, lr_k=64, kron_m=32, lift_n=50_000, lift_m=12, block_b=2_000, block_m=64,
+                  ski_n=20_000, ski_m=60),
+    "full": dict(lr_n=1_000_000, lr_k=64, kron_m=64, lift_n=200_000, lift_m=16, block_b=10_000, block_m=64,
+                 ski_n=200_000, ski_m=100),
 }
 
 
@@ -133,6 +135,69 @@ def case_lifted(n_out: int, m: int, dev: torch.device, nnz: int = 8):
     return name, exact, {"structgp": structgp_fn, "linear_operator": anchor_fn}
 
 
+def bilinear_lift(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Bilinear interpolation weights of points ``x`` ``(n, 2)`` in ``[0, 1]^2`` on an ``m x m`` grid: a sparse
+    COO ``(n, m^2)`` with 4 nonzeros a row (SKI's lift, linear instead of cubic)."""
+    t = x * (m - 1)
+    lo = t.floor().clamp(max=m - 2).long()
+    f = t - lo
+    rows, cols, vals = [], [], []
+    for di in (0, 1):
+        for dj in (0, 1):
+            rows.append(torch.arange(x.shape[0], device=x.device))
+            cols.append((lo[:, 0] + di) * m + lo[:, 1] + dj)
+            vals.append((f[:, 0] if di else 1 - f[:, 0]) * (f[:, 1] if dj else 1 - f[:, 1]))
+    idx = torch.stack([torch.cat(rows), torch.cat(cols)])
+    return torch.sparse_coo_tensor(idx, torch.cat(vals), (x.shape[0], m * m)).coalesce()
+
+
+def case_ski_smooth(n_out: int, m: int, dev: torch.device):
+    """SKI with a smooth kernel: bilinear weights onto an ``m x m`` grid, RBF lengthscale 0.3 (each factor is
+    singular in float64, so a Cholesky root would need jitter; structgp uses the truncated spectral root)."""
+    from linear_operator.operators import (
+        ConstantDiagLinearOperator,
+        InterpolatedLinearOperator,
+        KroneckerProductLinearOperator,
+    )
+
+    from structgp.covariance import SparseLifted
+
+    g = torch.linspace(0, 1, m, device=dev)
+    ls = torch.tensor(0.3, device=dev, requires_grad=True)
+    sig = torch.tensor(0.05, device=dev, requires_grad=True)
+    lift = bilinear_lift(torch.rand(n_out, 2, device=dev), m)
+    y = torch.randn(n_out, device=dev)
+    with torch.no_grad():  # exact float64 latent-space Woodbury with the full (untruncated) eigen root
+        lam, q = torch.linalg.eigh(rbf_1d(g.double(), ls.double()))
+        r1 = q * lam.clamp_min(0).sqrt()
+        r = torch.kron(r1, r1)
+        l64 = lift.double()
+        lr = torch.sparse.mm(l64, r)  # (n_out, m^2)
+        s = sig.double()
+        cap = torch.linalg.cholesky(torch.eye(m * m, dtype=torch.float64, device=dev) + lr.T @ lr / s)
+        yd = y.double()
+        u = lr.T @ yd / s
+        inv_quad = (yd**2).sum() / s - u @ torch.cholesky_solve(u[:, None], cap)[:, 0]
+        exact = float(gauss_ll(inv_quad, 2 * cap.diagonal().log().sum() + n_out * s.log(), n_out))
+        del r, lr, cap
+
+    csr = lift.to_sparse_csr()
+    idx = lift.indices()[1].reshape(n_out, 4)
+    vals = lift.values().reshape(n_out, 4)
+
+    def structgp_fn():
+        k1 = rbf_1d(g, ls)
+        return backward(sg_ll(SparseLifted(csr, Kronecker(k1, k1)) + ScaledIdentity(sig, n_out), y))
+
+    def anchor_fn():
+        k1 = rbf_1d(g, ls)
+        base = KroneckerProductLinearOperator(k1, k1)
+        cov = InterpolatedLinearOperator(base, idx, vals, idx, vals) + ConstantDiagLinearOperator(sig.reshape(1), n_out)
+        return backward(lo_ll(cov, y))
+
+    return f"SKI smooth N={n_out:.0e} grid {m}x{m}", exact, {"structgp": structgp_fn, "linear_operator": anchor_fn}
+
+
 def case_block(b: int, m: int, dev: torch.device):
     from linear_operator.operators import BlockDiagLinearOperator, DenseLinearOperator
 
@@ -163,7 +228,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--only", default="", help="comma-separated subset of: lowrank,kron,lifted,block")
+    parser.add_argument("--only", default="", help="comma-separated subset of: lowrank,kron,lifted,block,ski")
     parser.add_argument("--json", default="", help="write the results to this JSON file")
     args = parser.parse_args(argv)
     dev = torch.device(args.device)
@@ -174,6 +239,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "kron": lambda: case_kronecker(size["kron_m"], dev),
         "lifted": lambda: case_lifted(size["lift_n"], size["lift_m"], dev),
         "block": lambda: case_block(size["block_b"], size["block_m"], dev),
+        "ski": lambda: case_ski_smooth(size["ski_n"], size["ski_m"], dev),
     }
     chosen = [c for c in args.only.split(",") if c] or list(builders)
     results = []
