@@ -21,6 +21,7 @@ from structgp.covariance.linear_map import (
     Transpose,
 )
 from structgp.covariance.low_rank import LowRank
+from structgp.covariance.permuted import Permuted
 from structgp.covariance.root import ConcatRoot, DenseRoot, DiagonalRoot, KroneckerRoot, Root
 from structgp.covariance.sparse_lifted import LiftedRoot, SparseLifted
 from structgp.covariance.sum import AddedDiagonal, Sum
@@ -48,6 +49,7 @@ __all__ = [
     "Operator",
     "OperatorMap",
     "Permutation",
+    "Permuted",
     "Product",
     "Root",
     "ScaledIdentity",

@@ -3,7 +3,16 @@
 Importing this package registers every engine with :mod:`structgp.inference.plan`.
 """
 
-from structgp.inference import blockwise, cholesky, elementwise, iterative, kronecker_eigen, lifted_woodbury, woodbury  # noqa: F401  (registration)
+from structgp.inference import (  # noqa: F401  (registration)
+    blockwise,
+    cholesky,
+    elementwise,
+    iterative,
+    kronecker_eigen,
+    lifted_woodbury,
+    permuted,
+    woodbury,
+)
 from structgp.inference.cg import CGConvergenceWarning
 from structgp.inference.cholesky import JitterWarning, NotPositiveDefiniteError, psd_cholesky
 from structgp.inference.dispatch import inv_quad_logdet, logdet, solve

@@ -1,0 +1,93 @@
+"""Permuted operators ``A = P B P^T`` answered by the base ``B``'s own method.
+
+With ``(P x)[i] = x[perm[i]]`` (see :class:`~structgp.covariance.Permuted`):
+
+    A^{-1} y = P B^{-1} (P^T y),     log det A = log det B,     y^T A^{-1} y = (P^T y)^T B^{-1} (P^T y),
+    root:  R_A = P R_B  (R_A R_A^T = P B P^T),   eigenvalues of A = those of B,   f(A) x = P f(B) P^T x.
+
+The engine is structural (always taken): it plans the base with :func:`structgp.plan` (a method forced by
+``structgp.settings(method=...)`` applies to the base) and calls that engine directly, so the report of the
+call stays this one (with a note naming the base's method) and right-hand sides keep their column layout.
+Cost: the base's plan cost (two gathers of the right-hand side besides).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from structgp.covariance.linear_map import Product
+from structgp.covariance.permuted import Permuted
+from structgp.covariance.root import Root
+from structgp.inference import report
+from structgp.inference.eigsh import Eigenpairs, eigvalsh, structured_eigsh
+from structgp.inference.matrix_functions import structured_function
+from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register
+from structgp.inference.roots import root
+
+
+@register(Permuted)
+class PermutedEngine(Engine):
+    name = "permuted"
+    structural = True
+
+    def applies(self, op: Permuted) -> str | None:
+        if not isinstance(op, Permuted):
+            return None
+        return f"rows permuted: P B P^T answered by the base {describe(op.base)} with {base_plan(op).method}"
+
+    def cost(self, op: Permuted) -> Cost:
+        return base_plan(op).cost
+
+    def solve(self, op: Permuted, rhs: Tensor) -> Tensor:
+        return op.from_base_order(_engine(op).solve(op.base, op.to_base_order(rhs)))
+
+    def logdet(self, op: Permuted) -> Tensor:
+        return _engine(op).logdet(op.base)
+
+    def inv_quad_logdet(self, op: Permuted, rhs: Tensor) -> tuple[Tensor, Tensor]:
+        return _engine(op).inv_quad_logdet(op.base, op.to_base_order(rhs))
+
+
+def base_plan(op: Permuted) -> Plan:
+    """The plan of the base; an error there names the permuted operator it belongs to."""
+    try:
+        return plan(op.base)
+    except (ValueError, MemoryError) as err:
+        try:
+            wrapped = type(err)(f"the base of {op!r}: {err}")
+        except Exception:  # an error type with another signature: keep it as it is
+            raise err from None
+        raise wrapped from err
+
+
+def _engine(op: Permuted) -> Engine:
+    p = base_plan(op)
+    rep = report.current_report()
+    note = f"base {describe(op.base)}: {p.method}"
+    if rep is not None and note not in rep.notes:
+        rep.notes.append(note)
+    return p.engine
+
+
+@root.register
+def _(op: Permuted) -> Root:
+    return Product(op.permutation(), root(op.base))
+
+
+@eigvalsh.register
+def _(op: Permuted) -> Tensor:
+    return eigvalsh(op.base)
+
+
+@structured_eigsh.register
+def _(op: Permuted, k: int, largest: bool) -> Eigenpairs | None:
+    pairs = structured_eigsh(op.base, k, largest)
+    if pairs is None:
+        return None
+    return Eigenpairs(pairs.eigenvalues, op.from_base_order(pairs.eigenvectors))
+
+
+@structured_function.register
+def _(op: Permuted, x: Tensor, fn) -> Tensor | None:
+    out = structured_function(op.base, op.to_base_order(x), fn)
+    return None if out is None else op.from_base_order(out)
