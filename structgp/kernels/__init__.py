@@ -5,7 +5,7 @@
     InducingPointKernel(k, z, method)   -> LowRank (SoR, DTC) / LowRank + Diagonal (FITC)
     InterpolationKernel(kernels, grid)  -> SparseLifted(W, Kronecker)   (KISS-GP / SKI)
     AggregationKernel(kernels, grid)    -> SparseLifted(A, Kronecker)   (weighted sums of latent cells)
-    GroupKernel(k)                      -> BlockDiag                 (independent groups)
+    GroupKernel(k)                      -> BlockDiag, or Permuted(BlockDiag) for rows in any order
     MultitaskKernel(k, num_tasks)       -> Kronecker(K_x, B)         (task covariance (x) data covariance)
 
 Each also gives what prediction needs without densifying the training covariance: ``cross(x1, x2)``
