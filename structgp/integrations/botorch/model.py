@@ -8,7 +8,9 @@ linear_operator's settings, which ``import botorch`` changes.
 
 ``condition_on_observations`` (and so ``fantasize``) returns a view of the same gp conditioned on the new data
 by a Schur-complement update (:mod:`.conditioning`): the training factorisation is reused whatever its
-structure, and the fantasy dims of ``Y`` become batch dims of the new model.
+structure, and the fantasy dims of ``Y`` become batch dims of the new model. A ``subset_output`` view is
+conditioned on observations of its outputs only (:mod:`.output_subset`): independent outputs as BoTorch's
+``ModelListGP`` of those outputs, correlated tasks by exact conditioning on the observed tasks' values.
 
 Outputs (see :mod:`.layout`): one output; a multitask kernel's ``t`` correlated outputs; or independent outputs
 as the gp's last batch dim (``batched_outputs=True``). Transforms follow BoTorch: the gp holds the
@@ -29,9 +31,10 @@ from gpytorch.models import GP
 from torch import Tensor, nn
 
 from structgp.distributions import FixedNoiseGaussianLikelihood
-from structgp.integrations.botorch.conditioning import Observations, conditioned_joint
+from structgp.integrations.botorch.conditioning import Observations
 from structgp.integrations.botorch.joint import gp_joint
 from structgp.integrations.botorch.layout import Layout
+from structgp.integrations.botorch.output_subset import OutputObservations, joint_given
 from structgp.integrations.botorch.posterior import botorch_posterior
 from structgp.kernels import as_kernel
 from structgp.models import ExactGP
@@ -140,10 +143,11 @@ class BoTorchModel(Model, FantasizeMixin, GP):
     def batch_shape(self) -> torch.Size:
         """The gp's batch (without an output dim; an ensemble's sample dim included), broadcast with the batch
         dims of the observations conditioned on (fantasies)."""
-        shapes = [self.gp.training_solve().alpha.shape[:-1]]
-        for obs in self._steps:
-            shapes += [obs.x.shape[:-2], obs.y.shape[:-1]]
-        return self._layout.model_batch(torch.broadcast_shapes(*shapes))
+        layout = self._layout
+        shapes = [layout.model_batch(self.gp.training_solve().alpha.shape[:-1])]
+        for obs in self._steps:  # values of a "batch" layout carry (some of) the outputs as a last batch dim
+            shapes += [layout.model_batch(obs.x.shape[:-2]), layout.model_batch(obs.y.shape[:-1])]
+        return torch.broadcast_shapes(*shapes)
 
     @property
     def likelihood(self) -> nn.Module:
@@ -195,20 +199,31 @@ class BoTorchModel(Model, FantasizeMixin, GP):
         """This model conditioned on ``Y`` ``(*b', n', m)`` observed at ``X`` ``(*b, n', d)`` (leading dims of
         ``Y``, e.g. fantasies, become batch dims); ``noise``: their observed noise variances (same shape as
         ``Y``, outcome-transformed), default the likelihood's. The new model shares this one's gp, its
-        hyperparameters and cached training solve."""
-        if self._outputs is not None:
-            raise NotImplementedError("condition_on_observations: not supported on a subset_output model")
+        hyperparameters and cached training solve.
+
+        On a ``subset_output`` view, ``m`` is the view's outputs and only they are observed: the result is the
+        gp conditioned on those outputs' new data (see :mod:`.output_subset`), still viewing those outputs."""
         self.eval()
         X_tf = self.transform_inputs(X)
         if hasattr(self, "outcome_transform"):
             Y, _ = self.outcome_transform(Y, X=X_tf)
         if Y.shape[-2] != X_tf.shape[-2]:
             raise ValueError(f"Y: expected {X_tf.shape[-2]} observations (as X), got shape {tuple(Y.shape)}")
-        obs = Observations(
+        layout = self._view_layout()
+        parts = (
             self._layout.model_inputs(X_tf),
-            self._layout.to_values(Y, "Y"),
-            None if noise is None else self._layout.to_values(noise.expand_as(Y), "noise"),
+            layout.to_values(Y, "Y"),
+            None if noise is None else layout.to_values(noise.expand_as(Y), "noise"),
         )
+        if self._outputs is None:
+            obs = Observations(*parts)
+        else:
+            if self._layout.kind == "batch" and len(set(self._outputs)) < len(self._outputs):
+                raise ValueError(
+                    f"condition_on_observations: this view repeats independent outputs {self._outputs}; observations "
+                    "of one output must come in one column (subset_output without repeated indices)"
+                )
+            obs = OutputObservations(*parts, outputs=tuple(self._outputs))
         return self._view(steps=self._steps + (obs,))
 
     def subset_output(self, idcs: list[int]) -> BoTorchModel:
@@ -238,7 +253,13 @@ class BoTorchModel(Model, FantasizeMixin, GP):
     # -- helpers --------------------------------------------------------------------------------------
     def _joint(self, x: Tensor) -> tuple[Tensor, Tensor]:
         base = functools.partial(gp_joint, self.gp)
-        return conditioned_joint(base, self._steps, self._layout, self._noise_values, x)
+        return joint_given(base, self._steps, self._layout, self._noise_values, x)
+
+    def _view_layout(self) -> Layout:
+        """The layout of this model's outcomes (the gp's, narrowed to a view's outputs)."""
+        if self._outputs is None:
+            return self._layout
+        return Layout(self._layout.kind, len(self._outputs), self._layout.ensemble)
 
     def _noise_values(self, n: int) -> Tensor:
         """The likelihood's noise variances at ``n`` new points, as values (a fixed-noise likelihood: the mean
@@ -253,9 +274,21 @@ class BoTorchModel(Model, FantasizeMixin, GP):
         return train.mean(-1, keepdim=True).expand(*train.shape[:-1], n)
 
     def _test_noise(self, observation_noise: bool | Tensor, q: int) -> Tensor:
-        if isinstance(observation_noise, Tensor):
-            return self._layout.to_values(observation_noise, "observation_noise")
-        return self._noise_values(q)
+        if not isinstance(observation_noise, Tensor):
+            return self._noise_values(q)
+        if observation_noise.dim() >= 2:  # (..., 1, m) (BoTorch's fantasize) holds one variance per output
+            observation_noise = observation_noise.expand(*observation_noise.shape[:-2], q, observation_noise.shape[-1])
+        if self._outputs is not None:  # a view's columns; outputs outside the view (dropped later) get zeros
+            k = len(self._outputs)
+            if observation_noise.dim() < 2 or observation_noise.shape[-1] != k:
+                raise ValueError(
+                    f"observation_noise: expected shape (..., q, {k}) (one column per output of this view), "
+                    f"got {tuple(observation_noise.shape)}"
+                )
+            full = observation_noise.new_zeros(*observation_noise.shape[:-1], self._layout.outputs)
+            idx = torch.as_tensor(self._outputs, device=full.device)
+            observation_noise = full.index_copy(-1, idx, observation_noise)
+        return self._layout.to_values(observation_noise, "observation_noise")
 
     def _absolute(self, idcs: list[int] | None) -> list[int] | None:
         """Output indices of this model as indices of the gp's outputs."""

@@ -3,14 +3,18 @@
 Every learned hyperparameter ``v`` of the gp (a parameter that requires grad, read through its constraint) is
 a Pyro sample site named after it (``"kernel.base_kernel.outputscale"``), sampled on an unbounded scale:
 
-    z = log(v - l)   for a constraint with lower bound l and no upper bound (GreaterThan, Positive: z = log v)
-    z = v            for an unconstrained parameter (e.g. a constant mean)
+    z = log(v - l)               a lower bound l only (GreaterThan, Positive: z = log v)
+    z = log(u - v)               an upper bound u only (LessThan)
+    z = logit((v - a) / (b - a)) both bounds (Interval(a, b), GreaterThan/LessThan given both)
+    z = v                        an unconstrained parameter (e.g. a constant mean)
 
-with a prior over ``z``: given in ``priors``, else the prior the model registers on ``v`` (a gpytorch prior such
-as ``lengthscale_prior``, a structgp ``noise_prior``) carried over to ``z`` with its Jacobian
-(:class:`.value_prior.ValuePrior`), else ``Normal(z_now, 1)`` (log-normal around the current, e.g. fitted,
-value). The likelihood is the gp's exact marginal ``N(y; m, K + N)``, a structgp
-``MultivariateNormal`` whose ``log_prob`` is one structured ``inv_quad_logdet``:
+(bounds per element where the constraint's are), with a prior over ``z``: given in ``priors``, else the prior
+the model registers on ``v`` (a gpytorch prior such as ``lengthscale_prior``, a structgp ``noise_prior``)
+carried over to ``z`` with the Jacobian of ``v = T(z)`` (:class:`.site_prior.TransformedValuePrior`; a prior
+with mass outside the bounds is thereby restricted to them), else ``Normal(z_now, 1)`` (around the current,
+e.g. fitted, value). The maps ``T`` are ``torch.distributions`` transforms (:meth:`Site.transform`). The
+likelihood is the gp's exact marginal ``N(y; m, K + N)``, a structgp ``MultivariateNormal`` whose ``log_prob``
+is one structured ``inv_quad_logdet``:
 
     p(z | y)  propto  p(y | z) prod_sites p(z_site)
 
@@ -22,7 +26,6 @@ BoTorch.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Mapping
 
 import pyro
@@ -31,40 +34,68 @@ import torch
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import init_to_value
 from torch import Tensor, nn
+from torch.distributions import constraints, transforms
 
 from structgp.integrations.botorch.ensemble import EnsembleModel, batch_hyperparameters
 from structgp.integrations.botorch.model import BoTorchModel
-from structgp.integrations.botorch.value_prior import ValuePrior
+from structgp.integrations.botorch.site_prior import TransformedValuePrior
 from structgp.models import ExactGP
 
+Bound = float | Tensor | None  # a float where all elements share it, else a tensor; None: unbounded
 
-@dataclasses.dataclass(frozen=True)
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Site:
     """A hyperparameter sampled by NUTS: ``name`` (the value's), ``raw_name`` (the parameter's), its shape,
-    its constraint (or None), the lower bound ``l`` of ``z = log(v - l)`` (None: ``z = v``) and the prior the
-    model registers on ``v`` (or None)."""
+    its constraint (or None), the constraint's finite ``lower`` and ``upper`` bounds on the value (None: none)
+    and the prior the model registers on ``v`` (or None)."""
 
     name: str
     raw_name: str
     shape: torch.Size
     constraint: object | None
-    lower: float | None
+    lower: Bound
     model_prior: torch.distributions.Distribution | None = None
+    upper: Bound = None
+
+    def transform(self, like: Tensor) -> transforms.Transform:
+        """``T``: the sampled ``z`` -> the value ``v`` (elementwise; bounds cast as ``like``)."""
+        lower, upper = self._bounds_as(like)
+        compose, affine = transforms.ComposeTransform, transforms.AffineTransform
+        if lower is not None and upper is not None:  # v = a + (b - a) sigmoid(z)
+            return compose([transforms.SigmoidTransform(), affine(lower, upper - lower)])
+        if lower is not None:  # v = l + exp(z)
+            return compose([transforms.ExpTransform(), affine(lower, 1.0)])
+        if upper is not None:  # v = u - exp(z)
+            return compose([transforms.ExpTransform(), affine(upper, -1.0)])
+        return transforms.identity_transform
+
+    def values(self, like: Tensor) -> constraints.Constraint:
+        """The range of :meth:`transform`, as a ``torch.distributions`` constraint."""
+        lower, upper = self._bounds_as(like)
+        if lower is not None and upper is not None:
+            return constraints.interval(lower, upper)
+        if lower is not None:
+            return constraints.greater_than(lower)
+        return constraints.real if upper is None else constraints.less_than(upper)
+
+    def _bounds_as(self, like: Tensor) -> tuple[Bound, Bound]:
+        return tuple(b if b is None or isinstance(b, float) else b.to(like) for b in (self.lower, self.upper))
 
     def to_raw(self, z: Tensor, like: Tensor) -> Tensor:
         """The raw parameter for the sampled ``z`` (cast as ``like``)."""
-        z = z.to(like)
-        value = z if self.lower is None else self.lower + z.exp()
+        value = self.transform(like)(z.to(like))
         return value if self.constraint is None else self.constraint.inverse_transform(value)
 
     def from_raw(self, raw: Tensor) -> Tensor:
+        """The ``z`` of the raw parameter ``raw``."""
         value = raw if self.constraint is None else self.constraint.transform(raw)
-        return value if self.lower is None else (value - self.lower).log()
+        return self.transform(raw).inv(value)
 
 
 def hyperparameter_sites(gp: ExactGP, exclude: Iterable[str] = ()) -> list[Site]:
     """The gp's learned hyperparameters as sample sites (parameters that require grad, less ``exclude``:
-    value or raw names). Constraints with a finite upper bound are not supported (exclude them)."""
+    value or raw names), bounded as their gpytorch constraints (``lower_bound``/``upper_bound``)."""
     exclude = set(exclude)
     sites = []
     for raw_name, p in gp.named_parameters():
@@ -76,7 +107,8 @@ def hyperparameter_sites(gp: ExactGP, exclude: Iterable[str] = ()) -> list[Site]
         constraint = _constraint(owner, leaf)
         prior = getattr(owner, f"{leaf.removeprefix('raw_')}_prior", None)
         prior = prior if isinstance(prior, torch.distributions.Distribution) else None
-        sites.append(Site(name, raw_name, p.shape, constraint, _lower_bound(constraint, name), prior))
+        lower, upper = _bounds(constraint, name, p.shape)
+        sites.append(Site(name, raw_name, p.shape, constraint, lower, model_prior=prior, upper=upper))
     if not sites:
         raise ValueError("gp: no hyperparameter to sample (no parameter requires grad, or all are excluded)")
     return sites
@@ -179,21 +211,32 @@ def _constraint(owner: nn.Module, leaf: str):
     return None
 
 
-def _lower_bound(constraint, name: str) -> float | None:
+def _bounds(constraint, name: str, shape: torch.Size) -> tuple[Bound, Bound]:
+    """The constraint's finite ``(lower, upper)`` bounds (None where infinite)."""
     if constraint is None:
+        return None, None
+    return tuple(_bound(getattr(constraint, f"{side}_bound"), name, side, shape) for side in ("lower", "upper"))
+
+
+def _bound(bound, name: str, side: str, shape: torch.Size) -> Bound:
+    b = torch.as_tensor(bound).detach()
+    finite = torch.isfinite(b)
+    if not bool(finite.any()):
         return None
-    lower, upper = (float(torch.as_tensor(b).max()) for b in (constraint.lower_bound, constraint.upper_bound))
-    if math.isfinite(upper):
-        raise ValueError(
-            f"{name}: its constraint {constraint} has a finite upper bound, which NUTS sites here do not "
-            "support; exclude it (exclude=[...]) or use a constraint without an upper bound"
-        )
-    return None if lower == -math.inf else lower
+    if not bool(finite.all()):
+        raise ValueError(f"{name}: its constraint's {side} bound is finite for some elements only ({b.tolist()})")
+    try:
+        fits = torch.broadcast_shapes(b.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name}: its constraint's {side} bound {tuple(b.shape)} does not broadcast to {tuple(shape)}")
+    return float(b.flatten()[0]) if bool((b == b.flatten()[0]).all()) else b.clone()
 
 
 def _prior(site: Site, prior: dist.Distribution | None, param: Tensor) -> dist.Distribution:
     if prior is None and site.model_prior is not None:
-        return ValuePrior(site.model_prior, site.lower, site.shape)
+        return TransformedValuePrior(site.model_prior, site.transform(param), site.values(param), site.shape)
     if prior is None:
         loc = site.from_raw(param).detach()
         prior = dist.Normal(loc, torch.ones_like(loc))
