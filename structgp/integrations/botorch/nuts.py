@@ -93,6 +93,18 @@ class Site:
         return self.transform(raw).inv(value)
 
 
+def _model_prior(owner: torch.nn.Module, leaf: str) -> torch.distributions.Distribution | None:
+    """The prior the owner registers on parameter ``leaf``: ``{value}_prior`` (``lengthscale_prior``), or the
+    one prior of a module with one parameter (gpytorch's ``ConstantMean`` names it ``mean_prior``)."""
+    prior = getattr(owner, f"{leaf.removeprefix('raw_')}_prior", None)
+    if prior is None:
+        own = [n for n, _ in owner.named_parameters(recurse=False)]
+        registered = getattr(owner, "_priors", {})
+        if own == [leaf] and len(registered) == 1:
+            prior = next(iter(registered.values()))[0]
+    return prior if isinstance(prior, torch.distributions.Distribution) else None
+
+
 def hyperparameter_sites(gp: ExactGP, exclude: Iterable[str] = ()) -> list[Site]:
     """The gp's learned hyperparameters as sample sites (parameters that require grad, less ``exclude``:
     value or raw names), bounded as their gpytorch constraints (``lower_bound``/``upper_bound``)."""
@@ -105,8 +117,7 @@ def hyperparameter_sites(gp: ExactGP, exclude: Iterable[str] = ()) -> list[Site]
             continue
         owner = gp.get_submodule(owner_name)
         constraint = _constraint(owner, leaf)
-        prior = getattr(owner, f"{leaf.removeprefix('raw_')}_prior", None)
-        prior = prior if isinstance(prior, torch.distributions.Distribution) else None
+        prior = _model_prior(owner, leaf)
         lower, upper = _bounds(constraint, name, p.shape)
         sites.append(Site(name, raw_name, p.shape, constraint, lower, model_prior=prior, upper=upper))
     if not sites:

@@ -225,3 +225,18 @@ def test_nuts_ensemble_with_bounded_hyperparameters():
     value = acqf(X)
     value.sum().backward()
     assert value.shape == (3,) and bool(torch.isfinite(value).all()) and X.grad.abs().sum() > 0
+
+
+def test_constant_mean_prior_is_found():
+    """gpytorch's ConstantMean registers its prior as ``mean_prior``: the site must carry it (not the default)."""
+    x, y = data(n=6)
+    prior = NormalPrior(torch.tensor(0.5, dtype=F64), torch.tensor(0.25, dtype=F64))
+    mean = ConstantMean(constant_prior=prior).double()
+    model = BoTorchModel.from_data(x, y, ScaleKernel(MaternKernel(nu=2.5)).double(), mean=mean)
+    site = next(s for s in hyperparameter_sites(model.gp) if s.name == CONSTANT)
+    assert site.model_prior is prior
+    fn, sites = nuts_model(model.gp)
+    z = {s.name: s.from_raw(dict(model.gp.named_parameters())[s.raw_name]).detach() for s in sites}
+    trace = pyro.poutine.trace(pyro.poutine.condition(fn, data=z)).get_trace()
+    # the unbounded constant: z is the value itself, so its log density is the model's prior
+    assert_close(trace.nodes[CONSTANT]["fn"].log_prob(z[CONSTANT]), prior.log_prob(z[CONSTANT]), 1e-12, 1e-12)
