@@ -233,6 +233,21 @@ def _triplets(lift: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor, tuple[in
     return row, col, lift.values(), (n_out, n_in)
 
 
+def lifted_diagonal(lift: Lift, base: Operator, values: Tensor) -> Tensor:
+    """The diagonal ``(..., n_out)`` of ``L B L^T`` for the lift's pattern with ``values`` ``(nnz,)`` (of the
+    base's dtype): per row, the ``nnz_r x nnz_r`` block of ``B`` at the row's columns is gathered
+    (``sum_r nnz_r^2`` entries of ``B``, never ``L B L^T``); differentiable in ``values`` and ``B``."""
+    from structgp.covariance.indexing import entries  # indexing registers rules for this module's types
+
+    out = values.new_zeros(*base.batch_shape, lift.n_out)
+    for rows, pos in lift.row_blocks():
+        v, c = values[pos], lift.col[pos]  # (k, m)
+        block = entries(base, c.unsqueeze(-1), c.unsqueeze(-2))  # (..., k, m, m)
+        quad = ((block @ v.unsqueeze(-1)).squeeze(-1) * v).sum(-1)  # (..., k)
+        out = out.index_copy(-1, rows, quad.expand(*out.shape[:-1], rows.shape[0]))
+    return out
+
+
 class SparseLifted(Operator):
     """``L B L^T`` of shape ``(..., n_out, n_out)`` for a lift ``L`` ``(n_out, n_in)`` and a base ``B``
     ``(..., n_in, n_in)`` (operator or tensor); batch dims are the base's (the lift is unbatched).
@@ -273,18 +288,8 @@ class SparseLifted(Operator):
         return self.lift.matmul(self.base._matmul(self.lift.tmatmul(rhs)))
 
     def diagonal(self) -> Tensor:
-        """``sum_{a, b in row r} v_a v_b B[c_a, c_b]``: per row, the ``nnz_r x nnz_r`` block of ``B`` at the
-        row's columns is gathered (``sum_r nnz_r^2`` entries of ``B``, never ``L B L^T``)."""
-        from structgp.covariance.indexing import entries  # indexing registers rules for this module's types
-
-        lift = self.lift
-        out = lift.values.new_zeros(*self.base.batch_shape, lift.n_out)
-        for rows, pos in lift.row_blocks():
-            v, c = lift.values[pos], lift.col[pos]  # (k, m)
-            block = entries(self.base, c.unsqueeze(-1), c.unsqueeze(-2))  # (..., k, m, m)
-            quad = ((block @ v.unsqueeze(-1)).squeeze(-1) * v).sum(-1)  # (..., k)
-            out = out.index_copy(-1, rows, quad.expand(*out.shape[:-1], rows.shape[0]))
-        return out
+        """``sum_{a, b in row r} v_a v_b B[c_a, c_b]`` (see :func:`lifted_diagonal`)."""
+        return lifted_diagonal(self.lift, self.base, self.lift.values)
 
     def _to_dense(self) -> Tensor:
         b = self.base._to_dense()

@@ -52,6 +52,8 @@ class MultivariateNormal(TorchDistribution):
         batch_shape = broadcast_batch(loc.shape[:-1], covariance.batch_shape, names=("loc", "covariance"))
         self.loc = loc.expand(batch_shape + (n,))
         self._unbroadcasted_covariance = covariance
+        if torch.compiler.is_compiling():  # values cannot be checked while tracing (Dynamo also refuses to
+            validate_args = False  # trace torch.distributions' constraint checks in some import orders)
         super().__init__(batch_shape, torch.Size((n,)), validate_args=validate_args)
         if self._validate_args:
             _check_covariance_values(covariance)

@@ -43,13 +43,12 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from structgp.covariance._kron import kron_dense
 from structgp.covariance._operator import Operator
 from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.root import Root
-from structgp.covariance.sparse_lifted import _CHUNK, Lift, LiftedRoot, SparseLifted, _csr
+from structgp.covariance.sparse_lifted import _CHUNK, Lift, LiftedRoot, SparseLifted, _csr, lifted_diagonal
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.inference import report
 from structgp.inference._cache import cached
@@ -160,22 +159,6 @@ class _CapacitanceSolve(torch.autograd.Function):
         return grad_c, None, grad_t
 
 
-def _trace_product(m: Tensor, base: Operator) -> Tensor:
-    """``tr(M K)`` ``(...)`` for symmetric ``M`` ``(..., n, n)`` and ``K``. A Kronecker ``K = K_1 (x) K_rest``
-    is never formed: ``tr(M K) = sum_{a,A} K_1[a, A] <M[a-block, A-block], K_rest>``, one elementwise pass
-    over ``M`` viewed as ``(n_1, r, n_1, r)`` (``torch.einsum`` took 25x longer here)."""
-    if not isinstance(base, Kronecker):
-        return (m * base._to_dense()).sum((-2, -1))
-    mats = base.factor_matrices()
-    first, rest = mats[0], kron_dense(mats[1:]) if len(mats) > 1 else None
-    n1 = first.shape[-1]
-    if rest is None:
-        return (m * first).sum((-2, -1))
-    r = rest.shape[-1]
-    blocks = m.reshape(*m.shape[:-2], n1, r, n1, r) * rest.unsqueeze(-3).unsqueeze(-2)  # (..., n1, r, n1, r)
-    return (blocks.sum((-3, -1)) * first).sum((-2, -1))
-
-
 def _backward_factor(capacitance: Tensor, chol: Tensor) -> Tensor:
     """The graph-free factor; under ``create_graph`` one that is differentiable in ``C`` instead, so that
     second derivatives are exact."""
@@ -197,40 +180,63 @@ _WHAT = "the lifted Woodbury path with a spectral root"
 
 @dataclasses.dataclass
 class _Factor:
-    """What the three questions share (all float64)."""
+    """What the three questions share (all float64). The capacitance ``C = I + R^T L^T D^{-1} L R`` comes in
+    one of two forms: the gram form through ``M = L^T D^{-1} L`` (``n_in x n_in``; ``2 n_pairs + 2 n_in^2 r``
+    flops) or the row form through ``F = L R`` (``n_out x r``; ``2 nnz r + 2 n_out r^2`` flops), whichever is
+    cheaper: the row form wins when ``R`` is narrow (a truncated spectral root) and the grid is large."""
 
     inv_noise: Tensor  # D^{-1}: (..., n_out), or (..., 1) for s I
     noise_logdet: Tensor  # (...)
     values: Tensor  # the lift's values (nnz,)
     root: Root  # R (..., n_in, r)
-    capacitance: Tensor  # C = I + R^T M R (..., r, r), carrying the graph to M (and R unless spectral)
+    capacitance: Tensor  # C (..., r, r), carrying the graph to the values and the noise (and R unless spectral)
     chol: Tensor  # L_C (..., r, r), no graph
-    gram: Tensor  # M (..., n_in, n_in), carrying the graph to the lift's values and the noise
-    mr: Tensor  # (R^T M)^T = M R (..., n_in, r)
+    rows: Tensor | None  # the row form's F = L R (..., n_out, r)
+    mr: Tensor | None  # the gram form's M R (..., n_in, r)
     spectral: bool  # R is the base's truncated spectral root (no graph)
     base: Operator | None  # the float64 base when R is a graph-free spectral root and it needs gradients
 
-    def logdet(self) -> Tensor:
-        value = self.noise_logdet + _CapacitanceLogdet.apply(self.capacitance, self.chol)
-        if self.base is None:
-            return value
-        p = self.mr.detach()
-        pc = torch.cholesky_solve(p.mT, self.chol).mT  # P C^{-1}
-        k = self.base
-        surrogate = _trace_product(self.gram.detach(), k) - (pc * (k @ p)).sum((-2, -1))
-        return first_order_only(value + (surrogate - surrogate.detach()), _WHAT)
-
     def latent(self, lift: Lift, white: Tensor) -> Tensor:
         """``R^T L^T white`` ``(..., r, c)`` for ``white`` ``(..., n_out, c)`` float64."""
+        if self.rows is not None:
+            return self.rows.mT @ white
         return self.root.tmatmul(lift.tmatmul(white, self.values))
+
+    def lifted(self, lift: Lift, latent: Tensor) -> Tensor:
+        """``L R latent`` ``(..., n_out, c)`` for ``latent`` ``(..., r, c)``."""
+        if self.rows is not None:
+            return self.rows @ latent
+        return lift.matmul(self.root._matmul(latent), self.values)
 
     def cap_solve(self, t: Tensor) -> Tensor:
         return _CapacitanceSolve.apply(self.capacitance, self.chol, t)
 
+    def logdet(self, lift: Lift) -> Tensor:
+        value = self.noise_logdet + _CapacitanceLogdet.apply(self.capacitance, self.chol)
+        if self.base is None:
+            return value
+        # tr(G K), G = L^T A^{-1} L = M - P C^{-1} P^T: tr(M K) = sum_r d_r^{-1} (L K L^T)_rr
+        k, inv_noise = self.base, self.inv_noise.detach()
+        p = self._gram_root(lift).detach()
+        pc = torch.cholesky_solve(p.mT, self.chol).mT  # P C^{-1}
+        diag = lifted_diagonal(lift, k, self.values.detach())
+        surrogate = (inv_noise * diag).sum(-1) - (pc * (k @ p)).sum((-2, -1))
+        return first_order_only(value + (surrogate - surrogate.detach()), _WHAT)
+
+    def _gram_root(self, lift: Lift) -> Tensor:
+        """``P = M R = L^T D^{-1} L R`` ``(..., n_in, r)``."""
+        if self.mr is not None:
+            return self.mr
+        return lift.tmatmul(self.inv_noise.unsqueeze(-1) * self.rows, self.values)
+
     def inverse_detached(self, lift: Lift, rhs: Tensor) -> Tensor:
         """``A^{-1} rhs`` (float64) with every factor detached: gradients flow through ``rhs`` only."""
-        inv_noise, values = self.inv_noise.detach().unsqueeze(-1), self.values.detach()
+        inv_noise = self.inv_noise.detach().unsqueeze(-1)
         white = inv_noise * rhs
+        if self.rows is not None:
+            rows = self.rows.detach()
+            return white - inv_noise * (rows @ torch.cholesky_solve(rows.mT @ white, self.chol))
+        values = self.values.detach()
         latent = torch.cholesky_solve(self.root.tmatmul(lift.tmatmul(white, values)), self.chol)
         return white - inv_noise * lift.matmul(self.root._matmul(latent), values)
 
@@ -241,32 +247,54 @@ class _Factor:
         return v, self.base @ v
 
 
+def _form_flops(lift: Lift, rank: int) -> tuple[float, float]:
+    """Flops of the capacitance by the gram form and by the row form."""
+    gram = 2 * lift.n_pairs + 2 * lift.n_in * lift.n_in * rank
+    rows = 2 * lift.nnz * rank + 2 * lift.n_out * rank * rank
+    return gram, rows
+
+
+def _row_form(lift: Lift, rank: int) -> bool:
+    gram, rows = _form_flops(lift, rank)
+    return rows < gram
+
+
 def _factor(op: AddedDiagonal) -> _Factor:
     def compute() -> _Factor:
         lifted, noise = op.base, op.noise
         lift = lifted.lift
         values = lift.values.double()
-        if isinstance(noise, ScaledIdentity):
+        scaled = isinstance(noise, ScaledIdentity)
+        if scaled:
             scale = noise.scale.double()
-            gram = cached(lift, "gram", lambda: lift_gram(lift, lift.values.double()))
-            m = gram / scale[..., None, None]
             inv_noise, noise_logdet = 1 / scale[..., None], lift.n_out * scale.log()
         else:
             d = noise.diagonal().double()
             inv_noise, noise_logdet = 1 / d, d.log().sum(-1)
-            m = lift_gram(lift, values, inv_noise)
         r, spectral, base = _latent_root(lifted.base)
-        mr = r.tmatmul(m).mT  # M R (M symmetric)
-        rmr = r.tmatmul(mr)
+        rows = mr = None
+        if _row_form(lift, r.shape[-1]):
+            rows = lift.matmul(r.to_dense(), values)  # F = L R
+            rmr = rows.mT @ (inv_noise.unsqueeze(-1) * rows)
+        else:
+            if scaled:
+                gram = cached(lift, "gram", lambda: lift_gram(lift, lift.values.double()))
+                m = gram / scale[..., None, None]
+            else:
+                m = lift_gram(lift, values, inv_noise)
+            mr = r.tmatmul(m).mT  # M R (M symmetric)
+            rmr = r.tmatmul(mr)
         capacitance = rmr + torch.eye(rmr.shape[-1], dtype=rmr.dtype, device=rmr.device)
         # eigenvalues >= 1: never needs jitter; the graph goes through _Capacitance* instead
         chol = psd_cholesky(capacitance.detach(), "the latent Woodbury capacitance I + R^T L^T D^-1 L R")
-        return _Factor(inv_noise, noise_logdet, values, r, capacitance, chol, m, mr, spectral, base)
+        return _Factor(inv_noise, noise_logdet, values, r, capacitance, chol, rows, mr, spectral, base)
 
     f = cached(op, "lifted_woodbury", compute)
     rep = report.current_report()
-    if f.spectral and rep is not None:
-        rep.notes.append(f"spectral root of rank {f.root.shape[-1]} (the base is singular in float64; no jitter)")
+    if rep is not None:
+        if f.spectral:
+            rep.notes.append(f"spectral root of rank {f.root.shape[-1]} (the base is singular in float64; no jitter)")
+        rep.notes.append("row form F = L R" if f.rows is not None else "gram form M = L^T D^-1 L")
     return f
 
 
@@ -282,6 +310,16 @@ def _latent_root(base: Operator) -> tuple[Root, bool, Operator | None]:
     base64 = base.to(torch.float64)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in base64._tensors())
     return r, True, base64 if needs_grad else None
+
+
+def _latent_rank(base: Operator) -> tuple[int, bool]:
+    """Columns of the root the engine will use and whether it is spectral: for a Kronecker base whose values
+    can be read, from its (cached) exact root; otherwise without computing anything."""
+    if isinstance(base, Kronecker) and not base.is_diagonal:
+        found = exact_root(base)
+        if found is not None:
+            return found[0].shape[-1], not found[1]
+    return _root_rank(base), False
 
 
 def _root_rank(op: Operator) -> int:
@@ -303,30 +341,36 @@ class LiftedWoodbury(Engine):
 
     def applies(self, op: Operator) -> str | None:
         if isinstance(op, AddedDiagonal) and isinstance(op.base, SparseLifted) and op.noise.is_diagonal:
-            r = _root_rank(op.base.base)
-            return f"{describe(op)}: latent-space Woodbury with a {r} x {r} capacitance"
+            r, spectral = _latent_rank(op.base.base)
+            root_kind = " (the base's spectral root)" if spectral else ""
+            form = "F = L R" if _row_form(op.base.lift, r) else "M = L^T D^-1 L"
+            return f"{describe(op)}: latent-space Woodbury with a {r} x {r} capacitance{root_kind} through {form}"
         return None
 
     def cost(self, op: AddedDiagonal) -> Cost:
         lift, batch = op.base.lift, op.batch_shape.numel()
-        n_in, r = lift.n_in, _root_rank(op.base.base)
-        flops = batch * (2 * lift.n_pairs + 2 * n_in * n_in * r + r**3 / 3) + 4 * lift.nnz
-        nbytes = batch * (2 * n_in * n_in + 3 * r * r) * 8 + min(lift.n_pairs, _CHUNK) * 4 * 8
+        r, _ = _latent_rank(op.base.base)
+        gram, rows = _form_flops(lift, r)
+        if rows < gram:
+            flops = batch * (rows + r**3 / 3) + 4 * lift.nnz
+            nbytes = batch * (2 * lift.n_out * r + lift.n_in * r + 3 * r * r) * 8
+        else:
+            flops = batch * (gram + r**3 / 3) + 4 * lift.nnz
+            nbytes = batch * (2 * lift.n_in * lift.n_in + 3 * r * r) * 8 + min(lift.n_pairs, _CHUNK) * 4 * 8
         return Cost(flops, nbytes)
 
     def solve(self, op: AddedDiagonal, rhs: Tensor) -> Tensor:
         f, lift = _factor(op), op.base.lift
         white = f.inv_noise.unsqueeze(-1) * rhs.double()
         latent = f.cap_solve(f.latent(lift, white))
-        correction = lift.matmul(f.root._matmul(latent), f.values)
-        x = white - f.inv_noise.unsqueeze(-1) * correction
+        x = white - f.inv_noise.unsqueeze(-1) * f.lifted(lift, latent)
         if f.base is not None:  # d x = -A^{-1} L dK v
             _, kv = f.base_term(lift, x)
             x = first_order_only(x - f.inverse_detached(lift, lift.matmul(kv - kv.detach())), _WHAT)
         return x.to(rhs.dtype)
 
     def logdet(self, op: AddedDiagonal) -> Tensor:
-        return _factor(op).logdet().to(op.dtype)
+        return _factor(op).logdet(op.base.lift).to(op.dtype)
 
     def inv_quad_logdet(self, op: AddedDiagonal, rhs: Tensor) -> tuple[Tensor, Tensor]:
         f, lift = _factor(op), op.base.lift
@@ -336,8 +380,8 @@ class LiftedWoodbury(Engine):
         latent = f.cap_solve(t)
         inv_quad = (b * white).sum(-2) - (t * latent).sum(-2)
         if f.base is not None:  # G = -v v^T
-            x = white - f.inv_noise.unsqueeze(-1) * lift.matmul(f.root._matmul(latent), f.values)
+            x = white - f.inv_noise.unsqueeze(-1) * f.lifted(lift, latent)
             v, kv = f.base_term(lift, x)
             surrogate = -(v * kv).sum(-2)
             inv_quad = first_order_only(inv_quad + (surrogate - surrogate.detach()), _WHAT)
-        return inv_quad.to(op.dtype), f.logdet().to(op.dtype)
+        return inv_quad.to(op.dtype), f.logdet(lift).to(op.dtype)

@@ -6,10 +6,18 @@ import torch
 import structgp as sg
 from structgp.covariance import Dense, Diagonal, Kronecker, LowRank, ScaledIdentity, SparseLifted
 from structgp.covariance.root import ConcatRoot
+from structgp.inference import lifted_woodbury
 from structgp.inference.lifted_woodbury import LiftedWoodbury, lift_gram
 from tests.reference import F64, assert_close, check_against_dense, dense_inv_quad_logdet, positive, spd
 
 KINDS = ("dense", "coo", "csr")
+
+
+@pytest.fixture(params=["gram", "rows"])
+def form(request, monkeypatch):
+    """Both forms of the capacitance (gram M = L^T D^-1 L, rows F = L R), whatever the cost model prefers."""
+    monkeypatch.setattr(lifted_woodbury, "_row_form", lambda lift, rank: request.param == "rows")
+    return request.param
 
 
 def random_lift(n_out, n_in, kind="csr", density=0.3, seed=0):
@@ -50,7 +58,7 @@ def noises(n, batch=()):
 @pytest.mark.parametrize("base_kind", ["dense", "kron"])
 @pytest.mark.parametrize("noise_kind", ["diagonal", "scaled"])
 @pytest.mark.parametrize("batch", [((), ()), ((2,), ()), ((), (3,)), ((2, 1), (3,))])
-def test_against_dense(kind, base_kind, noise_kind, batch):
+def test_against_dense(kind, base_kind, noise_kind, batch, form):
     base_batch, noise_batch = batch
     lift, _ = random_lift(14, 6, kind)
     base = spd(6, *base_batch) if base_kind == "dense" else Kronecker(spd(2, *base_batch), spd(3, *base_batch))
@@ -62,7 +70,7 @@ def test_against_dense(kind, base_kind, noise_kind, batch):
     assert isinstance(op.root(), ConcatRoot)
 
 
-def test_kronecker_diagonal_noise_and_low_rank_base():
+def test_kronecker_diagonal_noise_and_low_rank_base(form):
     lift, _ = random_lift(12, 6, "coo")
     noise = Kronecker(Diagonal(positive(3)), Diagonal(positive(4)))
     op = SparseLifted(lift, Kronecker(spd(3), spd(2))) + noise
@@ -118,7 +126,9 @@ def test_auto_plan_and_never_densifies():
     op = SparseLifted(lift, Kronecker(spd(g), spd(g))) + ScaledIdentity(0.1, n_out)
     plan = sg.plan(op)
     assert plan.method == "woodbury"
-    assert plan.reason == "SparseLifted + ScaledIdentity: latent-space Woodbury with a 64 x 64 capacitance"
+    assert plan.reason == (
+        "SparseLifted + ScaledIdentity: latent-space Woodbury with a 64 x 64 capacitance through M = L^T D^-1 L"
+    )
     dense = op.to_dense()  # the reference, formed before the limit is lowered
     y = torch.randn(n_out, dtype=F64)
     with sg.settings(dense_limit=2**20):  # the dense operator (18 MB) is over this limit
@@ -133,7 +143,7 @@ def test_auto_plan_and_never_densifies():
     assert_close(x, torch.linalg.solve(dense, y), rtol=1e-7, atol=1e-7)
 
 
-def test_extra_rhs_batch_dims_share_one_factorisation():
+def test_extra_rhs_batch_dims_share_one_factorisation(form):
     lift, l_dense = random_lift(10, 4, "csr")
     base, d = spd(4, 2), positive(2, 10)
     op = SparseLifted(lift, base) + Diagonal(d)
@@ -148,7 +158,7 @@ def test_extra_rhs_batch_dims_share_one_factorisation():
     assert_close(op.solve(x), torch.linalg.solve(a, x))
 
 
-def test_float32_data_within_float32_tolerance():
+def test_float32_data_within_float32_tolerance(form):
     lift, l_dense = random_lift(40, 6, "csr")
     base, s = spd(6), torch.tensor(0.05, dtype=F64)
     a = l_dense @ base @ l_dense.T + s * torch.eye(40, dtype=F64)
@@ -164,7 +174,7 @@ def test_float32_data_within_float32_tolerance():
     assert_close(x, torch.linalg.solve(a, y), rtol=1e-4, atol=1e-4)
 
 
-def test_gradients_match_dense_autograd():
+def test_gradients_match_dense_autograd(form):
     idx = random_lift(16, 6, "dense")[1].nonzero().T
     leaves = {
         "vals": torch.randn(idx.shape[1], dtype=F64),
@@ -200,7 +210,7 @@ def test_gradients_match_dense_autograd():
 
 
 @pytest.mark.parametrize("noise_kind", ["diagonal", "scaled"])
-def test_gradcheck(noise_kind):
+def test_gradcheck(noise_kind, form):
     gen = torch.Generator().manual_seed(2)
     idx = (torch.rand(7, 4, generator=gen) < 0.5).nonzero().T
     vals = torch.randn(idx.shape[1], dtype=F64, generator=gen, requires_grad=True)
@@ -220,7 +230,7 @@ def test_gradcheck(noise_kind):
     assert torch.autograd.gradcheck(f, (vals, k1, k2, noise, y), fast_mode=noise_kind == "scaled")
 
 
-def test_second_derivatives():
+def test_second_derivatives(form):
     gen = torch.Generator().manual_seed(3)
     idx = (torch.rand(5, 2, generator=gen) < 0.7).nonzero().T
     vals = torch.randn(idx.shape[1], dtype=F64, generator=gen, requires_grad=True)
@@ -271,7 +281,9 @@ def test_cost_and_applies():
     lift, _ = random_lift(50, 6, "csr")
     op = SparseLifted(lift, Kronecker(spd(2), spd(3))) + Diagonal(positive(50))
     engine = LiftedWoodbury()
-    assert engine.applies(op) == "SparseLifted + Diagonal: latent-space Woodbury with a 6 x 6 capacitance"
+    assert engine.applies(op) == (
+        "SparseLifted + Diagonal: latent-space Woodbury with a 6 x 6 capacitance through M = L^T D^-1 L"
+    )
     assert engine.applies(Dense(spd(4)) + Diagonal(positive(4))) is None
     cost = engine.cost(op)
     assert cost.flops >= op.base.lift.n_pairs + 6**3 / 3 and cost.bytes >= 2 * 6 * 6 * 8
@@ -287,7 +299,7 @@ def smooth_grid(n: int, lengthscale: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("noise_kind", ["diagonal", "scaled"])
 @pytest.mark.parametrize("base_kind", ["kron", "dense"])
-def test_singular_base_is_exact_without_jitter(noise_kind, base_kind):
+def test_singular_base_is_exact_without_jitter(noise_kind, base_kind, form):
     """A smooth grid kernel needs jitter for Cholesky; the spectral root keeps the answers exact."""
     g = 24
     lift = interpolation_lift(300, g)
@@ -307,13 +319,14 @@ def test_singular_base_is_exact_without_jitter(noise_kind, base_kind):
             q, ld = op.inv_quad_logdet(y)
             x = op.solve(y.mT)
     assert "spectral root of rank" in str(sg.last_report())
+    assert ("row form" in str(sg.last_report())) == (form == "rows")
     ref_q, ref_ld = dense_inv_quad_logdet(a, y)
     assert_close(q, ref_q, rtol=1e-10, atol=1e-9)
     assert_close(ld, ref_ld, rtol=1e-10, atol=1e-9)
     assert_close(x, torch.linalg.solve(a, y.mT), rtol=1e-9, atol=1e-9)
 
 
-def test_singular_base_gradients_match_dense_autograd():
+def test_singular_base_gradients_match_dense_autograd(form):
     """The spectral root's surrogate gradients (lengthscale, lift values, noise, targets) equal dense autograd."""
     g = 16
     coo = interpolation_lift(120, g).coalesce()
@@ -350,7 +363,7 @@ def test_singular_base_gradients_match_dense_autograd():
         assert_close(g_, ref, rtol=1e-7, atol=1e-8)
 
 
-def test_singular_base_refuses_second_derivatives():
+def test_singular_base_refuses_second_derivatives(form):
     g = 20
     lift = interpolation_lift(50, g)
     ls = torch.tensor(0.8, dtype=F64, requires_grad=True)
@@ -388,13 +401,3 @@ def test_singular_base_in_float32_truncates_at_the_data_precision():
     assert_close(q32.double(), q64, rtol=2e-5, atol=0)
     assert_close(ld32.double(), ld64, rtol=2e-5, atol=0)
 
-
-def test_trace_product_contracts_kronecker_factors():
-    from structgp.inference.lifted_woodbury import _trace_product
-
-    mats = [spd(2, 3), spd(3), spd(4)]  # batched first factor
-    m = spd(24, 3)
-    k = Kronecker(*mats)
-    assert_close(_trace_product(m, k), (m * k.to_dense()).sum((-2, -1)), rtol=1e-12, atol=1e-12)
-    b = spd(24)
-    assert_close(_trace_product(m, Dense(b)), (m * b).sum((-2, -1)), rtol=1e-12, atol=1e-12)
