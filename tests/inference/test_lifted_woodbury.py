@@ -401,3 +401,14 @@ def test_singular_base_in_float32_truncates_at_the_data_precision():
     assert_close(q32.double(), q64, rtol=2e-5, atol=0)
     assert_close(ld32.double(), ld64, rtol=2e-5, atol=0)
 
+
+
+def test_trace_product_contracts_kronecker_factors():
+    from structgp.inference.lifted_woodbury import _trace_product
+
+    mats = [spd(2, 3), spd(3), spd(4)]  # batched first factor
+    m = spd(24, 3)
+    k = Kronecker(*mats)
+    assert_close(_trace_product(m, k), (m * k.to_dense()).sum((-2, -1)), rtol=1e-12, atol=1e-12)
+    b = spd(24)
+    assert_close(_trace_product(m, Dense(b)), (m * b).sum((-2, -1)), rtol=1e-12, atol=1e-12)
