@@ -56,8 +56,9 @@ def check_finite(t: Tensor, name: str) -> None:
     if not _values_checked(t):
         return
     with torch.no_grad():
-        # one reduction pass: a finite sum means finite entries; otherwise look entry by entry
-        if t.numel() and bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        # one reduction pass: a finite sum means finite entries; otherwise (NaN, Inf, or an overflowing sum)
+        # look entry by entry. The sum is in t's dtype: sum(dtype=float64) would first copy t to float64
+        if t.numel() and bool(torch.isfinite(t.sum())):
             return
         _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)")
 

@@ -50,7 +50,9 @@ class CGResult:
     solution: ``(..., n, c)``; iterations: ``(..., c)`` iterations each column ran; residual: ``(..., c)``
     relative residual reached; rz0: ``(..., c)`` ``b^T P^{-1} b``; alphas, betas: ``(..., c, m)`` the PCG
     coefficients (entries past a column's ``iterations`` are unused); converged: every column reached the
-    tolerance; breakdown: some column met ``p^T A p <= 0`` (the operator is not positive definite).
+    tolerance; breakdown: some column met ``p^T A p <= 0`` (the operator is not positive definite);
+    preconditioned_rhs: ``(..., n, c)`` ``P^{-1} b``, the first preconditioned residual (kept so that a
+    caller who needs ``P^{-1} b`` does not apply the preconditioner again).
     """
 
     solution: Tensor
@@ -61,6 +63,7 @@ class CGResult:
     betas: Tensor
     converged: bool
     breakdown: bool
+    preconditioned_rhs: Tensor | None = None
 
     def tridiagonal(self) -> tuple[Tensor, Tensor]:
         """Lanczos tridiagonals of every column in float64: ``(diag (..., c, m), off (..., c, m - 1))``.
@@ -80,6 +83,24 @@ class CGResult:
         off_valid = valid[..., 1:]  # T_{j, j+1} exists when step j + 1 ran
         off = torch.where(off_valid, beta[..., :-1].clamp_min(0).sqrt() / safe_alpha[..., :-1], 0.0)
         return diag, off
+
+
+def host_readable(t: Tensor) -> bool:
+    """Whether ``t``'s values may be read on the host (to stop early, to warn): not under ``torch.func.vmap``
+    (batched tensors refuse data-dependent control flow), not while compiling, not on the meta device.
+
+    Unlike :func:`~structgp.covariance._validation.value_checks_enabled` it lets ``torch.func.grad`` / ``jvp``
+    wrappers through: they allow host reads, and without them PCG would run all ``max_iter`` masked
+    iterations under ``torch.func.grad`` (the same values, at many times the cost).
+    """
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if not functorch.is_gradtrackingtensor(t):
+            return False  # vmap's batched tensors, and wrappers not known to allow reads
+        t = functorch.get_unwrapped(t)
+    return True
 
 
 def _next_check(iteration: int, every: int) -> int:
@@ -111,11 +132,11 @@ def pcg(
     precondition = precondition or (lambda r: r)
     with torch.no_grad():
         x = torch.zeros_like(rhs)
+        z0 = precondition(rhs)  # may be rhs itself (no preconditioner): only r is updated in place
         r = rhs.clone()
-        z = precondition(r)
-        p = z.clone()
-        rz = (r * z).sum(-2)
-        rz0 = rz.clone()
+        p = z0  # p, z and rz are rebound, never updated in place: z0 and rz0 stay P^{-1} b and b^T P^{-1} b
+        rz = (r * z0).sum(-2)
+        rz0 = rz
         b_norm = rhs.norm(dim=-2)
         active = b_norm > 0
         safe_b = torch.where(active, b_norm, torch.ones_like(b_norm))
@@ -124,37 +145,44 @@ def pcg(
         broke = torch.zeros_like(active)
         alphas: list[Tensor] = []
         betas: list[Tensor] = []
-        check = 0
-        for j in range(max_iter):
-            # readable values: not under vmap (the products may be batched where rhs is not)
-            if j == check and value_checks_enabled(active):
-                check = _next_check(j, check_every)
-                if not bool(active.any()):
-                    break
+        # the host reads values only where they are readable: not under vmap (asked at every look: the
+        # products may be batched where rhs is not)
+        check = _next_check(0, check_every)
+        steps = 0 if host_readable(active) and not bool(active.any()) else max_iter
+        for j in range(steps):
             ap = matmul(p)
             pap = (p * ap).sum(-2)
             broke = broke | (active & ~(pap > 0))
-            active = active & (pap > 0)
-            alpha = torch.where(active, rz / torch.where(active, pap, torch.ones_like(pap)), 0.0)
+            took = active & (pap > 0)  # the columns that take step j
+            alpha = torch.where(took, rz / torch.where(took, pap, torch.ones_like(pap)), 0.0)
             if value_checks_enabled(alpha):
                 x.addcmul_(alpha.unsqueeze(-2), p)
                 r.addcmul_(alpha.unsqueeze(-2), ap, value=-1)
-            else:  # under vmap an unbatched x or r cannot take batched updates in place
+            else:  # under vmap (grad) an unbatched (captured) x or r cannot take batched (wrapped) updates in place
                 x = torch.addcmul(x, alpha.unsqueeze(-2), p)
                 r = torch.addcmul(r, alpha.unsqueeze(-2), ap, value=-1)
-            z = precondition(r)
-            rz_new = (r * z).sum(-2)
-            beta = torch.where(active, rz_new / torch.where(active, rz, torch.ones_like(rz)), 0.0)
-            p = z + beta.unsqueeze(-2) * p
             alphas.append(alpha)
-            betas.append(beta)
-            iterations = iterations + active
-            rz = torch.where(active, rz_new, rz)
-            residual = torch.where(active, r.norm(dim=-2) / safe_b, residual)
-            active = active & (residual > tol)
+            iterations = iterations + took
+            residual = torch.where(took, r.norm(dim=-2) / safe_b, residual)
+            active = took & (residual > tol)
             if history is not None:
                 history.append(residual.clone())
-        readable = value_checks_enabled(active) and value_checks_enabled(broke)
+            # the host looks before the next preconditioner application, which is skipped where no column
+            # takes another step (the last beta enters no tridiagonal: it stays 0)
+            last = j + 1 == steps
+            if not last and j + 1 == check and host_readable(active):
+                check = _next_check(j + 1, check_every)
+                last = not bool(active.any())
+            if last:
+                betas.append(torch.zeros_like(alpha))
+                break
+            z = precondition(r)
+            rz_new = (r * z).sum(-2)
+            beta = torch.where(took, rz_new / torch.where(took, rz, torch.ones_like(rz)), 0.0)
+            p = torch.addcmul(z, beta.unsqueeze(-2), p)
+            betas.append(beta)
+            rz = torch.where(took, rz_new, rz)
+        readable = host_readable(active) and host_readable(broke)
         still = bool(active.any()) if readable else False
         breakdown = bool(broke.any()) if readable else False
     if still:
@@ -175,4 +203,4 @@ def pcg(
         )
     m_shape = (*b_norm.shape, 0)
     stack = (lambda xs: torch.stack(xs, dim=-1)) if alphas else (lambda xs: b_norm.new_zeros(m_shape))
-    return CGResult(x, iterations, residual, rz0, stack(alphas), stack(betas), not still, breakdown)
+    return CGResult(x, iterations, residual, rz0, stack(alphas), stack(betas), not still, breakdown, z0)

@@ -27,7 +27,8 @@ above. Second derivatives are not supported (the solve's
 backward is once-differentiable; the others differentiate only the last product).
 
 ``torch.func.vmap``. Design: the same code runs, with every host read made conditional (values are read
-only where :func:`~structgp.covariance._validation.value_checks_enabled` says so). Under vmap PCG runs a
+only where :func:`.cg.host_readable` says so: not under vmap or compile; ``torch.func.grad`` and ``jvp``
+allow reads, so under them PCG and pivoted Cholesky stop early as they do outside). Under vmap PCG runs a
 fixed ``max_iter`` iterations with the masked per-column updates it already uses (converged columns get
 ``alpha = beta = 0``), the pivoted Cholesky preconditioner runs all its steps and gives a member that would
 have stopped zero columns, and the probes are drawn outside the transform (so every member sees the probes
@@ -55,14 +56,13 @@ from torch.autograd.function import once_differentiable
 
 from structgp import _config
 from structgp.covariance._operator import Operator
-from structgp.covariance._validation import value_checks_enabled
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.inference import report
-from structgp.inference.cg import CGResult, pcg
+from structgp.inference.cg import CGResult, host_readable, pcg
 from structgp.inference.plan import Cost, Engine, describe, register
 from structgp.inference.preconditioners import Preconditioner, build
 from structgp.inference.slq import slq_logdet
@@ -171,15 +171,16 @@ def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
         precond = build(det, cfg)
         columns = [] if rhs is None else [rhs.detach().expand(*batch, n, rhs.shape[-1])]
         if probes:
-            eps = rademacher((*op.batch_shape, n, cfg.num_probes), op.diagonal(), cfg.seed)
+            like = torch.empty((), dtype=op.dtype, device=op.device)
+            eps = rademacher((*op.batch_shape, n, cfg.num_probes), like, cfg.seed)
             z = precond.root_matmul(eps).expand(*batch, n, cfg.num_probes)
             columns.append(z)
         result = _solve_columns(det, precond, cfg, torch.cat(columns, dim=-1))
         c = 0 if rhs is None else rhs.shape[-1]
         x = result.solution[..., :c] if rhs is not None else None
         u = v = logdet = stderr = None
-        if probes:
-            u, v = result.solution[..., c:], precond.solve(z)
+        if probes:  # v = P^{-1} z is PCG's first preconditioned residual of the probe columns
+            u, v = result.solution[..., c:], result.preconditioned_rhs[..., c:]
             logdet, stderr = slq_logdet(result, slice(c, None), precond.logdet())
     _record(result, precond, cfg, stderr)
     return _Run(x, u, v, logdet, functools.partial(_solve_columns, det, precond, cfg))
@@ -187,7 +188,7 @@ def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
 
 def _record(result: CGResult, precond: Preconditioner, cfg: _config.Settings, stderr: Tensor | None) -> None:
     rep = report.current_report()
-    if rep is None or not value_checks_enabled(result.residual):
+    if rep is None or not host_readable(result.residual):
         return  # under vmap the iterations and residual cannot be read: the report keeps no numbers
     rep.iterations = int(result.iterations.max()) if result.iterations.numel() else 0
     rep.residual = float(result.residual.max()) if result.residual.numel() else 0.0

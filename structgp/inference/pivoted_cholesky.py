@@ -19,11 +19,11 @@ from torch import Tensor
 
 from structgp.covariance._kron import kron_vector
 from structgp.covariance._operator import Operator
-from structgp.covariance._validation import value_checks_enabled
 from structgp.covariance.dense import Dense
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.sum import AddedDiagonal, Sum
+from structgp.inference.cg import host_readable
 
 
 @functools.singledispatch
@@ -87,29 +87,34 @@ def pivoted_cholesky(
     Runs without autograd and in float64 whatever the data's dtype (in float32 the remainder's diagonal
     ``d - l^2`` cancels to noise early); both results are float64."""
     with torch.no_grad():
-        d = op.diagonal().expand(*op.batch_shape, op.n).double()
+        d = op.diagonal().expand(*op.batch_shape, op.n).to(torch.float64, copy=True)
         k = min(rank, op.n)
-        factor = d.new_zeros(*d.shape, k)
+        batch = d.shape[:-1]
+        # L^T: row j is column j of L, contiguous for the products below; step j writes row j before any
+        # read of it, so the rows need no zero fill
+        rows = d.new_empty(*batch, k, op.n)
         floor = 10 * torch.finfo(op.dtype).eps * d.abs().amax(-1)  # pivots below it are rounding noise
         # under vmap/compile the values cannot end the loop: all ``k`` steps run, and a member that would
         # have stopped gets zero columns (the same L L^T)
-        readable = value_checks_enabled(d)
-        done = torch.zeros(d.shape[:-1], dtype=torch.bool, device=d.device)
+        readable = host_readable(d)
+        done = None if readable else torch.zeros(batch, dtype=torch.bool, device=d.device)
         if stop is not None:
             stop = torch.maximum(torch.as_tensor(stop, dtype=d.dtype, device=d.device), op.n * floor)
         for j in range(k):
             if stop is not None and j % check_every == 0:
                 if readable and bool((d.sum(-1) <= stop).all()):
-                    return factor[..., :j], d
+                    return rows[..., :j, :].mT, d
                 if not readable:
                     done = done | (d.sum(-1) <= stop)
             pivot_value, pivot = d.max(-1)
             col = column(op, pivot).expand_as(d).double()
-            row = factor.gather(-2, pivot[..., None, None].expand(*d.shape[:-1], 1, k))
-            resid = col - (factor[..., :j] @ row[..., 0, :j, None]).squeeze(-1)
-            ok = (pivot_value > floor) & ~done  # a member done under vmap adds zero columns
-            scale = torch.where(ok, pivot_value, torch.ones_like(pivot_value)).rsqrt()
-            l_j = torch.where(ok[..., None], resid * scale[..., None], 0.0)
-            factor[..., j] = l_j
-            d = (d - l_j.square()).clamp_min(0)
-        return factor, d
+            if j:  # minus the part of column ``pivot`` the first j columns of L already explain
+                row = rows[..., :j, :].gather(-1, pivot[..., None, None].expand(*batch, j, 1))
+                col = col - (rows[..., :j, :].mT @ row).squeeze(-1)
+            ok = pivot_value > floor if done is None else (pivot_value > floor) & ~done
+            # a member whose pivot is rounding noise (or that is done, under vmap) adds a zero column
+            scale = torch.where(ok, pivot_value, 1.0).rsqrt()
+            l_j = torch.where(ok.unsqueeze(-1), col * scale.unsqueeze(-1), 0.0)
+            rows[..., j, :] = l_j
+            d = torch.addcmul(d, l_j, l_j, value=-1).clamp_min_(0)
+        return rows.mT, d

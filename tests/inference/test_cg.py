@@ -125,3 +125,91 @@ def test_calls_only_the_product_and_runs_without_autograd():
     res = pcg(matmul, torch.randn(10, 2, dtype=F64), tol=1e-8, max_iter=50)
     assert not res.solution.requires_grad
     assert all(s == (10, 2) for s in calls)
+
+
+def test_returns_the_preconditioned_rhs_and_skips_the_last_preconditioner_application():
+    """``preconditioned_rhs`` is ``P^{-1} b`` (the caller need not apply ``P^{-1}`` again), and PCG applies the
+    preconditioner once per step taken: the application after the last step (to a residual no column uses)
+    is skipped, when every column converged and when ``max_iter`` ends the run."""
+    a = spd(30, seed=6)
+    d = a.diagonal() * (1 + torch.rand(30, dtype=F64))  # a preconditioner that is not exact
+    b = torch.randn(30, 3, dtype=F64)
+    calls = []
+
+    def precondition(r):
+        calls.append(r.shape)
+        return r / d.unsqueeze(-1)
+
+    res = pcg(lambda v: a @ v, b, precondition, tol=1e-10, max_iter=200)
+    torch.testing.assert_close(res.preconditioned_rhs, b / d.unsqueeze(-1), rtol=0, atol=0)
+    steps = res.alphas.shape[-1]  # loop steps: the host looks every few, so possibly past the last column's
+    assert res.converged and int(res.iterations.max()) <= steps and len(calls) == steps
+    calls.clear()
+    with pytest.warns(CGConvergenceWarning):
+        short = pcg(lambda v: a @ v, b, precondition, tol=1e-14, max_iter=4)
+    assert len(calls) == 4 and short.alphas.shape[-1] == 4
+    # the first steps are those of the longer run, and the quadrature of the short tridiagonal is that of
+    # the longer run's leading 4 x 4 block (the skipped application's beta enters no tridiagonal)
+    torch.testing.assert_close(short.alphas, res.alphas[..., :4], rtol=0, atol=0)
+    diag, off = short.tridiagonal()
+    long_diag, long_off = res.tridiagonal()
+    torch.testing.assert_close(diag, long_diag[..., :4], rtol=0, atol=0)
+    torch.testing.assert_close(off, long_off[..., :3], rtol=0, atol=0)
+
+
+def test_identity_preconditioner_rhs_is_not_overwritten():
+    """Without a preconditioner ``P^{-1} b`` is ``b`` itself: the in-place residual updates must not reach it."""
+    a = spd(20, seed=7)
+    b = torch.randn(20, 2, dtype=F64)
+    keep = b.clone()
+    res = pcg(lambda v: a @ v, b, tol=1e-10, max_iter=100)
+    assert torch.equal(b, keep) and torch.equal(res.preconditioned_rhs, keep)
+    torch.testing.assert_close(res.solution, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.func.jvp's first call scripts helpers
+def test_host_readable_lets_grad_through_but_not_vmap():
+    from torch.func import grad, jvp, vmap
+
+    from structgp.inference.cg import host_readable
+
+    seen = []
+
+    def probe(x):
+        seen.append(host_readable(x.detach()))
+        return x.square().sum()
+
+    x = torch.randn(3, dtype=F64)
+    probe(x)
+    grad(probe)(x)
+    jvp(probe, (x,), (x,))
+    assert seen == [True, True, True]
+    seen.clear()
+    vmap(probe)(torch.randn(2, 3, dtype=F64))
+    vmap(grad(probe))(torch.randn(2, 3, dtype=F64))
+    grad(lambda x: vmap(probe)(x).sum())(torch.randn(2, 3, dtype=F64))
+    assert seen == [False, False, False]
+    assert not host_readable(torch.empty(3, device="meta"))
+
+
+def test_stops_early_under_torch_func_grad():
+    """Under ``torch.func.grad`` the host may read the residual: PCG stops where it does outside (not after
+    ``max_iter`` masked iterations) and warns when it does not converge."""
+    from torch.func import grad
+
+    a = spd(40, seed=8)
+    b = torch.randn(40, 1, dtype=F64)
+    outside = pcg(lambda v: a @ v, b, tol=1e-10, max_iter=500)
+    inside = []
+
+    def f(scale):
+        res = pcg(lambda v: (scale * a) @ v, b, tol=1e-10, max_iter=500)
+        inside.append(res)
+        return scale * res.solution.sum()
+
+    grad(f)(torch.tensor(1.0, dtype=F64))
+    assert inside[0].alphas.shape[-1] == outside.alphas.shape[-1] < 100
+    with pytest.warns(CGConvergenceWarning, match="did not converge in 3 iterations"):
+        grad(lambda s: s * pcg(lambda v: (s * a) @ v, b, tol=1e-14, max_iter=3).solution.sum())(
+            torch.tensor(1.0, dtype=F64)
+        )

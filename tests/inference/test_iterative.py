@@ -386,3 +386,21 @@ def test_bar_sparse_lifted_32_cubed_latent_grid():
     rel = float((v - v_ref).abs() / v_ref.abs())
     print(f"sparse lifted 32^3 relative error {rel:.2e}; {sg.last_report()}")
     assert rel < 1e-5
+
+
+def test_torch_func_grad_runs_the_iterations_the_problem_needs():
+    """Under ``torch.func.grad`` the engine reads its residual as it does outside: the report records the
+    few iterations PCG needed (it used to run all ``max_iter`` masked iterations there)."""
+    a, y = spd(60, seed=9), torch.randn(60, dtype=F64)
+
+    def loss(noise):
+        with cg(max_iter=500):
+            q, l = (Dense(a) + ScaledIdentity(noise, 60)).inv_quad_logdet(y)
+        return q + l
+
+    noise = torch.tensor(0.3, dtype=F64)
+    g = grad(loss)(noise)
+    rep = sg.last_report()
+    assert rep.iterations is not None and rep.iterations <= 60
+    ref = noise.clone().requires_grad_()
+    torch.testing.assert_close(g, torch.autograd.grad(loss(ref), ref)[0])

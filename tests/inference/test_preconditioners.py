@@ -175,3 +175,48 @@ def test_float32_preconditioners():
         r = torch.randn(125, 2)
         assert p.solve(r).dtype == torch.float32 and p.root_matmul(r).dtype == torch.float32
         assert torch.isfinite(p.logdet()).all()
+
+
+def test_pivoted_cholesky_leaves_a_float64_operator_untouched():
+    """The remainder diagonal is updated in place: it must be a copy of the operator's diagonal."""
+    a = spd(12, 2, seed=8)
+    keep = a.clone()
+    factor, rest = pivoted_cholesky(Dense(a), 5)
+    assert torch.equal(a, keep)
+    torch.testing.assert_close(rest, (a - factor @ factor.mT).diagonal(dim1=-2, dim2=-1))
+    assert factor.shape == (2, 12, 5) and rest.dtype == F64
+
+
+def test_top_eigenvectors_scale_is_applied_per_column():
+    from structgp.covariance._kron import kron_dense
+    from structgp.inference.preconditioners import _top_eigenvectors
+
+    mats = grid_kronecker(4, 0.3, 2).factor_matrices()
+    vectors = [torch.linalg.eigh(m)[1] for m in mats]
+    index = torch.tensor([[0, 5, 17, 63], [3, 2, 1, 40]])
+    scale = torch.rand(2, 4, dtype=F64) + 0.5
+    dense = kron_dense(vectors)
+    ref = dense.gather(-1, index.unsqueeze(-2).expand(2, 64, 4))
+    torch.testing.assert_close(_top_eigenvectors(vectors, index), ref)
+    torch.testing.assert_close(_top_eigenvectors(vectors, index, scale), ref * scale.unsqueeze(-2))
+
+
+def test_low_rank_diagonal_float32_with_a_wide_spectrum():
+    """``s`` spread over 10 decades (noise 1e-2, factor singular values 1e-2 .. 1e2): in float32, ``P^{-1}``
+    and the root stay consistent with the float64 ``P`` to float32 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    n, k = 300, 40
+    q, _ = torch.linalg.qr(torch.randn(n, k, dtype=F64, generator=gen))
+    factor = q * torch.logspace(-2, 2, k, dtype=F64)
+    d = 0.01 + 0.01 * torch.rand(n, dtype=F64, generator=gen)
+    p64 = factor @ factor.mT + torch.diag(d)
+    p = LowRankDiagonal(factor.float(), d.float(), "test")
+    r = torch.randn(n, 5, dtype=F64, generator=gen)
+    ref = torch.linalg.solve(p64, r)
+    got = p.solve(r.float()).double()
+    p_norm = lambda e: (e * (p64 @ e)).sum().sqrt()  # noqa: E731
+    assert float(p_norm(got - ref) / p_norm(ref)) < 1e-4
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    root = p.root_matmul(torch.eye(n)).double()
+    assert float((root @ root.mT - p64).norm() / p64.norm()) < 1e-5
+    torch.testing.assert_close(p.logdet().double(), torch.linalg.slogdet(p64)[1], rtol=1e-5, atol=1e-3)
