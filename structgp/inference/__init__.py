@@ -11,6 +11,7 @@ from structgp.inference import (  # noqa: F401  (registration)
     kronecker_eigen,
     lifted_woodbury,
     permuted,
+    spectral_woodbury,
     woodbury,
 )
 from structgp.inference.cg import CGConvergenceWarning

@@ -334,7 +334,7 @@ def _latent_root(base: Operator) -> tuple[Root, bool, Operator | None]:
     return r, True, base64 if needs_grad else None
 
 
-def _latent_rank(base: Operator) -> tuple[int, bool]:
+def latent_rank(base: Operator) -> tuple[int, bool]:
     """Columns of the root the engine will use and whether it is spectral: for a Kronecker base whose values
     can be read, from its (cached) exact root; otherwise without computing anything."""
     if isinstance(base, Kronecker) and not base.is_diagonal:
@@ -363,7 +363,7 @@ class LiftedWoodbury(Engine):
 
     def applies(self, op: Operator) -> str | None:
         if isinstance(op, AddedDiagonal) and isinstance(op.base, SparseLifted) and op.noise.is_diagonal:
-            r, spectral = _latent_rank(op.base.base)
+            r, spectral = latent_rank(op.base.base)
             root_kind = " (the base's spectral root)" if spectral else ""
             form = "F = L R" if _row_form(op.base.lift, r) else "M = L^T D^-1 L"
             return f"{describe(op)}: latent-space Woodbury with a {r} x {r} capacitance{root_kind} through {form}"
@@ -371,7 +371,7 @@ class LiftedWoodbury(Engine):
 
     def cost(self, op: AddedDiagonal) -> Cost:
         lift, batch = op.base.lift, op.batch_shape.numel()
-        r, _ = _latent_rank(op.base.base)
+        r, _ = latent_rank(op.base.base)
         gram, rows = _form_flops(lift, r)
         if rows < gram:
             flops = batch * (rows + r**3 / 3) + 4 * lift.nnz
