@@ -15,7 +15,9 @@ whose backward gathers ``dM`` per row block of the lift (``sum_r nnz_r^2`` entri
 stays ``O(n_in^2 + nnz(M) + chunk)``; nothing ``n_out x n_out`` or dense ``n_out x n_in`` is formed.
 With ``D = s I`` the pattern Gram ``L^T L`` is computed once and cached on the lift while its values
 need no gradient. Everything after the sparse products is float64, also for float32 data.
-Cost ``n_pairs + 2 n_in^2 r + r^3 / 3`` flops (``n_pairs = sum_r nnz_r^2``).
+Cost ``n_pairs + 2 n_in^2 r + r^3 / 3`` flops (``n_pairs = sum_r nnz_r^2``): the gram form. When ``R`` is
+narrow the row form ``C = I_r + F^T D^{-1} F`` with ``F = L R`` (``n_out x r``, ``2 nnz r + 2 n_out r^2``
+flops, ``n_out r`` memory) is cheaper and is taken instead.
 
 ``R`` is the base's Cholesky root when the base is positive definite in float64. A Kronecker or dense base
 that is singular to working precision (a smooth kernel on a fine grid) gets its truncated spectral root
@@ -23,15 +25,15 @@ instead (:mod:`structgp.inference.spectral_root`): no jitter, so the answers sta
 only as large as the base's numerical rank. That root carries no graph; the base's gradients come from
 first-order surrogate terms ``<G, K>`` with the detached ``G = dL/dK``:
 
-    log det A:   G = L^T A^{-1} L = M - P C^{-1} P^T,   P = M R     (tr(G K) = sum(M * K) - sum(P C^{-1} * K P))
+    log det A:   G = L^T A^{-1} L = M - P C^{-1} P^T,   P = M R     (tr(M K): M's entries or diag(L K L^T))
     b^T A^{-1} b: G = -v v^T,                          v = L^T A^{-1} b
     A^{-1} b:     d x = -A^{-1} L dK v                   (the detached inverse applied to L (K v - (K v).detach()))
 
 exact to first order; second derivatives through them raise (:mod:`structgp.inference.first_order`).
 
-Gradients reach the lift's values, the base's tensors (through ``R`` or the surrogates) and the noise. ``log det C`` and
-``C^{-1} t`` are custom autograd functions on the (graph-free) Cholesky factor of ``C``: their backward
-uses one Cholesky inverse (``inverse_from_cholesky``) / ``cholesky_solve`` instead of differentiating the
+Gradients reach the lift's values, the base's tensors (through ``R`` or the surrogates) and the noise.
+``log det C`` and ``C^{-1} t`` are custom autograd functions on the (graph-free) Cholesky factor of ``C``:
+their backward uses one Cholesky inverse (``inverse_from_cholesky``) / ``cholesky_solve`` instead of differentiating the
 Cholesky factorisation (about 4x less work at ``r = 4096``). Under ``create_graph=True`` the backward
 refactorises ``C`` with autograd, so second derivatives are exact too.
 """
