@@ -196,14 +196,15 @@ def case_ski_smooth(n_out: int, m: int, dev: torch.device):
     sig = torch.tensor(0.05, device=dev, requires_grad=True)
     lift = bilinear_lift(torch.rand(n_out, 2, device=dev), m)
     y = torch.randn(n_out, device=dev)
-    with torch.no_grad():  # exact float64 latent-space Woodbury with the full (untruncated) eigen root
-        lam, q = torch.linalg.eigh(rbf_1d(g.double(), ls.double()))
-        r1 = q * lam.clamp_min(0).sqrt()
+    with torch.no_grad():  # exact float64 latent-space Woodbury on the eigen root (eigenvalues below 1e-15 of
+        lam, q = torch.linalg.eigh(rbf_1d(g.double(), ls.double()))  # the largest, float64 noise, left out)
+        keep = lam > 1e-15 * lam.max()
+        r1 = q[:, keep] * lam[keep].sqrt()
         r = torch.kron(r1, r1)
         l64 = lift.double()
         lr = torch.sparse.mm(l64, r)  # (n_out, m^2)
         s = sig.double()
-        cap = torch.linalg.cholesky(torch.eye(m * m, dtype=torch.float64, device=dev) + lr.T @ lr / s)
+        cap = torch.linalg.cholesky(torch.eye(r.shape[1], dtype=torch.float64, device=dev) + lr.T @ lr / s)
         yd = y.double()
         u = lr.T @ yd / s
         inv_quad = (yd**2).sum() / s - u @ torch.cholesky_solve(u[:, None], cap)[:, 0]
