@@ -20,6 +20,24 @@ def value_checks_enabled(t: Tensor) -> bool:
     return not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
+def host_readable(t: Tensor) -> bool:
+    """Whether ``t``'s values may be read on the host (to stop early, to warn): not under ``torch.func.vmap``
+    (batched tensors refuse data-dependent control flow), not while compiling, not on the meta device.
+
+    Unlike :func:`value_checks_enabled` it lets ``torch.func.grad`` / ``jvp``
+    wrappers through: they allow host reads, and without them PCG would run all ``max_iter`` masked
+    iterations under ``torch.func.grad`` (the same values, at many times the cost).
+    """
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if not functorch.is_gradtrackingtensor(t):
+            return False  # vmap's batched tensors, and wrappers not known to allow reads
+        t = functorch.get_unwrapped(t)
+    return True
+
+
 def _values_checked(t: Tensor) -> bool:
     from structgp import _config
 

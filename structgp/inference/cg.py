@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from structgp.covariance._validation import value_checks_enabled
+from structgp.covariance._validation import host_readable, value_checks_enabled
 
 
 class CGConvergenceWarning(UserWarning):
@@ -83,24 +83,6 @@ class CGResult:
         off_valid = valid[..., 1:]  # T_{j, j+1} exists when step j + 1 ran
         off = torch.where(off_valid, beta[..., :-1].clamp_min(0).sqrt() / safe_alpha[..., :-1], 0.0)
         return diag, off
-
-
-def host_readable(t: Tensor) -> bool:
-    """Whether ``t``'s values may be read on the host (to stop early, to warn): not under ``torch.func.vmap``
-    (batched tensors refuse data-dependent control flow), not while compiling, not on the meta device.
-
-    Unlike :func:`~structgp.covariance._validation.value_checks_enabled` it lets ``torch.func.grad`` / ``jvp``
-    wrappers through: they allow host reads, and without them PCG would run all ``max_iter`` masked
-    iterations under ``torch.func.grad`` (the same values, at many times the cost).
-    """
-    if torch.compiler.is_compiling() or t.device.type == "meta":
-        return False
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t):
-        if not functorch.is_gradtrackingtensor(t):
-            return False  # vmap's batched tensors, and wrappers not known to allow reads
-        t = functorch.get_unwrapped(t)
-    return True
 
 
 def _next_check(iteration: int, every: int) -> int:

@@ -27,7 +27,7 @@ above. Second derivatives are not supported (the solve's
 backward is once-differentiable; the others differentiate only the last product).
 
 ``torch.func.vmap``. Design: the same code runs, with every host read made conditional (values are read
-only where :func:`.cg.host_readable` says so: not under vmap or compile; ``torch.func.grad`` and ``jvp``
+only where :func:`host_readable` says so: not under vmap or compile; ``torch.func.grad`` and ``jvp``
 allow reads, so under them PCG and pivoted Cholesky stop early as they do outside). Under vmap PCG runs a
 fixed ``max_iter`` iterations with the masked per-column updates it already uses (converged columns get
 ``alpha = beta = 0``), the pivoted Cholesky preconditioner runs all its steps and gives a member that would

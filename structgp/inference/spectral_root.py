@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from structgp.covariance._operator import Operator
-from structgp.covariance._validation import value_checks_enabled
+from structgp.covariance._validation import host_readable
 from structgp.covariance.dense import Dense
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.root import DenseRoot, KroneckerRoot, Root
@@ -89,7 +89,7 @@ def exact_root(op: Operator) -> tuple[Root, bool] | None:
     (vmap, compile) and for factors indefinite beyond rounding: there the caller's default root applies
     (a Cholesky factor with warned jitter, which raises when jitter cannot help)."""
     found = spectral_matrices(op)
-    if found is None or not value_checks_enabled(found[0][0]):
+    if found is None or not host_readable(found[0][0]):  # torch.func.grad allows the reads; vmap does not
         return None
     chols = cholesky_root(found[0])
     if chols is not None:
