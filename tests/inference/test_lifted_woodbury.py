@@ -326,7 +326,8 @@ def test_singular_base_is_exact_without_jitter(noise_kind, base_kind, form):
     assert_close(x, torch.linalg.solve(a, y.mT), rtol=1e-9, atol=1e-9)
 
 
-def test_singular_base_gradients_match_dense_autograd(form):
+@pytest.mark.parametrize("noise", ["diagonal", "batched", "scaled"])
+def test_singular_base_gradients_match_dense_autograd(form, noise):
     """The spectral root's surrogate gradients (lengthscale, lift values, noise, targets) equal dense autograd."""
     g = 16
     coo = interpolation_lift(120, g).coalesce()
@@ -334,22 +335,25 @@ def test_singular_base_gradients_match_dense_autograd(form):
     leaves = {
         "ls": torch.tensor(0.5, dtype=F64),
         "vals": coo.values(),
-        "d": positive(120, low=0.02),
+        "d": {"diagonal": positive(120, low=0.02), "batched": positive(2, 1, 120, low=0.02)}.get(noise, positive()),
         "y": torch.randn(2, 120, dtype=F64),
     }
+
+    def noise_matrix(d):
+        return d[..., None, None] * torch.eye(120, dtype=F64) if noise == "scaled" else torch.diag_embed(d)
 
     def loss(structured: bool, ls, vals, d, y):
         lift = torch.sparse_coo_tensor(idx, vals, (120, g * g))
         base = Kronecker(smooth_grid(g, ls), smooth_grid(g, 2 * ls))
         if structured:
-            op = SparseLifted(lift, base) + Diagonal(d)
+            op = SparseLifted(lift, base) + (ScaledIdentity(d, 120) if noise == "scaled" else Diagonal(d))
             with sg.settings(method="woodbury"):
                 q, ld = op.inv_quad_logdet(y)
                 x = op.solve(y.mT)
             assert "spectral root" in str(sg.last_report())
         else:
             dense_lift = lift.to_dense()
-            a = dense_lift @ base.to_dense() @ dense_lift.T + torch.diag(d)
+            a = dense_lift @ base.to_dense() @ dense_lift.T + noise_matrix(d)
             q, ld = dense_inv_quad_logdet(a, y)
             x = torch.linalg.solve(a, y.mT)
         return q.sum() + ld.sum() + x.square().sum()
