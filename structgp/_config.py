@@ -38,6 +38,9 @@ class Settings:
     max_jitter: largest relative jitter (times the mean diagonal) Cholesky may add before it fails.
     check_values: whether constructors read tensor values (finite, positive); a host synchronisation on
         GPUs, so hot loops that already trust their inputs may turn it off.
+    spectral_root: whether a Kronecker (or, in lifted covariances, dense) factor that is singular in float64
+        gets its exact truncated spectral root (no jitter; gradients exact to first order only) rather than a
+        Cholesky factor with warned jitter (exact second derivatives of the jittered matrix: for Hessians).
     """
 
     method: str = "auto"
@@ -51,6 +54,7 @@ class Settings:
     dense_limit: int = 4 * 2**30
     max_jitter: float = 1e-3
     check_values: bool = True
+    spectral_root: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -225,7 +225,10 @@ def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
     return x.sum(dims, keepdim=True) if dims else x
 
 
-_WHAT = "the lifted Woodbury path with a spectral root"
+_WHAT = (
+    "the lifted Woodbury path with a spectral root",
+    " (dense), or settings(spectral_root=False) for the jittered Cholesky root",
+)
 
 
 @dataclasses.dataclass
@@ -276,7 +279,7 @@ class _Factor:
         else:
             trace_mk = _trace_sparse_gram(lift, self.values.detach(), self.inv_noise.detach(), k)
         surrogate = trace_mk - (pc * (k @ p)).sum((-2, -1))
-        return first_order_only(value + (surrogate - surrogate.detach()), _WHAT)
+        return first_order_only(value + (surrogate - surrogate.detach()), *_WHAT)
 
     def _gram_root(self, lift: Lift) -> Tensor:
         """``P = M R = L^T D^{-1} L R`` ``(..., n_in, r)``."""
@@ -421,7 +424,7 @@ class LiftedWoodbury(Engine):
         x = white - f.inv_noise.unsqueeze(-1) * f.lifted(lift, latent)
         if f.base is not None:  # d x = -A^{-1} L dK v
             _, kv = f.base_term(lift, x)
-            x = first_order_only(x - f.inverse_detached(lift, lift.matmul(kv - kv.detach())), _WHAT)
+            x = first_order_only(x - f.inverse_detached(lift, lift.matmul(kv - kv.detach())), *_WHAT)
         return x.to(rhs.dtype)
 
     def logdet(self, op: AddedDiagonal) -> Tensor:
@@ -438,5 +441,5 @@ class LiftedWoodbury(Engine):
             x = white - f.inv_noise.unsqueeze(-1) * f.lifted(lift, latent)
             v, kv = f.base_term(lift, x)
             surrogate = -(v * kv).sum(-2)
-            inv_quad = first_order_only(inv_quad + (surrogate - surrogate.detach()), _WHAT)
+            inv_quad = first_order_only(inv_quad + (surrogate - surrogate.detach()), *_WHAT)
         return inv_quad.to(op.dtype), f.logdet(lift).to(op.dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from structgp import _config
 from structgp.covariance._operator import Operator
 from structgp.covariance._validation import host_readable
 from structgp.covariance.dense import Dense
@@ -86,10 +87,13 @@ def exact_root(op: Operator) -> tuple[Root, bool] | None:
     """For a Kronecker or Dense covariance: its differentiable Cholesky root (float64) when every factor is
     positive definite without jitter, ``(root, True)``; otherwise its spectral root, ``(root, False)``
     (no graph: the caller owes surrogate gradients). None for other operators, where values cannot be read
-    (vmap, compile) and for factors indefinite beyond rounding: there the caller's default root applies
-    (a Cholesky factor with warned jitter, which raises when jitter cannot help)."""
+    (vmap, compile), under ``settings(spectral_root=False)`` and for factors indefinite beyond rounding: there
+    the caller's default root applies (a Cholesky factor with warned jitter, which raises when jitter cannot
+    help)."""
     found = spectral_matrices(op)
     if found is None or not host_readable(found[0][0]):  # torch.func.grad allows the reads; vmap does not
+        return None
+    if not _config.current().spectral_root:  # asked for the jittered Cholesky root (exact Hessians)
         return None
     chols = cholesky_root(found[0])
     if chols is not None:

@@ -383,7 +383,7 @@ def test_singular_base_refuses_second_derivatives(form):
 
     (grad,) = torch.autograd.grad(loss(), ls)  # first order: fine
     assert torch.isfinite(grad)
-    with pytest.raises(RuntimeError, match="spectral root.*method='cholesky'"):
+    with pytest.raises(RuntimeError, match="spectral root.*method='cholesky'.*spectral_root=False"):
         torch.autograd.grad(loss(), ls, create_graph=True)
 
 
@@ -441,3 +441,18 @@ def test_singular_base_under_torch_func_grad(form):
     assert "spectral root" in str(sg.last_report())
     ref = torch.func.grad(lambda t: loss(t, structured=False))(ls)
     assert_close(got, ref, rtol=1e-7, atol=1e-8)
+
+
+def test_spectral_root_off_gives_the_jittered_cholesky_root_and_exact_hessians():
+    """settings(spectral_root=False): the old root (warned jitter), whose second derivatives are exact."""
+    g = 20
+    lift = interpolation_lift(50, g)
+    ls = torch.tensor(0.8, dtype=F64, requires_grad=True)
+    y = torch.randn(50, dtype=F64)
+    with sg.settings(method="woodbury", spectral_root=False), pytest.warns(sg.inference.JitterWarning):
+        base = Kronecker(smooth_grid(g, ls), smooth_grid(g, ls))
+        q, ld = (SparseLifted(lift, base) + ScaledIdentity(torch.tensor(0.1, dtype=F64), 50)).inv_quad_logdet(y)
+    assert "spectral root" not in str(sg.last_report())
+    (grad,) = torch.autograd.grad(q + ld, ls, create_graph=True)
+    (hess,) = torch.autograd.grad(grad, ls)
+    assert torch.isfinite(hess)
