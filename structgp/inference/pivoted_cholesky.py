@@ -91,8 +91,12 @@ def pivoted_cholesky(
         k = min(rank, op.n)
         batch = d.shape[:-1]
         # L^T: row j is column j of L, contiguous for the products below; step j writes row j before any
-        # read of it (zero-filled all the same: with new_empty a third of the processes read stale memory
-        # and stopped at a wrong rank, 1.3e-3 error; reproduced, not understood, so not relied on)
+        # read of it (zero-filled all the same, for a few microseconds).
+        # Known sensitivity: a float32 kernel matrix is indefinite at about 1e-6 of its diagonal, so pivots
+        # near ``floor`` are rounding noise, and BLAS rounding that depends on memory alignment decides
+        # between nearby outcomes. Measured (dense RBF N = 3000, float32, bench_iterative.py): in about 1
+        # process in 7 the factor stops at rank 88 instead of 112 and the SLQ log-determinant's standard
+        # error (in last_report()) is 3 instead of 0.02 (log-likelihood error 1.3e-3 instead of 5e-6).
         rows = d.new_zeros(*batch, k, op.n)
         floor = 10 * torch.finfo(op.dtype).eps * d.abs().amax(-1)  # pivots below it are rounding noise
         # under vmap/compile the values cannot end the loop: all ``k`` steps run, and a member that would
