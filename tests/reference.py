@@ -25,6 +25,16 @@ def dense_inv_quad_logdet(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return (b * x).sum(-1), torch.linalg.slogdet(a)[1]
 
 
+def paired_grads(loss, leaves: dict[str, Tensor]) -> list[tuple[str, Tensor, Tensor]]:
+    """``(name, structured gradient, dense gradient)`` per leaf of ``loss(structured: bool, *leaves)``, each
+    side differentiated on fresh copies of the leaves."""
+    grads = []
+    for structured in (True, False):
+        ins = [t.clone().requires_grad_() for t in leaves.values()]
+        grads.append(torch.autograd.grad(loss(structured, *ins), ins))
+    return list(zip(leaves, *grads))
+
+
 def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-9, atol: float = 1e-9) -> None:
     torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=rtol, atol=atol)
 

@@ -8,7 +8,7 @@ from structgp.covariance import Dense, Diagonal, Kronecker, LowRank, ScaledIdent
 from structgp.covariance.root import ConcatRoot
 from structgp.inference import lifted_woodbury
 from structgp.inference.lifted_woodbury import LiftedWoodbury, lift_gram
-from tests.reference import F64, assert_close, check_against_dense, dense_inv_quad_logdet, positive, spd
+from tests.reference import F64, assert_close, check_against_dense, dense_inv_quad_logdet, paired_grads, positive, spd
 
 KINDS = ("dense", "coo", "csr")
 
@@ -199,11 +199,7 @@ def test_gradients_match_dense_autograd(form):
             x = torch.linalg.solve(a, y.mT)
         return q.sum() + ld.sum() + x.square().sum()
 
-    grads = []
-    for structured in (True, False):
-        ins = [t.clone().requires_grad_() for t in leaves.values()]
-        grads.append(torch.autograd.grad(loss(structured, *ins), ins))
-    for name, g, ref in zip(leaves, *grads):
+    for name, g, ref in paired_grads(loss, leaves):
         if name in ("k1", "k2"):  # factorisations see the symmetric part of a matrix: compare those
             g, ref = (g + g.mT) / 2, (ref + ref.mT) / 2
         assert_close(g, ref, rtol=1e-8, atol=1e-8)
@@ -358,11 +354,7 @@ def test_singular_base_gradients_match_dense_autograd(form, noise):
             x = torch.linalg.solve(a, y.mT)
         return q.sum() + ld.sum() + x.square().sum()
 
-    grads = []
-    for structured in (True, False):
-        ins = [t.clone().requires_grad_() for t in leaves.values()]
-        grads.append(torch.autograd.grad(loss(structured, *ins), ins))
-    for name, g_, ref in zip(leaves, *grads):
+    for name, g_, ref in paired_grads(loss, leaves):
         assert torch.isfinite(g_).all(), name
         assert_close(g_, ref, rtol=1e-7, atol=1e-8)
 

@@ -6,7 +6,7 @@ import torch
 import structgp as sg
 from structgp.covariance import Diagonal, Kronecker, ScaledIdentity
 from structgp.inference.spectral_woodbury import SpectralWoodbury
-from tests.reference import F64, assert_close, dense_inv_quad_logdet, positive, spd
+from tests.reference import F64, assert_close, dense_inv_quad_logdet, paired_grads, positive, spd
 
 
 def rbf(n: int, lengthscale) -> torch.Tensor:
@@ -64,11 +64,7 @@ def test_gradients_match_dense_autograd():
             x = torch.linalg.solve(a, y)
         return q + ld + x.square().sum()
 
-    grads = []
-    for structured in (True, False):
-        ins = [t.clone().requires_grad_() for t in leaves.values()]
-        grads.append(torch.autograd.grad(loss(structured, *ins), ins))
-    for name, g, ref in zip(leaves, *grads):
+    for name, g, ref in paired_grads(loss, leaves):
         assert torch.isfinite(g).all(), name
         assert_close(g, ref, rtol=1e-7, atol=1e-8)
 
