@@ -269,8 +269,8 @@ class _Factor:
         value = self.noise_logdet + _CapacitanceLogdet.apply(self.capacitance, self.chol)
         if self.base is None:
             return value
-        # tr(G K), G = L^T A^{-1} L = M - P C^{-1} P^T; tr(M K) over M's entries (gram form, n_in^2) or as
-        # sum_r d_r^{-1} (L K L^T)_rr (row form, n_pairs entries of K)
+        # tr(G K), G = L^T A^{-1} L = M - P C^{-1} P^T; tr(M K) over the dense M's entries (gram form) or
+        # over the sparse M's pattern (row form, see _trace_sparse_gram)
         k = self.base
         p = self._gram_root(lift).detach()
         pc = torch.cholesky_solve(p.mT, self.chol).mT  # P C^{-1}
