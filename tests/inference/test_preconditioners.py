@@ -220,3 +220,15 @@ def test_low_rank_diagonal_float32_with_a_wide_spectrum():
     root = p.root_matmul(torch.eye(n)).double()
     assert float((root @ root.mT - p64).norm() / p64.norm()) < 1e-5
     torch.testing.assert_close(p.logdet().double(), torch.linalg.slogdet(p64)[1], rtol=1e-5, atol=1e-3)
+
+
+def test_pivoted_cholesky_never_overshoots_the_diagonal_on_float32_rounding_noise():
+    """A float32 RBF matrix is indefinite at its rounding level; run to full rank, the factor must not explain
+    more than the diagonal holds (|l_ij| <= sqrt(d_i), which holds exactly for a PSD remainder)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(600, 2, generator=gen)
+    k = torch.exp(-0.5 * torch.cdist(x, x).square() / 0.3**2)  # float32, numerically rank-deficient
+    factor, d = pivoted_cholesky(Dense((k + k.mT) / 2), 600)
+    explained = factor.square().sum(-1)  # diag(L L^T), float64
+    assert bool((explained <= k.diagonal().double() + 1e-9).all())
+    torch.testing.assert_close(explained + d, k.diagonal().double(), rtol=0, atol=1e-9)
