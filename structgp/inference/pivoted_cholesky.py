@@ -92,12 +92,6 @@ def pivoted_cholesky(
         batch = d.shape[:-1]
         # L^T: row j is column j of L, contiguous for the products below; step j writes row j before any
         # read of it (zero-filled all the same, for a few microseconds).
-        # Known sensitivity: a float32 kernel matrix is indefinite at about 1e-6 of its diagonal, so pivots
-        # near ``floor`` are rounding noise, and MKL rounding that depends on memory alignment decides
-        # between nearby outcomes. Measured (dense RBF N = 3000, float32, bench_iterative.py): in some
-        # processes (1 in 3 to 1 in 12) the factor stops at rank 88 instead of 112 and the SLQ log-det's
-        # standard error (in last_report()) is 3 instead of 0.02: a 1.2e-3 log-likelihood error instead of
-        # 1.1e-6. With MKL_CBWR=COMPATIBLE (alignment-independent MKL) 5 of 5 runs gave 8.0e-7.
         rows = d.new_zeros(*batch, k, op.n)
         floor = 10 * torch.finfo(op.dtype).eps * d.abs().amax(-1)  # pivots below it are rounding noise
         # under vmap/compile the values cannot end the loop: all ``k`` steps run, and a member that would
