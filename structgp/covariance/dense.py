@@ -13,7 +13,9 @@ class Dense(Operator):
     """``A`` held as a dense tensor ``matrix`` of shape ``(..., n, n)``.
 
     ``matrix`` must be symmetric (checked by a product with a random vector to a relative 1e-3 in float32,
-    1e-5 in float64); the factorisations use its symmetric part ``(A + A^T) / 2``.
+    1e-5 in float64); the factorisations use its symmetric part ``(A + A^T) / 2``, while products (and so
+    the iterative engine) use ``A`` as given: symmetrise a matrix built by a float32 distance product
+    (``torch.cdist``'s matrix-product formula can leave it asymmetric by 1e-4) before wrapping it.
     """
 
     _children = ("matrix",)
