@@ -193,6 +193,15 @@ def _check_layout(lift, name: str) -> None:
         raise TypeError(f"{name}: expected dtype float32 or float64, got {lift.dtype}")
 
 
+def as_lift(lift: Tensor | Lift, like: tuple[int, torch.dtype, Any, str]) -> Lift:
+    """``lift`` (argument ``lift``) as a canonical :class:`Lift` matching ``like = (n_in, dtype, device, what)``:
+    a prebuilt Lift is checked, a tensor is canonicalised."""
+    if isinstance(lift, Lift):
+        check_lift_matches(lift, "lift", *like)
+        return lift
+    return Lift.from_tensor(lift, "lift", like=like)
+
+
 def check_lift_matches(lift: Tensor | Lift, name: str, n: int, dtype: torch.dtype, device, what: str) -> None:
     """``lift`` has ``n`` columns and the ``dtype`` and ``device`` of ``what``."""
     if lift.shape[-1] != n:
@@ -262,12 +271,7 @@ class SparseLifted(Operator):
     def __init__(self, lift: Tensor | Lift, base: Operator | Tensor) -> None:
         super().__init__()
         base = as_operator(base, "base")
-        like = (base.n, base.dtype, base.device, "base")
-        if isinstance(lift, Lift):
-            check_lift_matches(lift, "lift", *like)
-        else:
-            lift = Lift.from_tensor(lift, "lift", like=like)
-        self.lift = lift
+        self.lift = as_lift(lift, (base.n, base.dtype, base.device, "base"))
         self.base = base
 
     @property
@@ -313,12 +317,7 @@ class LiftedRoot(Root):
         super().__init__()
         if not isinstance(inner, Root):
             raise TypeError(f"inner: expected a structgp Root, got {type(inner).__name__}")
-        like = (inner.shape[-2], inner.dtype, inner.device, "inner")
-        if isinstance(lift, Lift):
-            check_lift_matches(lift, "lift", *like)
-        else:
-            lift = Lift.from_tensor(lift, "lift", like=like)
-        self.lift = lift
+        self.lift = as_lift(lift, (inner.shape[-2], inner.dtype, inner.device, "inner"))
         self.inner = inner
 
     @property

@@ -56,13 +56,14 @@ from torch.autograd.function import once_differentiable
 
 from structgp import _config
 from structgp.covariance._operator import Operator
+from structgp.covariance._validation import host_readable
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.inference import report
-from structgp.inference.cg import CGResult, host_readable, pcg
+from structgp.inference.cg import CGResult, pcg
 from structgp.inference.plan import Cost, Engine, describe, register
 from structgp.inference.preconditioners import Preconditioner, build
 from structgp.inference.slq import slq_logdet

@@ -19,11 +19,11 @@ from torch import Tensor
 
 from structgp.covariance._kron import kron_vector
 from structgp.covariance._operator import Operator
+from structgp.covariance._validation import host_readable
 from structgp.covariance.dense import Dense
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.sum import AddedDiagonal, Sum
-from structgp.inference.cg import host_readable
 
 
 @functools.singledispatch
