@@ -43,7 +43,7 @@ from _harness import (  # noqa: E402
 import structgp as sg  # noqa: E402
 from structgp._config import current  # noqa: E402
 from structgp.covariance import Dense, Diagonal, Kronecker, ScaledIdentity  # noqa: E402
-from structgp.covariance._kron import kron_matmul  # noqa: E402
+from structgp.covariance.kron import kron_matmul  # noqa: E402
 from structgp.inference.cg import CGConvergenceWarning, pcg  # noqa: E402
 from structgp.inference.preconditioners import build  # noqa: E402
 

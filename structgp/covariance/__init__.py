@@ -3,7 +3,6 @@
 Nothing here is materialised unless asked (``to_dense``, guarded by ``settings(dense_limit=...)``).
 """
 
-from structgp.covariance._operator import DensifyError, Operator, as_operator
 from structgp.covariance.block_diag import BlockDiag, BlockDiagRoot
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
@@ -21,8 +20,10 @@ from structgp.covariance.linear_map import (
     Transpose,
 )
 from structgp.covariance.low_rank import LowRank
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import DensifyError, Operator, as_operator
 from structgp.covariance.permuted import Permuted
-from structgp.covariance.root import ConcatRoot, DenseRoot, DiagonalRoot, KroneckerRoot, Root
+from structgp.covariance.root import ConcatRoot, DenseRoot, DiagonalRoot, KroneckerRoot
 from structgp.covariance.sparse_lifted import LiftedRoot, SparseLifted
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.covariance.torch_function import DenseFallbackWarning
@@ -51,7 +52,7 @@ __all__ = [
     "Permutation",
     "Permuted",
     "Product",
-    "Root",
+    "LinearMap",
     "ScaledIdentity",
     "Selection",
     "SparseLifted",

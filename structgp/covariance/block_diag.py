@@ -20,17 +20,17 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from structgp.covariance._operator import Operator, as_operator
-from structgp.covariance._validation import (
+from structgp.covariance.dense import Dense
+from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import Operator, as_operator
+from structgp.covariance.validation import (
     as_tensor,
     broadcast_batch,
     check_ndim,
     check_same_kind,
     check_square,
 )
-from structgp.covariance.dense import Dense
-from structgp.covariance.diagonal import Diagonal, ScaledIdentity
-from structgp.covariance.root import Root
 
 
 class BlockDiag(Operator):
@@ -148,7 +148,7 @@ class BlockDiag(Operator):
         return f"BlockDiag({dims}, {str(self.dtype).replace('torch.', '')}; {kinds})"
 
 
-class BlockDiagRoot(Root):
+class BlockDiagRoot(LinearMap):
     """``diag(R_1, ..., R_b)`` ``(..., N, K)`` from the groups' roots ``(..., g_j, m_j, k_j)``.
 
     The columns are the groups' columns one group after another; the rows follow the operator's layout.
@@ -156,7 +156,7 @@ class BlockDiagRoot(Root):
 
     _children = ("parts", "perm", "inverse")
 
-    def __init__(self, parts: list[Root], perm: Tensor | None, inverse: Tensor | None) -> None:
+    def __init__(self, parts: list[LinearMap], perm: Tensor | None, inverse: Tensor | None) -> None:
         super().__init__()
         self.parts = list(parts)
         self.perm = perm
@@ -198,7 +198,7 @@ class BlockDiagRoot(Root):
 
 
 # -- construction -----------------------------------------------------------------------------------
-def _count(x: Operator | Root) -> int:
+def _count(x: Operator | LinearMap) -> int:
     """The number of blocks of a group (its last batch dimension)."""
     return x.batch_shape[-1]
 

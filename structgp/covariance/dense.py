@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from structgp.covariance._operator import Operator
-from structgp.covariance._validation import as_tensor, check_finite, check_square, check_symmetric
+from structgp.covariance.operator import Operator
+from structgp.covariance.validation import as_tensor, check_finite, check_square, check_symmetric
 
 
 class Dense(Operator):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from structgp.covariance._operator import Operator
-from structgp.covariance._validation import as_tensor, check_ndim, check_positive, value_checks_enabled
+from structgp.covariance.operator import Operator
+from structgp.covariance.validation import as_tensor, check_ndim, check_positive, value_checks_enabled
 
 
 class Diagonal(Operator):

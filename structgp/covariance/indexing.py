@@ -31,15 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from structgp.covariance._operator import Operator, guard_dense
-from structgp.covariance._validation import value_checks_enabled
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.linear_map import DenseMap, OperatorMap, Product, Selection, SparseMap
 from structgp.covariance.low_rank import LowRank
-from structgp.covariance.root import Root
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import Operator, guard_dense
 from structgp.covariance.sum import AddedDiagonal, Sum, add
+from structgp.covariance.validation import value_checks_enabled
 
 Rows = range | Tensor  # a selection of rows: a range (from a slice) or a 1-D int64 tensor
 
@@ -50,7 +50,7 @@ class DenseIndexWarning(UserWarning):
 
 # -- the entry point ----------------------------------------------------------------------------------
 @functools.singledispatch
-def getitem(op: Operator, index: Any) -> Operator | Root | Tensor:
+def getitem(op: Operator, index: Any) -> Operator | LinearMap | Tensor:
     """``op[index]`` with torch's indexing semantics; structured results where a rule exists (see module)."""
     full = _normalise(op, index)
     if full is None:
@@ -69,7 +69,7 @@ def getitem(op: Operator, index: Any) -> Operator | Root | Tensor:
     return out
 
 
-def _matrix_getitem(op: Operator, r: Any, c: Any) -> Operator | Root | Tensor | None:
+def _matrix_getitem(op: Operator, r: Any, c: Any) -> Operator | LinearMap | Tensor | None:
     n = op.n
     if isinstance(r, slice) and isinstance(c, slice):
         rows, cols = range(n)[r], range(n)[c]
@@ -344,7 +344,7 @@ def _kron_range(factors: list[Operator], start: int, stop: int) -> list[Operator
 
 # -- general submatrices (linear maps) ----------------------------------------------------------------
 @functools.singledispatch
-def submatrix(op: Operator, rows: Rows, cols: Rows) -> Root:
+def submatrix(op: Operator, rows: Rows, cols: Rows) -> LinearMap:
     """``S_r op S_c^T`` ``(..., k, l)``, a general (non-symmetric) map: a lazy product of the selections and
     the operator unless the structure gives a better one."""
     n, dtype = op.n, op.dtype
@@ -354,13 +354,13 @@ def submatrix(op: Operator, rows: Rows, cols: Rows) -> Root:
 
 
 @submatrix.register
-def _(op: Dense, rows: Rows, cols: Rows) -> Root:
+def _(op: Dense, rows: Rows, cols: Rows) -> LinearMap:
     m = op.matrix.index_select(-2, _as_index(rows, op.device)).index_select(-1, _as_index(cols, op.device))
     return DenseMap(m)
 
 
 @submatrix.register
-def _(op: LowRank, rows: Rows, cols: Rows) -> Root:
+def _(op: LowRank, rows: Rows, cols: Rows) -> LinearMap:
     w = op.factor
     return Product(DenseMap(w.index_select(-2, _as_index(rows, op.device))),
                    DenseMap(w.index_select(-2, _as_index(cols, op.device)).mT))
@@ -502,7 +502,7 @@ def _register_sparse_lifted() -> None:
         return op._replace(lift=lift_rows(op.lift, _as_index(rows, op.device)))
 
     @submatrix.register(SparseLifted)
-    def _(op: SparseLifted, rows: Rows, cols: Rows) -> Root:
+    def _(op: SparseLifted, rows: Rows, cols: Rows) -> LinearMap:
         left = SparseMap(lift_rows(op.lift, _as_index(rows, op.device)))
         right = SparseMap(lift_rows(op.lift, _as_index(cols, op.device)), transposed=True)
         return Product(left, OperatorMap(op.base), right)

@@ -7,9 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from structgp.covariance._kron import kron_dense, kron_matmul, kron_vector
-from structgp.covariance._operator import Operator, as_operator
-from structgp.covariance._validation import broadcast_batch, check_same_kind
+from structgp.covariance.kron import kron_dense, kron_matmul, kron_vector
+from structgp.covariance.operator import Operator, as_operator
+from structgp.covariance.validation import broadcast_batch, check_same_kind
 
 
 class Kronecker(Operator):

@@ -1,7 +1,7 @@
 """General structured linear maps ``(..., n, k)``: products, permutations, selections, transposes and
 non-square block-diagonal / Kronecker maps.
 
-These extend the :class:`~structgp.covariance.root.Root` protocol (``shape``, ``R @ x`` through ``_matmul``,
+These extend the :class:`~structgp.covariance.root.LinearMap` protocol (``shape``, ``R @ x`` through ``_matmul``,
 ``R.tmatmul(y) = R^T y``, ``to_dense``), so every structured root is also a map that composes:
 ``A @ B`` of maps (or of a map and a covariance operator) is a lazy :class:`Product`, ``M.mT`` is the
 transpose, itself structured where the structure allows (a permutation's transpose is its inverse, a
@@ -22,15 +22,16 @@ import torch
 from torch import Tensor
 
 from structgp import _config
-from structgp.covariance._kron import kron_dense
-from structgp.covariance._operator import DensifyError, Operator
-from structgp.covariance._validation import as_tensor, broadcast_batch, check_ndim, check_same_kind
-from structgp.covariance.root import DenseRoot, DiagonalRoot, KroneckerRoot, Root
+from structgp.covariance.kron import kron_dense
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import DensifyError, Operator
+from structgp.covariance.root import DenseRoot, DiagonalRoot, KroneckerRoot
+from structgp.covariance.validation import as_tensor, broadcast_batch, check_ndim, check_same_kind
 
 
-def as_map(x: Any, name: str = "map") -> Root:
+def as_map(x: Any, name: str = "map") -> LinearMap:
     """A structured map from a map/root, a covariance operator (symmetric) or a dense ``(..., n, k)`` tensor."""
-    if isinstance(x, Root):
+    if isinstance(x, LinearMap):
         return x
     if isinstance(x, Operator):
         return OperatorMap(x)
@@ -44,7 +45,7 @@ def compose(*maps: Any) -> Product:
     return Product(*maps)
 
 
-def transpose(m: Root) -> Root:
+def transpose(m: LinearMap) -> LinearMap:
     """``M^T`` ``(..., k, n)``: structured where the map knows its transpose, else a lazy :class:`Transpose`."""
     if isinstance(m, DiagonalRoot):
         return m
@@ -52,7 +53,7 @@ def transpose(m: Root) -> Root:
     return own() if own is not None else Transpose(m)
 
 
-def guard_map_dense(m: Root, what: str) -> None:
+def guard_map_dense(m: LinearMap, what: str) -> None:
     """Refuse to materialise a map whose dense form exceeds ``settings(dense_limit=...)``."""
     nbytes = math.prod(m.shape) * m.dtype.itemsize
     limit = _config.current().dense_limit
@@ -63,21 +64,21 @@ def guard_map_dense(m: Root, what: str) -> None:
         )
 
 
-def _dense_by_identity(m: Root) -> Tensor:
+def _dense_by_identity(m: LinearMap) -> Tensor:
     """``M`` ``(..., n, k)`` as ``M @ I_k`` (uses the structured product)."""
     guard_map_dense(m, "to_dense()")
     eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
     return m._matmul(eye)
 
 
-class Transpose(Root):
+class Transpose(LinearMap):
     """``M^T`` ``(..., k, n)`` of a map ``M`` ``(..., n, k)`` that has no structured transpose of its own."""
 
     _children = ("inner",)
 
-    def __init__(self, inner: Root) -> None:
+    def __init__(self, inner: LinearMap) -> None:
         super().__init__()
-        if not isinstance(inner, Root):
+        if not isinstance(inner, LinearMap):
             raise TypeError(f"inner: expected a structgp map/root, got {type(inner).__name__}")
         self.inner = inner
 
@@ -103,7 +104,7 @@ class Transpose(Root):
     def to_dense(self) -> Tensor:
         return self.inner.to_dense().mT
 
-    def _transpose(self) -> Root:
+    def _transpose(self) -> LinearMap:
         return self.inner
 
 
@@ -119,7 +120,7 @@ class DenseMap(DenseRoot):
         return self._replace(matrix=self.matrix.mT)
 
 
-class OperatorMap(Root):
+class OperatorMap(LinearMap):
     """A covariance operator ``A`` ``(..., n, n)`` seen as a (symmetric) map, so it composes in products."""
 
     _children = ("op",)
@@ -146,7 +147,7 @@ class OperatorMap(Root):
         return self
 
 
-class Selection(Root):
+class Selection(LinearMap):
     """Rows ``index`` of the identity ``I_n``: ``(S x)_i = x_{index_i}``, shape ``(k, n)`` for ``index`` ``(k,)``.
 
     ``S^T y`` scatters (adds) the rows of ``y`` back to positions ``index``. Integer data, no batch dims;
@@ -217,7 +218,7 @@ class Permutation(Selection):
         return self._replace(index=self.inverse, inverse=self.index)
 
 
-class BlockDiagMap(Root):
+class BlockDiagMap(LinearMap):
     """``diag(B_1, ..., B_b)`` ``(..., b m, b k)`` from uniform blocks ``(..., b, m, k)`` (non-square and
     non-symmetric allowed): ``x`` ``(..., b k, c)`` is viewed as ``(..., b, k, c)`` and multiplied block by
     block in one batched product (``b m k c`` flops)."""
@@ -283,7 +284,7 @@ class KroneckerMap(KroneckerRoot):
         return self._replace(factors=[f.mT for f in self.factors])
 
 
-class SparseMap(Root):
+class SparseMap(LinearMap):
     """A sparse map ``L`` ``(n, k)`` (unbatched), held as a :class:`~structgp.covariance.sparse_lifted.Lift`
     (canonical CSR with its transpose), differentiable in its values; ``L x`` and ``L^T y`` never densify."""
 
@@ -325,7 +326,7 @@ class SparseMap(Root):
         return self._replace(transposed=not self.transposed)
 
 
-class Product(Root):
+class Product(LinearMap):
     """``M_1 M_2 ... M_p`` ``(..., n_1, k_p)``, applied right to left; never formed.
 
     factors: maps/roots, covariance operators or dense tensors (inner sizes must agree; batch dims broadcast).
@@ -340,7 +341,7 @@ class Product(Root):
             factors = tuple(factors[0])
         if len(factors) < 1:
             raise ValueError("factors: expected at least one map")
-        flat: list[Root] = []
+        flat: list[LinearMap] = []
         for i, f in enumerate(factors):
             m = as_map(f, f"factors[{i}]")
             flat.extend(m.factors if isinstance(m, Product) else [m])
@@ -392,7 +393,7 @@ class Product(Root):
         return "Product(" + " @ ".join(repr(f) for f in self.factors) + ")"
 
 
-def _has_float(m: Root) -> bool:
+def _has_float(m: LinearMap) -> bool:
     return any(t.is_floating_point() for t in m._tensors())
 
 

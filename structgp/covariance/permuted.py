@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 
 from structgp.covariance import indexing
-from structgp.covariance._operator import Operator, as_operator
-from structgp.covariance._validation import value_checks_enabled
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.linear_map import Permutation
-from structgp.covariance.root import Root
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import Operator, as_operator
+from structgp.covariance.validation import value_checks_enabled
 
 
 class Permuted(Operator):
@@ -158,7 +158,7 @@ def _(op: Permuted, rows: indexing.Rows) -> Operator:
 
 
 @indexing.submatrix.register
-def _(op: Permuted, rows: indexing.Rows, cols: indexing.Rows) -> Root:
+def _(op: Permuted, rows: indexing.Rows, cols: indexing.Rows) -> LinearMap:
     r = op.perm.index_select(0, _index(rows, op.device))
     c = op.perm.index_select(0, _index(cols, op.device))
     return indexing.submatrix(op.base, r, c)

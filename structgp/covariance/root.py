@@ -11,71 +11,11 @@ import math
 import torch
 from torch import Tensor
 
-from structgp.covariance._kron import kron_dense, kron_matmul
-from structgp.covariance._pytree_node import PyTreeNode
+from structgp.covariance.kron import kron_dense, kron_matmul
+from structgp.covariance.map import LinearMap
 
 
-class Root(PyTreeNode):
-    """Base of structured roots ``(..., n, k)``."""
-
-    @property
-    def shape(self) -> torch.Size:
-        raise NotImplementedError
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        return self.shape[:-2]
-
-    def _matmul(self, x: Tensor) -> Tensor:
-        """``R x`` for ``x`` of shape ``(..., k, c)``."""
-        raise NotImplementedError
-
-    def tmatmul(self, y: Tensor) -> Tensor:
-        """``R^T y`` for ``y`` of shape ``(..., n, c)``."""
-        raise NotImplementedError
-
-    def to_dense(self) -> Tensor:
-        raise NotImplementedError
-
-    @property
-    def mT(self) -> Root:
-        """The transpose ``R^T`` ``(..., k, n)``, itself a structured map (:mod:`structgp.covariance.linear_map`)."""
-        from structgp.covariance.linear_map import transpose
-
-        return transpose(self)
-
-    @property
-    def T(self) -> Root:
-        """``R^T`` of an unbatched map (as ``Tensor.T``); use ``.mT`` for batched maps."""
-        if len(self.shape) != 2:
-            raise ValueError(f"T: defined for unbatched (n, k) maps, got shape {tuple(self.shape)}; use .mT")
-        return self.mT
-
-    def __rmatmul__(self, y: Tensor) -> Tensor:
-        """``y @ R`` for ``y`` ``(..., c, n)`` (or ``(n,)``): ``(R^T y^T)^T``."""
-        if y.dim() == 1:
-            return self.mT @ y
-        return (self.mT @ y.mT).mT
-
-    def __matmul__(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor):  # a map, root or operator: a lazy product
-            from structgp.covariance.linear_map import compose
-
-            return compose(self, x)
-        k = self.shape[-1]
-        if x.dim() == 1:
-            if x.shape[-1] != k:
-                raise ValueError(f"x: expected shape ({k},), got {tuple(x.shape)}")
-            return self._matmul(x.unsqueeze(-1)).squeeze(-1)
-        if x.shape[-2] != k:
-            raise ValueError(f"x: expected shape (..., {k}, c), got {tuple(x.shape)}")
-        return self._matmul(x)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({'x'.join(map(str, self.shape))})"
-
-
-class DenseRoot(Root):
+class DenseRoot(LinearMap):
     """A dense root ``(..., n, k)`` (a Cholesky factor or a low-rank factor)."""
 
     _children = ("matrix",)
@@ -98,7 +38,7 @@ class DenseRoot(Root):
         return self.matrix
 
 
-class DiagonalRoot(Root):
+class DiagonalRoot(LinearMap):
     """``diag(s)`` for ``s`` of shape ``(..., n)``."""
 
     _children = ("diag",)
@@ -120,7 +60,7 @@ class DiagonalRoot(Root):
         return torch.diag_embed(self.diag)
 
 
-class KroneckerRoot(Root):
+class KroneckerRoot(LinearMap):
     """``R_1 (x) R_2 (x) ...`` for dense roots ``(..., n_i, k_i)``."""
 
     _children = ("factors",)
@@ -144,12 +84,12 @@ class KroneckerRoot(Root):
         return kron_dense(self.factors)
 
 
-class ConcatRoot(Root):
+class ConcatRoot(LinearMap):
     """``[R_1, R_2, ...]`` side by side: ``R R^T = sum_i R_i R_i^T`` (independent draws per part)."""
 
     _children = ("parts",)
 
-    def __init__(self, parts: list[Root]) -> None:
+    def __init__(self, parts: list[LinearMap]) -> None:
         super().__init__()
         self.parts = list(parts)
 

@@ -23,13 +23,12 @@ import torch
 from torch import Tensor
 
 from structgp import _config
-from structgp.covariance._operator import DensifyError, Operator, as_operator
-from structgp.covariance._pytree_node import PyTreeNode
-from structgp.covariance._validation import check_finite
-from structgp.covariance.root import Root
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import DensifyError, Operator, as_operator
+from structgp.covariance.pytree_node import PyTreeNode
+from structgp.covariance.validation import check_finite
 
 DENSE_LIFT_LIMIT = 2**26  # entries of a dense ``lift`` tensor above which a sparse one is required
-_CHUNK = 2**21  # elements of the row-block / sampled-product temporaries processed at a time
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -45,6 +44,8 @@ class Lift(PyTreeNode):
 
     _children = ("crow", "col", "row", "values", "t_crow", "t_col", "t_perm")
     _static = ("n_out", "n_in", "n_pairs")
+
+    CHUNK = 2**21  # elements of the row-block / sampled-product temporaries processed at a time
 
     @classmethod
     def from_tensor(
@@ -106,7 +107,21 @@ class Lift(PyTreeNode):
         out = self.values.new_zeros(self.n_out * self.n_in)
         return out.index_add(0, self.row * self.n_in + self.col, self.values).view(self.n_out, self.n_in)
 
-    def row_blocks(self, max_elems: int = _CHUNK) -> Iterator[tuple[Tensor, Tensor]]:
+    def csr(self, values: Tensor | None = None, transpose: bool = False) -> Tensor:
+        """``L`` (``transpose=False``, ``(n_out, n_in)``) or ``L^T`` (``(n_in, n_out)``) as a torch sparse CSR
+        tensor with the stored ``values`` or the given ones ``(nnz,)`` (in the order of ``L``'s entries)."""
+        values = self.values if values is None else values
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            if transpose:
+                return torch.sparse_csr_tensor(
+                    self.t_crow, self.t_col, values[self.t_perm], (self.n_in, self.n_out), check_invariants=False
+                )
+            return torch.sparse_csr_tensor(
+                self.crow, self.col, values, (self.n_out, self.n_in), check_invariants=False
+            )
+
+    def row_blocks(self, max_elems: int = CHUNK) -> Iterator[tuple[Tensor, Tensor]]:
         """The rows with nonzeros, grouped by their count ``m`` and chunked so that ``k m^2 <= max_elems``
         (at least one row a chunk): ``(rows (k,), positions of their entries (k, m))``."""
         counts = self.crow.diff()
@@ -131,7 +146,7 @@ class _LiftProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(values: Tensor, x: Tensor, lift: Lift, transpose: bool) -> Tensor:
-        return _csr(lift, values, transpose) @ x
+        return lift.csr(values, transpose) @ x
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -151,21 +166,11 @@ class _LiftProduct(torch.autograd.Function):
         return grad_values, grad_x, None, None
 
 
-def _csr(lift: Lift, values: Tensor, transpose: bool) -> Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        if transpose:
-            return torch.sparse_csr_tensor(
-                lift.t_crow, lift.t_col, values[lift.t_perm], (lift.n_in, lift.n_out), check_invariants=False
-            )
-        return torch.sparse_csr_tensor(
-            lift.crow, lift.col, values, (lift.n_out, lift.n_in), check_invariants=False
-        )
 
 
 def _sampled_rowdot(g: Tensor, x: Tensor, g_idx: Tensor, x_idx: Tensor) -> Tensor:
     """``sum_c g[g_idx[k], c] x[x_idx[k], c]`` for each ``k`` (in chunks), shape ``(nnz,)``."""
-    step = max(1, _CHUNK // max(1, g.shape[-1]))
+    step = max(1, Lift.CHUNK // max(1, g.shape[-1]))
     parts = [
         (g[g_idx[s : s + step]] * x[x_idx[s : s + step]]).sum(-1) for s in range(0, g_idx.shape[0], step)
     ]
@@ -307,16 +312,16 @@ class SparseLifted(Operator):
         return self._replace(base=self.base._expand(batch_shape))
 
 
-class LiftedRoot(Root):
+class LiftedRoot(LinearMap):
     """``L R`` ``(..., n_out, r)`` for a lift ``L`` ``(n_out, n_in)`` and a root ``R`` ``(..., n_in, r)``;
     ``(L R)(L R)^T = L B L^T`` when ``R R^T = B``."""
 
     _children = ("lift", "inner")
 
-    def __init__(self, lift: Tensor | Lift, inner: Root) -> None:
+    def __init__(self, lift: Tensor | Lift, inner: LinearMap) -> None:
         super().__init__()
-        if not isinstance(inner, Root):
-            raise TypeError(f"inner: expected a structgp Root, got {type(inner).__name__}")
+        if not isinstance(inner, LinearMap):
+            raise TypeError(f"inner: expected a structgp LinearMap, got {type(inner).__name__}")
         self.lift = as_lift(lift, (inner.shape[-2], inner.dtype, inner.device, "inner"))
         self.inner = inner
 

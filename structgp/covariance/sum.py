@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from structgp.covariance._operator import Operator, as_operator
-from structgp.covariance._validation import broadcast_batch, check_same_kind
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.low_rank import LowRank
+from structgp.covariance.operator import Operator, as_operator
+from structgp.covariance.validation import broadcast_batch, check_same_kind
 
 
 class AddedDiagonal(Operator):

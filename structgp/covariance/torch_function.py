@@ -33,13 +33,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from structgp.covariance._operator import Operator, guard_dense
-from structgp.covariance._validation import value_checks_enabled
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.low_rank import LowRank
-from structgp.covariance.root import Root
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import Operator, guard_dense
 from structgp.covariance.sum import AddedDiagonal, add
+from structgp.covariance.validation import value_checks_enabled
 
 
 class DenseFallbackWarning(UserWarning):
@@ -131,12 +131,12 @@ def _matmul(input: Any, other: Any, *, out: Any = None) -> Any:
     if out is not None:
         return FALLBACK
     if isinstance(input, Operator):
-        if isinstance(other, (Operator, Root, Tensor)):
+        if isinstance(other, (Operator, LinearMap, Tensor)):
             return input @ other
         return FALLBACK
     if isinstance(input, Tensor):
         return other.__rmatmul__(input)
-    if isinstance(input, Root):
+    if isinstance(input, LinearMap):
         return input @ other
     return FALLBACK
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from structgp.covariance._operator import Operator, as_operator
-from structgp.covariance._validation import as_tensor, check_ndim, check_positive
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.operator import Operator, as_operator
+from structgp.covariance.validation import as_tensor, check_ndim, check_positive
 from structgp.distributions.multivariate_normal import MultivariateNormal
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from structgp.covariance._operator import Operator
+from structgp.covariance.operator import Operator
 from structgp.distributions.multivariate_normal import MultivariateNormal
 
 

@@ -25,8 +25,8 @@ from torch.distributions import constraints
 from torch.distributions.utils import lazy_property
 
 from structgp import _config
-from structgp.covariance._operator import Operator, as_operator
-from structgp.covariance._validation import broadcast_batch, value_checks_enabled
+from structgp.covariance.operator import Operator, as_operator
+from structgp.covariance.validation import broadcast_batch, value_checks_enabled
 from structgp.inference.cholesky import inverse_from_cholesky, psd_cholesky
 
 _LOG_2PI = math.log(2 * math.pi)

@@ -7,8 +7,8 @@ from typing import TypeVar
 
 import torch
 
-from structgp.covariance._operator import Operator
-from structgp.covariance._validation import value_checks_enabled
+from structgp.covariance.operator import Operator
+from structgp.covariance.validation import value_checks_enabled
 
 T = TypeVar("T")
 

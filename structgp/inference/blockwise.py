@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from structgp import _config
-from structgp.covariance._operator import DensifyError, Operator
 from structgp.covariance.block_diag import BlockDiag, BlockDiagRoot
-from structgp.covariance.root import Root
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import DensifyError, Operator
 from structgp.inference import report
 from structgp.inference.cholesky import NotPositiveDefiniteError
 from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register
@@ -99,7 +99,7 @@ def _note(text: str, j: int) -> None:
 
 
 @root.register
-def _(op: BlockDiag) -> Root:
+def _(op: BlockDiag) -> LinearMap:
     parts = []
     for j, group in enumerate(op.groups):
         try:

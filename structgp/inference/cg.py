@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from structgp.covariance._validation import host_readable, value_checks_enabled
+from structgp.covariance.validation import host_readable, value_checks_enabled
 
 
 class CGConvergenceWarning(UserWarning):

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from structgp import _config
-from structgp.covariance._operator import Operator, guard_dense
-from structgp.covariance._validation import value_checks_enabled
 from structgp.covariance.low_rank import LowRank
+from structgp.covariance.operator import Operator, guard_dense
+from structgp.covariance.validation import value_checks_enabled
 from structgp.inference import report
 from structgp.inference._cache import cached
 from structgp.inference.plan import Cost, Engine, register

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from structgp.covariance._operator import Operator
+from structgp.covariance.operator import Operator
 from structgp.inference import report
 from structgp.inference.plan import plan
 

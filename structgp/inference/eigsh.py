@@ -24,12 +24,12 @@ import torch
 from torch import Tensor
 
 from structgp import _config
-from structgp.covariance._kron import kron_vector
-from structgp.covariance._operator import Operator, guard_dense
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.kron import kron_vector
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
+from structgp.covariance.operator import Operator, guard_dense
 from structgp.covariance.sum import AddedDiagonal
 
 DENSE_N = 256  # operators up to this size are decomposed densely (exact, and faster than Lanczos)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from structgp.covariance._operator import Operator
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.operator import Operator
 from structgp.inference.plan import Cost, Engine, register
 
 

@@ -55,13 +55,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from structgp import _config
-from structgp.covariance._operator import Operator
-from structgp.covariance._validation import host_readable
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
+from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal, Sum
+from structgp.covariance.validation import host_readable
 from structgp.inference import report
 from structgp.inference.cg import CGResult, pcg
 from structgp.inference.plan import Cost, Engine, describe, register

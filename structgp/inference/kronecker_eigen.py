@@ -34,12 +34,12 @@ import math
 import torch
 from torch import Tensor
 
-from structgp.covariance._kron import kron_matmul, kron_vector
-from structgp.covariance._operator import Operator
-from structgp.covariance._validation import value_checks_enabled
 from structgp.covariance.diagonal import ScaledIdentity
+from structgp.covariance.kron import kron_matmul, kron_vector
 from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal
+from structgp.covariance.validation import value_checks_enabled
 from structgp.inference._cache import cached
 from structgp.inference.cholesky import NotPositiveDefiniteError
 from structgp.inference.first_order import first_order_only

@@ -45,14 +45,14 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from structgp.covariance._kron import kron_dense
-from structgp.covariance._operator import Operator
 from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.indexing import entries
+from structgp.covariance.kron import kron_dense
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
-from structgp.covariance.root import Root
-from structgp.covariance.sparse_lifted import _CHUNK, Lift, LiftedRoot, SparseLifted, _csr, lifted_diagonal
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import Operator
+from structgp.covariance.sparse_lifted import Lift, LiftedRoot, SparseLifted, lifted_diagonal
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.inference import report
 from structgp.inference._cache import cached
@@ -64,7 +64,7 @@ from structgp.inference.spectral_root import exact_root
 
 
 @root.register
-def _(op: SparseLifted) -> Root:
+def _(op: SparseLifted) -> LinearMap:
     return LiftedRoot(op.lift, root(op.base))
 
 
@@ -85,11 +85,11 @@ class _LiftGram(torch.autograd.Function):
 
     @staticmethod
     def forward(values: Tensor, weights: Tensor | None, lift: Lift) -> Tensor:
-        lt = _csr(lift, values, transpose=True)
+        lt = lift.csr(values, transpose=True)
         if weights is None:
-            return (lt @ _csr(lift, values, transpose=False)).to_dense()
+            return (lt @ lift.csr(values, transpose=False)).to_dense()
         flat = weights.reshape(-1, lift.n_out)
-        grams = [(lt @ _csr(lift, values * w[lift.row], transpose=False)).to_dense() for w in flat]
+        grams = [(lt @ lift.csr(values * w[lift.row], transpose=False)).to_dense() for w in flat]
         return torch.stack(grams).view(*weights.shape[:-1], lift.n_in, lift.n_in)
 
     @staticmethod
@@ -106,7 +106,7 @@ class _LiftGram(torch.autograd.Function):
         w = None if weights is None else weights.reshape(-1, lift.n_out)
         grad_v = torch.zeros_like(values) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w) if w is not None and ctx.needs_input_grad[1] else None
-        for rows, pos in lift.row_blocks(max(1, _CHUNK // sym.shape[0])):
+        for rows, pos in lift.row_blocks(max(1, Lift.CHUNK // sym.shape[0])):
             v, c = values[pos], lift.col[pos]  # (k, m)
             block = sym[:, c.unsqueeze(-1) * n + c.unsqueeze(-2)]  # (B, k, m, m)
             t = (block @ v.unsqueeze(-1)).squeeze(-1)  # (B, k, m)
@@ -194,7 +194,7 @@ def _trace_sparse_gram(lift: Lift, values: Tensor, inv_noise: Tensor, base: Oper
             rows, cols, vals = cached(lift, "sparse_gram", lambda: _sparse_gram(lift, values, None), detached=True)
         else:
             rows, cols, vals = _sparse_gram(lift, values, inv_noise)
-    step = max(1, _CHUNK // max(1, base.batch_shape.numel()))
+    step = max(1, Lift.CHUNK // max(1, base.batch_shape.numel()))
     total = sum((vals[s : s + step] * entries(base, rows[s : s + step], cols[s : s + step])).sum(-1)
                 for s in range(0, rows.shape[0], step))
     return inv_noise[..., 0] * total if scalar else total
@@ -204,7 +204,7 @@ def _sparse_gram(lift: Lift, values: Tensor, weights: Tensor | None) -> tuple[Te
     """Row and column indices and values ``(nnz_M,)`` of ``L^T diag(w) L`` (``w = 1`` for None), by a
     sparse-sparse product."""
     scaled = values if weights is None else values * weights[lift.row]
-    m = (_csr(lift, values, transpose=True) @ _csr(lift, scaled, transpose=False)).to_sparse_coo().coalesce()
+    m = (lift.csr(values, transpose=True) @ lift.csr(scaled, transpose=False)).to_sparse_coo().coalesce()
     rows, cols = m.indices()
     return rows, cols, m.values()
 
@@ -241,7 +241,7 @@ class _Factor:
     inv_noise: Tensor  # D^{-1}: (..., n_out), or (..., 1) for s I
     noise_logdet: Tensor  # (...)
     values: Tensor  # the lift's values (nnz,)
-    root: Root  # R (..., n_in, r)
+    root: LinearMap  # R (..., n_in, r)
     capacitance: Tensor  # C (..., r, r), carrying the graph to the values and the noise (and R unless spectral)
     chol: Tensor  # L_C (..., r, r), no graph
     rows: Tensor | None  # the row form's F = L R (..., n_out, r)
@@ -356,7 +356,7 @@ def _factor(op: AddedDiagonal) -> _Factor:
     return f
 
 
-def _latent_root(base: Operator) -> tuple[Root, bool, Operator | None]:
+def _latent_root(base: Operator) -> tuple[LinearMap, bool, Operator | None]:
     """``R`` (float64) with ``R R^T = base``; whether it is a graph-free spectral root; and then the float64
     base when its gradients are owed by surrogate terms (None otherwise)."""
     found = exact_root(base)
@@ -414,7 +414,7 @@ class LiftedWoodbury(Engine):
             nbytes = batch * (2 * lift.n_out * r + lift.n_in * r + 3 * r * r) * 8
         else:
             flops = batch * (gram + r**3 / 3) + 4 * lift.nnz
-            nbytes = batch * (2 * lift.n_in * lift.n_in + 3 * r * r) * 8 + min(lift.n_pairs, _CHUNK) * 4 * 8
+            nbytes = batch * (2 * lift.n_in * lift.n_in + 3 * r * r) * 8 + min(lift.n_pairs, Lift.CHUNK) * 4 * 8
         return Cost(flops, nbytes)
 
     def solve(self, op: AddedDiagonal, rhs: Tensor) -> Tensor:

@@ -16,8 +16,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from structgp.covariance.linear_map import Product
+from structgp.covariance.map import LinearMap
 from structgp.covariance.permuted import Permuted
-from structgp.covariance.root import Root
 from structgp.inference import report
 from structgp.inference.eigsh import Eigenpairs, eigvalsh, structured_eigsh
 from structgp.inference.matrix_functions import structured_function
@@ -70,7 +70,7 @@ def _engine(op: Permuted) -> Engine:
 
 
 @root.register
-def _(op: Permuted) -> Root:
+def _(op: Permuted) -> LinearMap:
     return Product(op.permutation(), root(op.base))
 
 

@@ -17,13 +17,13 @@ import functools
 import torch
 from torch import Tensor
 
-from structgp.covariance._kron import kron_vector
-from structgp.covariance._operator import Operator
-from structgp.covariance._validation import host_readable
 from structgp.covariance.dense import Dense
+from structgp.covariance.kron import kron_vector
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
+from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal, Sum
+from structgp.covariance.validation import host_readable
 
 
 @functools.singledispatch

@@ -15,7 +15,7 @@ import math
 from torch import Tensor
 
 from structgp import _config
-from structgp.covariance._operator import Operator
+from structgp.covariance.operator import Operator
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,10 +44,10 @@ import torch
 from torch import Tensor
 
 from structgp._config import Settings
-from structgp.covariance._kron import kron_matmul, kron_vector
-from structgp.covariance._operator import Operator
 from structgp.covariance.diagonal import ScaledIdentity
+from structgp.covariance.kron import kron_matmul, kron_vector
 from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import SparseLifted
 from structgp.covariance.sum import AddedDiagonal
 from structgp.inference.eigsh import eigsh

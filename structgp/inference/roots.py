@@ -12,19 +12,20 @@ import functools
 
 import torch
 
-from structgp.covariance._operator import Operator
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
-from structgp.covariance.root import ConcatRoot, DenseRoot, DiagonalRoot, KroneckerRoot, Root
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import Operator
+from structgp.covariance.root import ConcatRoot, DenseRoot, DiagonalRoot, KroneckerRoot
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.inference.cholesky import psd_cholesky
 from structgp.inference.spectral_root import exact_root
 
 
 @functools.singledispatch
-def root(op: Operator) -> Root:
+def root(op: Operator) -> LinearMap:
     """A structured root of ``op``; operators without a rule get a dense Cholesky factor."""
     from structgp.inference.cholesky import DenseCholesky
 
@@ -32,27 +33,27 @@ def root(op: Operator) -> Root:
 
 
 @root.register
-def _(op: Dense) -> Root:
+def _(op: Dense) -> LinearMap:
     return DenseRoot(psd_cholesky(op.matrix, "the Dense matrix"))
 
 
 @root.register
-def _(op: Diagonal) -> Root:
+def _(op: Diagonal) -> LinearMap:
     return DiagonalRoot(op.diag.sqrt())
 
 
 @root.register
-def _(op: ScaledIdentity) -> Root:
+def _(op: ScaledIdentity) -> LinearMap:
     return DiagonalRoot(op.diagonal().sqrt())
 
 
 @root.register
-def _(op: LowRank) -> Root:
+def _(op: LowRank) -> LinearMap:
     return DenseRoot(op.factor)
 
 
 @root.register
-def _(op: Kronecker) -> Root:
+def _(op: Kronecker) -> LinearMap:
     if op.is_diagonal:
         return DiagonalRoot(op.diagonal().sqrt())
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in op._tensors())):
@@ -69,10 +70,10 @@ def _(op: Kronecker) -> Root:
 
 
 @root.register
-def _(op: AddedDiagonal) -> Root:
+def _(op: AddedDiagonal) -> LinearMap:
     return ConcatRoot([root(op.base), root(op.noise)])
 
 
 @root.register
-def _(op: Sum) -> Root:
+def _(op: Sum) -> LinearMap:
     return ConcatRoot([root(t) for t in op.terms])

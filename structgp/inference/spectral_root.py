@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 
 from structgp import _config
-from structgp.covariance._operator import Operator
-from structgp.covariance._validation import host_readable
 from structgp.covariance.dense import Dense
 from structgp.covariance.kronecker import Kronecker
-from structgp.covariance.root import DenseRoot, KroneckerRoot, Root
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import Operator
+from structgp.covariance.root import DenseRoot, KroneckerRoot
+from structgp.covariance.validation import host_readable
 from structgp.inference._cache import cached
 from structgp.inference.cholesky import NotPositiveDefiniteError
 from structgp.inference.kronecker_eigen import factor_eigh
@@ -67,7 +68,7 @@ def _truncated(lam: Tensor, q: Tensor, dtype: torch.dtype) -> Tensor:
     return q[..., -k:] * lam[..., -k:].sqrt().unsqueeze(-2)
 
 
-def spectral_root(op: Operator) -> Root:
+def spectral_root(op: Operator) -> LinearMap:
     """The truncated spectral root (float64, no graph) of a Kronecker or Dense covariance ``(..., n, n)``;
     raises ``NotPositiveDefiniteError`` naming the factor that is not positive semidefinite."""
     found = spectral_matrices(op)
@@ -75,7 +76,7 @@ def spectral_root(op: Operator) -> Root:
         raise TypeError(f"spectral_root: expected a Kronecker or Dense covariance, got {type(op).__name__}")
     mats, names = found
 
-    def compute() -> Root:
+    def compute() -> LinearMap:
         eig = factor_eigh(mats, names)
         factors = [_truncated(lam, q, m.dtype) for lam, q, m in zip(eig.values, eig.vectors, mats)]
         return KroneckerRoot(factors) if isinstance(op, Kronecker) else DenseRoot(factors[0])
@@ -83,7 +84,7 @@ def spectral_root(op: Operator) -> Root:
     return cached(op, "spectral_root", compute, detached=True)
 
 
-def exact_root(op: Operator) -> tuple[Root, bool] | None:
+def exact_root(op: Operator) -> tuple[LinearMap, bool] | None:
     """For a Kronecker or Dense covariance: its differentiable Cholesky root (float64) when every factor is
     positive definite without jitter, ``(root, True)``; otherwise its spectral root, ``(root, False)``
     (no graph: the caller owes surrogate gradients). None for other operators, where values cannot be read

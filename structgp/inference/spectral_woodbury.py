@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from structgp.covariance._operator import Operator
 from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift, SparseLifted
 from structgp.covariance.sum import AddedDiagonal
 from structgp.inference._cache import cached

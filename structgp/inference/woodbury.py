@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from structgp.covariance._operator import Operator
 from structgp.covariance.low_rank import LowRank
+from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal
 from structgp.inference.cholesky import cholesky_logdet, psd_cholesky
 from structgp.inference.plan import Cost, Engine, register

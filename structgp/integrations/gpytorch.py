@@ -33,9 +33,9 @@ from linear_operator.operators import (
 )
 from torch import Tensor
 
-from structgp.covariance._operator import Operator, as_operator
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
-from structgp.covariance.root import Root
+from structgp.covariance.map import LinearMap
+from structgp.covariance.operator import Operator, as_operator
 from structgp.inference.cholesky import psd_cholesky
 
 __all__ = [
@@ -231,7 +231,7 @@ class StructuredRootLinearOperator(LinearOperator):
         self, *leaves: Tensor, spec: pytree.TreeSpec, batch: torch.Size, transposed: bool = False
     ) -> None:
         super().__init__(*leaves, spec=spec, batch=batch, transposed=transposed)
-        self.root: Root = pytree.tree_unflatten(list(leaves), spec)
+        self.root: LinearMap = pytree.tree_unflatten(list(leaves), spec)
         self._batch = torch.Size(batch)
         self._transposed = transposed
 

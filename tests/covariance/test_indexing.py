@@ -9,9 +9,9 @@ from structgp.covariance import (
     Dense,
     Diagonal,
     Kronecker,
+    LinearMap,
     LowRank,
     Operator,
-    Root,
     ScaledIdentity,
 )
 from structgp.covariance.block_diag import BlockDiag
@@ -104,7 +104,7 @@ def test_principal_and_general_submatrices_have_the_right_kind(case):
     principal = op[..., 1:4, 1:4]
     assert isinstance(principal, Operator)  # a covariance
     general = op[..., 1:4, 2:5]
-    assert isinstance(general, Root) and not isinstance(general, Operator)  # a map
+    assert isinstance(general, LinearMap) and not isinstance(general, Operator)  # a map
     x = torch.randn(3, 2, dtype=F64)
     assert_close(general @ x, a[..., 1:4, 2:5] @ x)
     assert_close(general.mT @ x, a[..., 2:5, 1:4] @ x)

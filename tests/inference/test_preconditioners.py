@@ -108,7 +108,7 @@ def test_kronecker_eigen_preconditioner():
     mats = k.factor_matrices()
     vectors = [torch.linalg.eigh(m)[1] for m in mats]
     values = [torch.linalg.eigh(m)[0] for m in mats]
-    from structgp.covariance._kron import kron_vector
+    from structgp.covariance.kron import kron_vector
 
     p = KroneckerEigen(vectors, kron_vector(values), torch.tensor(0.2, dtype=F64))
     ref = k.to_dense() + 0.2 * torch.eye(64, dtype=F64)
@@ -188,7 +188,7 @@ def test_pivoted_cholesky_leaves_a_float64_operator_untouched():
 
 
 def test_top_eigenvectors_scale_is_applied_per_column():
-    from structgp.covariance._kron import kron_dense
+    from structgp.covariance.kron import kron_dense
     from structgp.inference.preconditioners import _top_eigenvectors
 
     mats = grid_kronecker(4, 0.3, 2).factor_matrices()

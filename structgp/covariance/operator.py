@@ -5,7 +5,7 @@ tensors that define it. It owns its data and its exact structured algebra (``@``
 ``to_dense``, sums, scaling); every expensive question (``solve``, ``logdet``, ``inv_quad_logdet``,
 ``root``) is a thin call into :mod:`structgp.inference`, which picks the algorithm for the structure.
 
-Operators are registered pytrees (see ``_pytree_node``), so ``torch.func.vmap``/``grad`` and
+Operators are registered pytrees (see ``pytree_node``), so ``torch.func.vmap``/``grad`` and
 ``torch.utils._pytree`` see through them.
 """
 
@@ -19,9 +19,9 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from structgp import _config
-from structgp.covariance._pytree_node import PyTreeNode
-from structgp.covariance._validation import as_tensor, check_positive
-from structgp.covariance.root import Root
+from structgp.covariance.map import LinearMap
+from structgp.covariance.pytree_node import PyTreeNode
+from structgp.covariance.validation import as_tensor, check_positive
 
 
 class DensifyError(RuntimeError):
@@ -117,7 +117,7 @@ class Operator(PyTreeNode):
         return self._matmul(rhs)
 
     def __matmul__(self, rhs: Tensor) -> Tensor:
-        if isinstance(rhs, (Operator, Root)):
+        if isinstance(rhs, (Operator, LinearMap)):
             from structgp.covariance.linear_map import compose  # an operator or map: a lazy product
 
             return compose(self, rhs)
