@@ -13,7 +13,11 @@ from collections.abc import Iterator
 
 import torch
 
-METHODS = ("auto", "cholesky", "woodbury", "eigen", "blockwise", "diagonal", "cg")
+# "auto", the engine families and the engines' own names (structgp.inference.plan.engine_names())
+METHODS = (
+    "auto", "cholesky", "woodbury", "low_rank_woodbury", "lifted_woodbury", "spectral_woodbury", "eigen",
+    "blockwise", "diagonal", "permuted", "cg",
+)
 PRECONDITIONERS = (
     "auto", "none", "jacobi", "pivoted_cholesky", "kronecker_eigen", "kronecker_deflated", "lifted_eigen"
 )

@@ -31,3 +31,12 @@ def cached(op: Operator, key: str, compute: Callable[[], T], *, detached: bool =
     value = compute()
     op._cache[key] = (stamp, value)
     return value
+
+
+def peek(op: Operator, key: str) -> object | None:
+    """The value cached on ``op`` under ``key`` while its tensors are unchanged, without computing anything."""
+    hit = op._cache.get(key)
+    if hit is None:
+        return None
+    stamp = tuple((id(t), t._version) for t in op._tensors())
+    return hit[1] if hit[0] == stamp else None

@@ -22,7 +22,7 @@ from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import DensifyError, Operator
 from structgp.inference import report
 from structgp.inference.cholesky import NotPositiveDefiniteError
-from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register
+from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register, settled
 from structgp.inference.roots import root
 
 T = TypeVar("T")
@@ -34,9 +34,7 @@ class Blockwise(Engine):
     name = "blockwise"
     structural = True
 
-    def applies(self, op: Operator) -> str | None:
-        if not isinstance(op, BlockDiag):
-            return None
+    def why(self, op: BlockDiag) -> str:
         kinds = ", ".join(f"{_count(g)} x {g.n}" for g in op.groups)
         return f"block diagonal ({kinds}): each group of stacked blocks by its own batched method"
 
@@ -68,8 +66,8 @@ def group_plan(op: BlockDiag, j: int) -> Plan:
     try:
         if _config.current().method == "blockwise":
             with _config.settings(method="auto"):
-                return plan(group)
-        return plan(group)
+                return settled(plan(group), group)
+        return settled(plan(group), group)
     except (ValueError, MemoryError) as err:
         try:
             wrapped = type(err)(f"block group {j} ({_describe_group(op, j)}) of {op!r}: {err}")

@@ -91,7 +91,7 @@ class DenseCholesky(Engine):
 
     name = "cholesky"
 
-    def applies(self, op: Operator) -> str | None:
+    def why(self, op: Operator) -> str | None:
         if isinstance(op, LowRank) and op.rank < op.n:
             return None  # singular: plan() says to add noise
         return f"dense Cholesky of the {op.n} x {op.n} matrix"

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from structgp.covariance.operator import Operator
 from structgp.inference import report
-from structgp.inference.plan import plan
+from structgp.inference.plan import plan, settled
 
 
 def _check_rhs(op: Operator, rhs: Tensor, layout: str) -> None:
@@ -33,7 +33,7 @@ def solve(op: Operator, rhs: Tensor) -> Tensor:
         rhs = rhs.unsqueeze(-1)
     elif rhs.dim() < 2 or rhs.shape[-2] != op.n:
         raise ValueError(f"rhs: expected shape (..., {op.n}) or (..., {op.n}, c), got {tuple(rhs.shape)}")
-    p = plan(op)
+    p = settled(plan(op), op)
     report.start("solve", p.method, p.reason)
     out = p.engine.solve(op, rhs)
     return out.squeeze(-1) if vector else out
@@ -41,7 +41,7 @@ def solve(op: Operator, rhs: Tensor) -> Tensor:
 
 def logdet(op: Operator) -> Tensor:
     """``log det op``, shape ``op.batch_shape``."""
-    p = plan(op)
+    p = settled(plan(op), op)
     report.start("logdet", p.method, p.reason)
     return p.engine.logdet(op)
 
@@ -51,7 +51,7 @@ def inv_quad_logdet(op: Operator, rhs: Tensor) -> tuple[Tensor, Tensor]:
     _check_rhs(op, rhs, "(..., n)")
     if rhs.dim() < 1 or rhs.shape[-1] != op.n:
         raise ValueError(f"rhs: expected shape (..., {op.n}), got {tuple(rhs.shape)}")
-    p = plan(op)
+    p = settled(plan(op), op)
     report.start("inv_quad_logdet", p.method, p.reason)
     columns, unfold = _fold_extra_batch(rhs, len(op.batch_shape))
     inv_quad, logdet = p.engine.inv_quad_logdet(op, columns)

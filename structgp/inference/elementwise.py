@@ -10,12 +10,14 @@ from structgp.covariance.operator import Operator
 from structgp.inference.plan import Cost, Engine, register
 
 
-@register(Diagonal, ScaledIdentity, Kronecker)
+@register(Diagonal)
+@register(ScaledIdentity)
+@register(Kronecker)  # of diagonal factors
 class Elementwise(Engine):
     name = "diagonal"
     structural = True
 
-    def applies(self, op: Operator) -> str | None:
+    def why(self, op: Operator) -> str | None:
         return "a diagonal matrix is solved entry by entry" if op.is_diagonal else None
 
     def cost(self, op: Operator) -> Cost:

@@ -235,7 +235,7 @@ class ConjugateGradients(Engine):
     name = "cg"
     exact = False
 
-    def applies(self, op: Operator) -> str | None:
+    def why(self, op: Operator) -> str | None:
         if isinstance(op, LowRank) and op.rank < op.n:
             return None  # singular (as for dense Cholesky): plan() says to add noise
         probes = _config.current().num_probes

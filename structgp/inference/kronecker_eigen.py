@@ -187,14 +187,18 @@ def _outer(p: _Problem) -> Tensor | None:
     return None if p.outer is None else kron_vector(p.outer)
 
 
-@register(Kronecker, AddedDiagonal)
+@register(Kronecker)
+@register(Kronecker, ScaledIdentity)
+@register(Kronecker, Kronecker)  # noise: a Kronecker product of diagonals
 class KroneckerEigen(Engine):
     name = "eigen"
 
-    def applies(self, op: Operator) -> str | None:
-        if isinstance(op, Kronecker) and not op.is_diagonal:
+    def why(self, op: Operator) -> str | None:
+        if isinstance(op, Kronecker):
+            if op.is_diagonal:
+                return None  # entry by entry
             return f"Kronecker {_sizes(op)}: per-factor eigendecomposition (singular unless noise is added)"
-        if not isinstance(op, AddedDiagonal) or not isinstance(op.base, Kronecker) or op.base.is_diagonal:
+        if op.base.is_diagonal:
             return None
         if isinstance(op.noise, ScaledIdentity):
             return f"Kronecker {_sizes(op.base)} + ScaledIdentity: per-factor eigendecomposition"

@@ -60,7 +60,7 @@ from structgp.inference.cholesky import cholesky_logdet, inverse_from_cholesky, 
 from structgp.inference.first_order import first_order_only
 from structgp.inference.plan import Cost, Engine, describe, register
 from structgp.inference.roots import root
-from structgp.inference.spectral_root import exact_root
+from structgp.inference.spectral_root import exact_root, known_root_rank, spectral_matrices
 
 
 @root.register
@@ -370,14 +370,14 @@ def _latent_root(base: Operator) -> tuple[LinearMap, bool, Operator | None]:
     return r, True, base64 if needs_grad else None
 
 
-def latent_rank(base: Operator) -> tuple[int, bool]:
-    """Columns of the root the engine will use and whether it is spectral: for a Kronecker base whose values
-    can be read, from its (cached) exact root; otherwise without computing anything."""
-    if isinstance(base, Kronecker) and not base.is_diagonal:
-        found = exact_root(base)
-        if found is not None:
-            return found[0].shape[-1], not found[1]
-    return _root_rank(base), False
+def latent_rank(base: Operator) -> tuple[int, bool | None]:
+    """Columns of the root the engine will use and whether it is spectral, from metadata and cached facts
+    only. A Kronecker or Dense base may be singular in float64 (then its spectral root is narrower): until
+    the engine has run on these values that is unknown (``None``) and the rank given is the upper bound."""
+    if spectral_matrices(base) is None:
+        return _root_rank(base), False
+    known = known_root_rank(base)
+    return known if known is not None else (_root_rank(base), None)
 
 
 def _root_rank(op: Operator) -> int:
@@ -393,17 +393,21 @@ def _root_rank(op: Operator) -> int:
     return op.n
 
 
-@register(AddedDiagonal)
+@register(SparseLifted, Operator)  # any diagonal noise
 class LiftedWoodbury(Engine):
-    name = "woodbury"
+    """Planned from the lift's metadata and the base's cached root facts: before the engine has seen the base's
+    values the capacitance size is the upper bound ``n_in`` (a singular base then gets a narrower spectral root,
+    and the form follows the rank found; the report says which)."""
 
-    def applies(self, op: Operator) -> str | None:
-        if isinstance(op, AddedDiagonal) and isinstance(op.base, SparseLifted) and op.noise.is_diagonal:
-            r, spectral = latent_rank(op.base.base)
-            root_kind = " (the base's spectral root)" if spectral else ""
-            form = "F = L R" if _row_form(op.base.lift, r) else "M = L^T D^-1 L"
-            return f"{describe(op)}: latent-space Woodbury with a {r} x {r} capacitance{root_kind} through {form}"
-        return None
+    name = "lifted_woodbury"
+    method = "woodbury"
+    reads_facts = True
+
+    def why(self, op: AddedDiagonal) -> str:
+        r, spectral = latent_rank(op.base.base)
+        root_kind = " (the base's spectral root)" if spectral else ""
+        form = "F = L R" if _row_form(op.base.lift, r) else "M = L^T D^-1 L"
+        return f"{describe(op)}: latent-space Woodbury with a {r} x {r} capacitance{root_kind} through {form}"
 
     def cost(self, op: AddedDiagonal) -> Cost:
         lift, batch = op.base.lift, op.batch_shape.numel()

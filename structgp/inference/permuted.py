@@ -21,7 +21,7 @@ from structgp.covariance.permuted import Permuted
 from structgp.inference import report
 from structgp.inference.eigsh import Eigenpairs, eigvalsh, structured_eigsh
 from structgp.inference.matrix_functions import structured_function
-from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register
+from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register, settled
 from structgp.inference.roots import root
 
 
@@ -30,9 +30,7 @@ class PermutedEngine(Engine):
     name = "permuted"
     structural = True
 
-    def applies(self, op: Permuted) -> str | None:
-        if not isinstance(op, Permuted):
-            return None
+    def why(self, op: Permuted) -> str:
         return f"rows permuted: P B P^T answered by the base {describe(op.base)} with {base_plan(op).method}"
 
     def cost(self, op: Permuted) -> Cost:
@@ -51,7 +49,7 @@ class PermutedEngine(Engine):
 def base_plan(op: Permuted) -> Plan:
     """The plan of the base; an error there names the permuted operator it belongs to."""
     try:
-        return plan(op.base)
+        return settled(plan(op.base), op.base)
     except (ValueError, MemoryError) as err:
         try:
             wrapped = type(err)(f"the base of {op!r}: {err}")

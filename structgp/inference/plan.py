@@ -1,10 +1,23 @@
-"""The choice of method: a registry of engines keyed by operator type and a per-structure cost model.
+"""The choice of method: engines registered for the structures they answer, and a per-structure cost model.
 
-Each engine states whether it applies to an operator (and why), and its cost in flops and bytes.
-``plan(op)`` takes the cheapest applicable exact method whose memory fits ``settings(memory_budget=...)``,
-else the cheapest iterative one that fits; ``settings(method=...)`` forces one and raises where it does not
-apply. Structural engines (a block-diagonal or diagonal operator is answered block by block / entry by
-entry) are always taken: a forced method then applies to the pieces.
+**The one dispatch rule.** An engine registers for the structure it answers, the way
+``torch.distributions.kl.register_kl(type_p, type_q)`` registers a KL rule: ``@register(Kronecker,
+ScaledIdentity)`` answers ``Kronecker + ScaledIdentity`` (an :class:`~structgp.covariance.AddedDiagonal`
+whose base is a ``Kronecker`` and whose noise is a ``ScaledIdentity``); ``@register(BlockDiag)`` answers a
+``BlockDiag`` on its own; ``@register(Operator)`` answers anything (the dense Cholesky and CG fallbacks).
+Subclasses match; the most specific registration comes first (a pair before a single type, then the
+shorter distance along the classes' MRO).
+
+**The choice.** ``plan(op)`` asks each matching engine whether it applies (``why``) and what it costs
+(``cost``); both read only shapes, types and facts already cached on the operator (a spectrum an engine
+computed earlier), never run a factorisation. Structural engines (block by block, entry by entry, through
+a permutation) are always taken. Otherwise ``settings(method=...)`` forces an engine by its name or its
+method family (``"woodbury"`` is the family of ``low_rank_woodbury``, ``lifted_woodbury`` and
+``spectral_woodbury``) and raises where none applies; ``"auto"`` takes the cheapest exact engine whose
+memory fits ``settings(memory_budget=...)``, else the cheapest iterative one that fits (on equal cost the
+more specific). An engine whose premise is a numerical fact not yet known at planning time (the numerical
+rank of a grid kernel) checks it once when it runs (``settle``), caching what it computed; when the
+premise fails the call is planned again, now with the fact known.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ from torch import Tensor
 
 from structgp import _config
 from structgp.covariance.operator import Operator
+from structgp.covariance.sum import AddedDiagonal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,19 +38,47 @@ class Cost:
     bytes: float
 
 
+Pattern = tuple[type, ...]
+
+
 class Engine:
-    """One numerical method. Subclasses implement the questions they answer."""
+    """One numerical method. Subclasses register with :func:`register` and implement the questions they answer.
+
+    name: unique, accepted by ``settings(method=...)``; method: the family it belongs to (``Plan.method``,
+    also accepted by ``settings``), the name by default; structural: always taken (answers by pieces);
+    exact: iterative engines set False, so "auto" takes them only when no exact method fits.
+    """
 
     name: str = ""
+    method: str = ""
     structural: bool = False
-    exact: bool = True  # iterative engines set False: "auto" takes them only when no exact method fits
+    exact: bool = True
+    reads_facts: bool = False  # why()/cost() read facts cached on the operator (its values)
+    patterns: tuple[Pattern, ...] = ()  # filled by @register
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.patterns = ()
+        if not cls.method:
+            cls.method = cls.name
+
+    def why(self, op: Operator) -> str | None:
+        """Why this engine answers ``op`` (which matches one of its patterns), or None when it does not;
+        from metadata and cached facts only."""
+        raise NotImplementedError
 
     def applies(self, op: Operator) -> str | None:
-        """Why this engine answers ``op`` exactly, or None when it does not apply."""
-        raise NotImplementedError
+        """``why(op)`` for an operator of a registered structure; None for any other."""
+        return self.why(op) if specificity(self, op) is not None else None
 
     def cost(self, op: Operator) -> Cost:
+        """Flops and bytes, from metadata and cached facts only."""
         raise NotImplementedError
+
+    def settle(self, op: Operator) -> bool:
+        """Check a premise that planning could not (computing and caching what it needs); False hands the
+        call back to the planner, which then knows the fact. Most engines have none."""
+        return True
 
     def solve(self, op: Operator, rhs: Tensor) -> Tensor:
         """``op^{-1} rhs`` for ``rhs`` of shape ``(..., n, c)``."""
@@ -50,28 +92,76 @@ class Engine:
         return (rhs * self.solve(op, rhs)).sum(-2), self.logdet(op)
 
 
-_REGISTRY: dict[type, list[Engine]] = {}
+_ENGINES: list[Engine] = []
+_CANDIDATES: dict[tuple[Pattern, ...], list[Engine]] = {}  # by the views of an operator (types only)
 
 
-def register(*op_types: type):
-    """Class decorator: register an engine (instantiated once) as a candidate for ``op_types``."""
+def register(*pattern: type):
+    """Class decorator: register an engine for ``pattern``: ``(Structure,)`` for an operator alone, or
+    ``(Base, Noise)`` for ``Base + Noise`` (an ``AddedDiagonal``). Stack it for several patterns; the engine
+    is instantiated once."""
+    if not 1 <= len(pattern) <= 2 or not all(isinstance(t, type) and issubclass(t, Operator) for t in pattern):
+        raise TypeError(f"pattern: expected (Structure,) or (Base, Noise) operator types, got {pattern}")
 
     def deco(cls: type[Engine]) -> type[Engine]:
-        engine = cls()
-        for t in op_types:
-            _REGISTRY.setdefault(t, []).append(engine)
+        cls.patterns = (pattern, *cls.patterns)
+        _CANDIDATES.clear()
+        if instance_of(cls) is None:
+            if any(e.name == cls.name for e in _ENGINES):
+                raise ValueError(f"name: engine name {cls.name!r} is taken")
+            _ENGINES.append(cls())
         return cls
 
     return deco
 
 
+def instance_of(cls: type[Engine]) -> Engine | None:
+    """The registered instance of an engine class."""
+    return next((e for e in _ENGINES if type(e) is cls), None)
+
+
+def engine_names() -> tuple[str, ...]:
+    """Every name and family ``settings(method=...)`` accepts besides ``"auto"``."""
+    return tuple(dict.fromkeys(n for e in _ENGINES for n in (e.name, e.method)))
+
+
+def _views(op: Operator) -> tuple[Pattern, ...]:
+    """The patterns an operator presents: its own type, and ``(base, noise)`` for a sum with diagonal noise."""
+    if isinstance(op, AddedDiagonal):
+        return (type(op),), (type(op.base), type(op.noise))
+    return ((type(op),),)
+
+
+def specificity(eng: Engine, op: Operator) -> tuple[int, int] | None:
+    """How closely ``eng`` is registered for ``op``'s structure (smaller is closer), or None when it is not:
+    a pair pattern before a single type, then the summed MRO distance."""
+    best = None
+    for view in _views(op):
+        for pattern in eng.patterns:
+            if len(pattern) != len(view) or not all(issubclass(v, p) for v, p in zip(view, pattern)):
+                continue
+            key = (-len(pattern), sum(v.__mro__.index(p) for v, p in zip(view, pattern)))
+            best = key if best is None or key < best else best
+    return best
+
+
 def candidates(op: Operator) -> list[Engine]:
-    found: list[Engine] = []
-    for t in type(op).__mro__:
-        for engine in _REGISTRY.get(t, []):
-            if engine not in found:
-                found.append(engine)
+    """The engines registered for ``op``'s structure, most specific first (computed once per structure)."""
+    views = _views(op)
+    found = _CANDIDATES.get(views)
+    if found is None:
+        found = _rank_candidates(op)
+        _CANDIDATES[views] = found
     return found
+
+
+def _rank_candidates(op: Operator) -> list[Engine]:
+    ranked = []
+    for i, eng in enumerate(_ENGINES):
+        key = specificity(eng, op)
+        if key is not None:
+            ranked.append((key, i, eng))
+    return [eng for _, _, eng in sorted(ranked, key=lambda t: (t[0], t[1]))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +170,17 @@ class Option:
     reason: str
     cost: Cost
     fits: bool
+    engine: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The method that would run for an operator, why, and what it costs (printable)."""
+    """The method that would run for an operator, why, and what it costs (printable).
+
+    method is the engine's family (e.g. ``"woodbury"``), ``engine.name`` the engine itself (e.g.
+    ``"lifted_woodbury"``). memoisable is False when the choice read facts cached on this operator (its
+    values), so the plan must not be reused for another operator of the same structure.
+    """
 
     operator: str
     method: str
@@ -93,79 +189,87 @@ class Plan:
     alternatives: tuple[Option, ...]
     forced: bool
     engine: Engine = dataclasses.field(repr=False, compare=False)
+    memoisable: bool = dataclasses.field(default=True, compare=False)
 
     def __str__(self) -> str:
         lines = [
             f"plan for {self.operator}",
-            f"  method: {self.method}{' (forced by settings)' if self.forced else ''}",
+            f"  method: {self.method} (engine {self.engine.name}){' (forced by settings)' if self.forced else ''}",
             f"  why:    {self.reason}",
             f"  cost:   {_fmt_flops(self.cost.flops)}, {_fmt_bytes(self.cost.bytes)}",
         ]
         for alt in self.alternatives:
             note = "" if alt.fits else " (over the memory budget)"
-            lines.append(f"  also:   {alt.method}: {_fmt_flops(alt.cost.flops)}, {_fmt_bytes(alt.cost.bytes)}{note}")
+            lines.append(
+                f"  also:   {alt.engine}: {_fmt_flops(alt.cost.flops)}, {_fmt_bytes(alt.cost.bytes)}{note}"
+            )
         return "\n".join(lines)
 
 
 def plan(op: Operator) -> Plan:
-    """Which method answers ``solve``/``logdet`` for ``op`` under the current settings, and why."""
+    """Which engine answers ``solve``/``logdet`` for ``op`` under the current settings, and why (metadata only:
+    no factorisation runs here)."""
     if not isinstance(op, Operator):
         raise TypeError(f"op: expected a structgp operator, got {type(op).__name__}")
     cfg = _config.current()
     options = []
-    for engine in candidates(op):
-        reason = engine.applies(op)
+    for eng in candidates(op):
+        reason = eng.why(op)
         if reason is not None:
-            cost = engine.cost(op)
-            options.append((engine, Option(engine.name, reason, cost, cost.bytes <= cfg.memory_budget)))
+            cost = eng.cost(op)
+            options.append((eng, Option(eng.method, reason, cost, cost.bytes <= cfg.memory_budget, eng.name)))
     if not options:
         raise ValueError(
-            f"no method applies to {op!r} ({_describe(op)}): the matrix is singular (e.g. a LowRank W W^T "
+            f"no method applies to {op!r} ({describe(op)}): the matrix is singular (e.g. a LowRank W W^T "
             "of rank k < n); add noise, e.g. op + ScaledIdentity(s, n) or op + Diagonal(d)"
         )
+    chosen, forced = _choose(op, options, cfg)
+    memoisable = not any(e.reads_facts for e, _ in options)
+    others = tuple(o for e, o in options if e is not chosen[0])
+    eng, option = chosen
+    return Plan(repr(op), option.method, option.reason, option.cost, others, forced, eng, memoisable)
+
+
+def settled(p: Plan, op: Operator) -> Plan:
+    """``p`` when its engine's premise holds for ``op`` (:meth:`Engine.settle`), else a new plan, made now that
+    the engine has cached the fact that refuted it."""
+    return p if p.engine.settle(op) else plan(op)
+
+
+def _choose(op: Operator, options: list[tuple[Engine, Option]], cfg) -> tuple[tuple[Engine, Option], bool]:
+    """The chosen ``(engine, option)`` and whether settings forced it (``options`` most specific first)."""
     structural = [(e, o) for e, o in options if e.structural]
     if structural:
-        engine, chosen = structural[0]
-        forced = False
-    elif cfg.method != "auto":
-        match = [(e, o) for e, o in options if e.name == cfg.method]
+        return structural[0], False
+    if cfg.method != "auto":
+        match = [(e, o) for e, o in options if cfg.method in (e.name, e.method)]
         if not match:
-            names = ", ".join(o.method for _, o in options) or "none"
+            names = ", ".join(o.engine for _, o in options) or "none"
             raise ValueError(
-                f"method={cfg.method!r} does not apply to {op!r} ({_describe(op)}); methods that apply: {names}"
+                f"method={cfg.method!r} does not apply to {op!r} ({describe(op)}); engines that apply: {names}"
             )
-        engine, chosen = match[0]
-        forced = True
-    else:
-        fitting = [(e, o) for e, o in options if o.fits and e.exact]
-        fitting = fitting or [(e, o) for e, o in options if o.fits]
-        if not fitting:
-            need = min((o.cost.bytes for _, o in options), default=math.inf)
-            raise MemoryError(
-                f"no exact method for {op!r} ({_describe(op)}) fits the memory budget of "
-                f"{_fmt_bytes(cfg.memory_budget)} (the cheapest needs {_fmt_bytes(need)}); raise "
-                "structgp.settings(memory_budget=...) or use method='cg'"
-            )
-        engine, chosen = fitting[0]
-        for e, o in fitting[1:]:  # the cheapest (a loop, not min(key=...), which torch.compile cannot trace)
-            if o.cost.flops < chosen.cost.flops:
-                engine, chosen = e, o
-        forced = False
-    others = tuple(o for e, o in options if e is not engine)
-    return Plan(repr(op), chosen.method, chosen.reason, chosen.cost, others, forced, engine)
-
-
-def _describe(op: Operator) -> str:
-    from structgp.covariance.sum import AddedDiagonal
-
-    if isinstance(op, AddedDiagonal):
-        return f"{_describe(op.base)} + {type(op.noise).__name__}"
-    return type(op).__name__
+        return match[0], True
+    fitting = [(e, o) for e, o in options if o.fits and e.exact]
+    fitting = fitting or [(e, o) for e, o in options if o.fits]
+    if not fitting:
+        need = min((o.cost.bytes for _, o in options), default=math.inf)
+        raise MemoryError(
+            f"no exact method for {op!r} ({describe(op)}) fits the memory budget of "
+            f"{_fmt_bytes(cfg.memory_budget)} (the cheapest needs {_fmt_bytes(need)}); raise "
+            "structgp.settings(memory_budget=...) or use method='cg'"
+        )
+    best = fitting[0]
+    for e, o in fitting[1:]:  # the cheapest, the more specific on a tie (a loop: torch.compile cannot trace min(key=))
+        if o.cost.flops < best[1].cost.flops:
+            best = (e, o)
+    return best, False
 
 
 def describe(op: Operator) -> str:
     """A short name of the structure, e.g. ``"LowRank + Diagonal"``."""
-    return _describe(op)
+    if isinstance(op, AddedDiagonal):
+        return f"{describe(op.base)} + {type(op.noise).__name__}"
+    return type(op).__name__
 
 
 def _fmt_flops(f: float) -> str:

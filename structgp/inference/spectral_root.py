@@ -27,7 +27,7 @@ from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator
 from structgp.covariance.root import DenseRoot, KroneckerRoot
 from structgp.covariance.validation import host_readable
-from structgp.inference._cache import cached
+from structgp.inference._cache import cached, peek
 from structgp.inference.cholesky import NotPositiveDefiniteError
 from structgp.inference.kronecker_eigen import factor_eigh
 
@@ -96,10 +96,26 @@ def exact_root(op: Operator) -> tuple[LinearMap, bool] | None:
         return None
     if not _config.current().spectral_root:  # asked for the jittered Cholesky root (exact Hessians)
         return None
-    chols = cholesky_root(found[0])
-    if chols is not None:
-        return (KroneckerRoot(chols) if isinstance(op, Kronecker) else DenseRoot(chols[0])), True
+    known = known_root_rank(op)
+    if known is None or not known[1]:  # a base known to be singular skips the Cholesky attempt
+        chols = cholesky_root(found[0])
+        if chols is not None:
+            _remember(op, (op.n, False))
+            return (KroneckerRoot(chols) if isinstance(op, Kronecker) else DenseRoot(chols[0])), True
     try:
-        return spectral_root(op), False
+        r = spectral_root(op)
     except NotPositiveDefiniteError:  # indefinite beyond rounding: the caller's jittered Cholesky decides
         return None
+    _remember(op, (r.shape[-1], True))
+    return r, False
+
+
+def known_root_rank(op: Operator) -> tuple[int, bool] | None:
+    """What :func:`exact_root` found for ``op`` with its current values, without computing anything:
+    ``(columns, spectral)`` (``(n, False)`` for a Cholesky root), or None when it has not run (for the planner,
+    which reads only cached facts)."""
+    return peek(op, "exact_root_rank")
+
+
+def _remember(op: Operator, fact: tuple[int, bool]) -> None:
+    cached(op, "exact_root_rank", lambda: fact, detached=True)

@@ -19,14 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from structgp.covariance.diagonal import ScaledIdentity
+from structgp.covariance.diagonal import Diagonal
 from structgp.covariance.kronecker import Kronecker
-from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift, SparseLifted
 from structgp.covariance.sum import AddedDiagonal
 from structgp.inference._cache import cached
-from structgp.inference.lifted_woodbury import LiftedWoodbury, latent_rank
+from structgp.inference.lifted_woodbury import LiftedWoodbury
 from structgp.inference.plan import Cost, Engine, describe, register
+from structgp.inference.spectral_root import exact_root, known_root_rank
 
 _LIFTED = LiftedWoodbury()
 
@@ -49,35 +49,50 @@ def _as_lifted(op: AddedDiagonal) -> AddedDiagonal:
     return cached(op, "as_lifted", build, detached=True)  # a wrapper of op's own tensors, no new graph
 
 
-def _spectral_rank(op: Operator) -> int | None:
-    """The spectral root's rank when ``op`` is a singular Kronecker base plus non-Kronecker diagonal noise."""
-    if not isinstance(op, AddedDiagonal) or not isinstance(op.base, Kronecker) or op.base.is_diagonal:
-        return None
-    if not op.noise.is_diagonal or isinstance(op.noise, (Kronecker, ScaledIdentity)):
-        return None  # s I and Kronecker-structured noise: the per-factor eigendecomposition is exact and cheaper
-    rank, spectral = latent_rank(op.base)
-    return rank if spectral else None
+def _rank_guess(op: AddedDiagonal) -> int:
+    """The rank the cost model assumes before the factor spectra are known: the largest factor's size (a
+    smooth grid kernel's numerical rank is that of its factors multiplied; a wrong guess costs only the
+    factor-sized work of :meth:`SpectralWoodbury.settle` before the call is planned again)."""
+    return max(op.base.sizes)
 
 
-@register(AddedDiagonal)
+@register(Kronecker, Diagonal)  # heteroskedastic noise; s I and Kronecker-structured noise go to the eigen engine
 class SpectralWoodbury(Engine):
-    name = "woodbury"
+    name = "spectral_woodbury"
+    method = "woodbury"
+    reads_facts = True
 
-    def applies(self, op: Operator) -> str | None:
-        rank = _spectral_rank(op)
-        if rank is None:
+    def why(self, op: AddedDiagonal) -> str | None:
+        if op.base.is_diagonal:
             return None
         sizes = " x ".join(str(s) for s in op.base.sizes)
+        known = known_root_rank(op.base)
+        if known is None:
+            return (
+                f"{describe(op)}: Woodbury on the spectral root of the Kronecker {sizes} (N = {op.n}) if it is "
+                "singular in float64 (found from the factor spectra when it runs)"
+            )
+        rank, spectral = known
+        if not spectral:
+            return None  # positive definite in float64: nothing to truncate, Cholesky or CG answer it
         return (
             f"{describe(op)}: Woodbury on the spectral root of rank {rank} of the Kronecker {sizes} "
             f"(N = {op.n}; singular in float64)"
         )
 
     def cost(self, op: AddedDiagonal) -> Cost:
-        r, n, batch = _spectral_rank(op) or op.n, op.n, op.batch_shape.numel()
+        known = known_root_rank(op.base)
+        r, n, batch = known[0] if known else _rank_guess(op), op.n, op.batch_shape.numel()
         flops = batch * (4 * n * r * r + r**3 / 3) + n * r  # forward and the surrogate backward
         nbytes = batch * (2 * n * r + 3 * r * r) * 8 + sum(s * s for s in op.base.sizes) * 8
         return Cost(float(flops), float(nbytes))
+
+    def settle(self, op: AddedDiagonal) -> bool:
+        """Whether the base is singular in float64 (its root then spectral); computes and caches the base's
+        exact root facts (factor-sized work)."""
+        with torch.no_grad():
+            found = exact_root(op.base)
+        return found is not None and not found[1]
 
     def solve(self, op: AddedDiagonal, rhs: Tensor) -> Tensor:
         return _LIFTED.solve(_as_lifted(op), rhs)
@@ -87,4 +102,3 @@ class SpectralWoodbury(Engine):
 
     def inv_quad_logdet(self, op: AddedDiagonal, rhs: Tensor) -> tuple[Tensor, Tensor]:
         return _LIFTED.inv_quad_logdet(_as_lifted(op), rhs)
-

@@ -41,15 +41,14 @@ def _project(chol: Tensor, v: Tensor, x: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(chol, (v.mT @ x).double(), upper=False)
 
 
-@register(AddedDiagonal)
+@register(LowRank, Operator)  # any diagonal noise (the noise of a sum is diagonal by construction)
 class LowRankWoodbury(Engine):
-    name = "woodbury"
+    name = "low_rank_woodbury"
+    method = "woodbury"
 
-    def applies(self, op: Operator) -> str | None:
-        if isinstance(op, AddedDiagonal) and isinstance(op.base, LowRank):
-            k = op.base.rank
-            return f"LowRank + {type(op.noise).__name__}: Woodbury and determinant lemma with a {k} x {k} capacitance"
-        return None
+    def why(self, op: AddedDiagonal) -> str:
+        k = op.base.rank
+        return f"LowRank + {type(op.noise).__name__}: Woodbury and determinant lemma with a {k} x {k} capacitance"
 
     def cost(self, op: AddedDiagonal) -> Cost:
         batch, n, k = op.batch_shape.numel(), op.n, op.base.rank
