@@ -213,7 +213,8 @@ def plan(op: Operator) -> Plan:
         raise TypeError(f"op: expected a structgp operator, got {type(op).__name__}")
     cfg = _config.current()
     options = []
-    for eng in candidates(op):
+    engines = candidates(op)
+    for eng in engines:
         reason = eng.why(op)
         if reason is not None:
             cost = eng.cost(op)
@@ -224,7 +225,7 @@ def plan(op: Operator) -> Plan:
             "of rank k < n); add noise, e.g. op + ScaledIdentity(s, n) or op + Diagonal(d)"
         )
     chosen, forced = _choose(op, options, cfg)
-    memoisable = not any(e.reads_facts for e, _ in options)
+    memoisable = not any(e.reads_facts for e in engines)
     others = tuple(o for e, o in options if e is not chosen[0])
     eng, option = chosen
     return Plan(repr(op), option.method, option.reason, option.cost, others, forced, eng, memoisable)
