@@ -1,5 +1,15 @@
 """Numerical engines and the choice among them.
 
+Which mechanism is for what (``docs/architecture.md`` has the details and a worked example):
+
+- an algorithm for ``solve``/``logdet``/``inv_quad_logdet``: an :class:`~structgp.inference.plan.Engine`
+  registered for the structure it answers, ``@register(Kronecker, ScaledIdentity)`` (the one dispatch rule;
+  :func:`plan` picks among the matching engines from metadata only);
+- a structural rule of one operation (``root``, ``eigsh``/``eigvalsh``, matrix functions, pivoted-Cholesky
+  columns): one ``functools.singledispatch`` table per operation, every rule in the table's own file;
+- ``torch.*`` functions on operators: ``structgp.covariance.torch_function.HANDLERS``;
+- exact algebra of one structure (``@``, ``diagonal``, ``+ noise``): methods of the operator class.
+
 Importing this package registers every engine with :mod:`structgp.inference.plan`.
 """
 
