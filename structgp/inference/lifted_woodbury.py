@@ -166,7 +166,7 @@ class _CapacitanceSolve(torch.autograd.Function):
 def _trace_product(m: Tensor, base: Operator) -> Tensor:
     """``tr(M K)`` ``(...)`` for symmetric ``M`` ``(..., n, n)`` and ``K``. A Kronecker ``K = K_1 (x) K_rest``
     is never formed: ``tr(M K) = sum_{a,A} K_1[a, A] <M[a-block, A-block], K_rest>``, one elementwise pass
-    over ``M`` viewed as ``(n_1, r, n_1, r)`` (``torch.einsum`` took 25x longer here)."""
+    over ``M`` viewed as ``(n_1, r, n_1, r)`` (about 25x faster than the same contraction by ``torch.einsum``)."""
     if not isinstance(base, Kronecker):
         return (m * base._to_dense()).sum((-2, -1))
     mats = base.factor_matrices()
