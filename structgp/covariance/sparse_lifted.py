@@ -26,7 +26,7 @@ from structgp import _config
 from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import DensifyError, Operator, as_operator
 from structgp.covariance.pytree_node import PyTreeNode
-from structgp.covariance.validation import check_finite
+from structgp.covariance.validation import check_finite, value_checks_enabled
 
 DENSE_LIFT_LIMIT = 2**26  # entries of a dense ``lift`` tensor above which a sparse one is required
 _FLOATS = (torch.float32, torch.float64)
@@ -40,10 +40,13 @@ class Lift(PyTreeNode):
     differentiable data), ``t_crow`` ``(n_in + 1,)``, ``t_col`` ``(nnz,)``, ``t_perm`` ``(nnz,)`` with
     ``L^T = CSR(t_crow, t_col, values[t_perm])``. ``n_pairs`` is ``sum_r nnz_r^2``, the number of
     within-row pairs of entries that the diagonal and ``L^T D^{-1} L`` visit.
+
+    ``kind`` says what the lift really is, found once from its pattern and values when it is built, so
+    that the planner can answer ``L B L^T`` by the base's own structure (see :data:`KINDS`).
     """
 
     _children = ("crow", "col", "row", "values", "t_crow", "t_col", "t_perm")
-    _static = ("n_out", "n_in", "n_pairs")
+    _static = ("n_out", "n_in", "n_pairs", "kind")
 
     CHUNK = 2**21  # elements of the row-block / sampled-product temporaries processed at a time
 
@@ -65,8 +68,9 @@ class Lift(PyTreeNode):
         t_crow[1:] = torch.bincount(col, minlength=n_in).cumsum(0)
         counts = crow.diff()
         n_pairs = int(counts.square().sum())
+        kind = _kind(counts, col, values, t_crow, (n_out, n_in))
         return cls._from_children(
-            [crow, col, row, values, t_crow, row[t_perm], t_perm], (n_out, n_in, n_pairs)
+            [crow, col, row, values, t_crow, row[t_perm], t_perm], (n_out, n_in, n_pairs, kind)
         )
 
     @property
@@ -177,6 +181,26 @@ def _sampled_rowdot(g: Tensor, x: Tensor, g_idx: Tensor, x_idx: Tensor) -> Tenso
     return torch.cat(parts) if parts else g.new_zeros(0)
 
 
+KINDS = ("identity", "permutation", "selection", "general")
+"""What a lift is: ``identity`` (``L = I``), ``permutation`` (``(L x)[r] = x[col[r]]``, every cell once),
+``selection`` (fewer rows than cells, each row one cell with weight 1, no cell twice: a grid with missing
+cells), else ``general``. A lift whose values carry gradients is ``general`` (its values are data)."""
+
+
+def _kind(counts: Tensor, col: Tensor, values: Tensor, t_crow: Tensor, shape: tuple[int, int]) -> str:
+    """The lift's :data:`KINDS` entry from its row counts ``(n_out,)``, columns and values ``(nnz,)`` and the
+    transpose's row pointers ``(n_in + 1,)``; ``general`` when the values cannot be read (vmap, compile)."""
+    n_out, n_in = shape
+    if values.requires_grad or not value_checks_enabled(values) or n_out > n_in or n_out == 0:
+        return "general"
+    one_each = bool((counts == 1).all()) and bool((values == 1).all())
+    if not one_each or bool((t_crow.diff() > 1).any()):  # a row with other than one cell, or a cell used twice
+        return "general"
+    if n_out < n_in:
+        return "selection"
+    return "identity" if bool((col == torch.arange(n_in, device=col.device)).all()) else "permutation"
+
+
 def _check_layout(lift, name: str) -> None:
     """A 2-D dense, sparse COO (not hybrid) or sparse CSR tensor of a floating dtype."""
     if not isinstance(lift, Tensor):
@@ -233,10 +257,13 @@ def _triplets(lift: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor, tuple[in
             row, col = lift.nonzero().unbind(-1)
         return row, col, lift[row, col], (n_out, n_in)
     if lift.layout == torch.sparse_coo:
+        _check_indices(lift._indices(), (n_out, n_in), name)
         lift = lift.coalesce()  # sorted row-major, duplicates summed (differentiable)
         row, col = lift.indices().unbind(0)
         return row, col, lift.values(), (n_out, n_in)
     crow, col = lift.crow_indices().to(torch.int64), lift.col_indices().to(torch.int64)
+    _check_crow(crow, col, n_out, name)
+    _check_indices(col.unsqueeze(0), (n_in,), name, ("column",))
     row = torch.repeat_interleave(torch.arange(n_out, device=col.device), crow.diff())
     key = row * n_in + col
     if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
@@ -245,6 +272,33 @@ def _triplets(lift: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor, tuple[in
             "build it with .to_sparse_csr() from a coalesced COO tensor"
         )
     return row, col, lift.values(), (n_out, n_in)
+
+
+def _check_indices(indices: Tensor, shape: tuple[int, ...], name: str, what=("row", "column")) -> None:
+    """Each row of ``indices`` ``(d, nnz)`` inside ``[0, shape[i])`` (torch does not check sparse indices
+    unless asked, and out-of-range ones are undefined behaviour)."""
+    if not value_checks_enabled(indices) or indices.numel() == 0:
+        return
+    for i, (size, label) in enumerate(zip(shape, what)):
+        bad = (indices[i] < 0) | (indices[i] >= size)
+        if bool(bad.any()):
+            value = int(indices[i][bad][0])
+            raise ValueError(f"{name}: {label} index {value} is out of range for a lift of shape {shape}: "
+                             f"expected 0 <= index < {size}")
+
+
+def _check_crow(crow: Tensor, col: Tensor, n_out: int, name: str) -> None:
+    """CSR row pointers consistent with the shape and the entries: ``n_out + 1`` of them, from 0 to ``nnz``,
+    non-decreasing."""
+    if crow.shape != (n_out + 1,):
+        raise ValueError(f"{name}: CSR crow_indices must have n_out + 1 = {n_out + 1} entries, got {crow.shape[0]}")
+    if not value_checks_enabled(crow):
+        return
+    if int(crow[0]) != 0 or int(crow[-1]) != col.shape[0] or bool((crow.diff() < 0).any()):
+        raise ValueError(
+            f"{name}: CSR crow_indices must rise from 0 to nnz = {col.shape[0]} without decreasing, got "
+            f"{int(crow[0])} .. {int(crow[-1])}"
+        )
 
 
 def lifted_diagonal(lift: Lift, base: Operator, values: Tensor) -> Tensor:
@@ -301,6 +355,11 @@ class SparseLifted(Operator):
         return lifted_diagonal(self.lift, self.base, self.lift.values)
 
     def _to_dense(self) -> Tensor:
+        if self.lift.kind != "general":  # one cell a row, weight 1: B[c, c], gathered from the base's structure
+            from structgp.covariance.indexing import entries
+
+            c = self.lift.col
+            return entries(self.base, c.unsqueeze(-1), c.unsqueeze(-2))
         b = self.base._to_dense()
         lb = self.lift.matmul(b)  # (..., n_out, n_in) = L B
         return self.lift.matmul(lb.mT)  # L (L B)^T = L B L^T

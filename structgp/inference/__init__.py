@@ -19,6 +19,7 @@ from structgp.inference import (  # noqa: F401  (registration)
     elementwise,
     iterative,
     kronecker_eigen,
+    lift_reduction,
     lifted_woodbury,
     permuted,
     spectral_woodbury,

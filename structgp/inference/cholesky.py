@@ -11,12 +11,11 @@ import torch
 from torch import Tensor
 
 from structgp import _config
-from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator, guard_dense
 from structgp.covariance.validation import value_checks_enabled
 from structgp.inference import report
 from structgp.inference._cache import cached
-from structgp.inference.plan import Cost, Engine, register
+from structgp.inference.plan import Cost, Engine, register, structurally_singular
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -92,8 +91,8 @@ class DenseCholesky(Engine):
     name = "cholesky"
 
     def why(self, op: Operator) -> str | None:
-        if isinstance(op, LowRank) and op.rank < op.n:
-            return None  # singular: plan() says to add noise
+        if structurally_singular(op):
+            return None  # plan() says why and to add noise
         return f"dense Cholesky of the {op.n} x {op.n} matrix"
 
     def cost(self, op: Operator) -> Cost:

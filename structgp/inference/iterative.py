@@ -64,7 +64,7 @@ from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.covariance.validation import host_readable
 from structgp.inference import report
 from structgp.inference.cg import CGResult, pcg
-from structgp.inference.plan import Cost, Engine, describe, register
+from structgp.inference.plan import Cost, Engine, describe, register, structurally_singular
 from structgp.inference.preconditioners import Preconditioner, build
 from structgp.inference.slq import slq_logdet
 
@@ -236,8 +236,8 @@ class ConjugateGradients(Engine):
     exact = False
 
     def why(self, op: Operator) -> str | None:
-        if isinstance(op, LowRank) and op.rank < op.n:
-            return None  # singular (as for dense Cholesky): plan() says to add noise
+        if structurally_singular(op):
+            return None  # plan() says why and to add noise
         probes = _config.current().num_probes
         return (
             f"preconditioned conjugate gradients and stochastic Lanczos quadrature ({probes} probes) "

@@ -220,15 +220,33 @@ def plan(op: Operator) -> Plan:
             cost = eng.cost(op)
             options.append((eng, Option(eng.method, reason, cost, cost.bytes <= cfg.memory_budget, eng.name)))
     if not options:
+        why = structurally_singular(op) or "the matrix is singular (e.g. a LowRank W W^T of rank k < n)"
         raise ValueError(
-            f"no method applies to {op!r} ({describe(op)}): the matrix is singular (e.g. a LowRank W W^T "
-            "of rank k < n); add noise, e.g. op + ScaledIdentity(s, n) or op + Diagonal(d)"
+            f"no method applies to {op!r} ({describe(op)}): {why}; add noise, e.g. op + ScaledIdentity(s, n) "
+            "or op + Diagonal(d)"
         )
     chosen, forced = _choose(op, options, cfg)
     memoisable = not any(e.reads_facts for e in engines)
     others = tuple(o for e, o in options if e is not chosen[0])
     eng, option = chosen
     return Plan(repr(op), option.method, option.reason, option.cost, others, forced, eng, memoisable)
+
+
+def structurally_singular(op: Operator) -> str | None:
+    """Why ``op`` is singular whatever its values (its rank is below its size by construction), naming the
+    argument that makes it so; None otherwise."""
+    from structgp.covariance.low_rank import LowRank
+    from structgp.covariance.sparse_lifted import SparseLifted
+
+    if isinstance(op, LowRank) and op.rank < op.n:
+        return f"factor: W W^T has rank at most k = {op.rank} < n = {op.n}"
+    if isinstance(op, SparseLifted) and op.lift.n_out > op.lift.n_in:
+        lift = op.lift
+        return (
+            f"lift: L B L^T has rank at most n_in = {lift.n_in} < n_out = {lift.n_out} (the lift has more rows "
+            "than cells)"
+        )
+    return None
 
 
 def settled(p: Plan, op: Operator) -> Plan:

@@ -36,7 +36,7 @@ def _identity_lift(n: int, dtype: torch.dtype, device: torch.device) -> Lift:
     index = torch.arange(n, device=device)
     crow = torch.arange(n + 1, device=device)
     ones = torch.ones(n, dtype=dtype, device=device)
-    return Lift._from_children([crow, index, index, ones, crow, index, index], (n, n, n))
+    return Lift._from_children([crow, index, index, ones, crow, index, index], (n, n, n, "identity"))
 
 
 def _as_lifted(op: AddedDiagonal) -> AddedDiagonal:
