@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
+from torch import Tensor
 
 from structgp.covariance.operator import Operator
 from structgp.covariance.validation import value_checks_enabled
@@ -24,7 +25,7 @@ def cached(op: Operator, key: str, compute: Callable[[], T], *, detached: bool =
         return compute()
     if not detached and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return compute()
-    stamp = tuple((id(t), t._version) for t in tensors)
+    stamp = _stamp(tensors)
     hit = op._cache.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
@@ -33,10 +34,20 @@ def cached(op: Operator, key: str, compute: Callable[[], T], *, detached: bool =
     return value
 
 
-def peek(op: Operator, key: str) -> object | None:
-    """The value cached on ``op`` under ``key`` while its tensors are unchanged, without computing anything."""
+def lookup(op: Operator, key: str) -> Any | None:
+    """The value :func:`cached` holds on ``op`` under ``key`` while its tensors are unchanged, else None.
+
+    Computes nothing (for planning, which must do no numerical work).
+    """
     hit = op._cache.get(key)
     if hit is None:
         return None
-    stamp = tuple((id(t), t._version) for t in op._tensors())
-    return hit[1] if hit[0] == stamp else None
+    tensors = op._tensors()
+    if not all(value_checks_enabled(t) for t in tensors):
+        return None
+    return hit[1] if hit[0] == _stamp(tensors) else None
+
+
+def _stamp(tensors: list[Tensor]) -> tuple[tuple[int, int], ...]:
+    """Identity and in-place version of each tensor: a changed stamp means the cached value is stale."""
+    return tuple((id(t), t._version) for t in tensors)

@@ -26,11 +26,12 @@ from torch import Tensor
 from structgp import _config
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
-from structgp.covariance.kron import kron_vector
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator, guard_dense
 from structgp.covariance.sum import AddedDiagonal
+from structgp.inference.gram_spectrum import gram_spectrum
+from structgp.inference.kronecker_spectrum import eigenvector_columns, kronecker_spectra
 
 DENSE_N = 256  # operators up to this size are decomposed densely (exact, and faster than Lanczos)
 
@@ -147,17 +148,13 @@ def _(op: Kronecker, k: int, largest: bool) -> Eigenpairs:
 
 def _kronecker_eigsh(op: Kronecker, k: int, largest: bool, shift: Tensor | None) -> Eigenpairs:
     """``lambda = l_1 (x) ... (+ s)``: the top ``k`` products and the Kronecker products of their factor
-    eigenvectors (multi-index in row-major order, the last factor fastest)."""
-    decomps = [torch.linalg.eigh(_sym(m.double())) for m in op.factor_matrices()]
-    values = kron_vector([lam for lam, _ in decomps])
+    eigenvectors (the raw factor spectra: the factors need not be positive semidefinite)."""
+    spectra = kronecker_spectra(op, psd=False, differentiable=True)
+    values = spectra.eigenvalues()
     if shift is not None:
         values = values + shift.double().unsqueeze(-1)
     top, idx = _pick(values, k, largest)
-    stride, cols = op.n, []
-    for (_, q), size in zip(decomps, op.sizes):
-        stride //= size
-        cols.append(_columns(q, idx // stride % size).mT)  # (..., k, n_i)
-    vectors = kron_vector(cols).mT  # (..., N, k)
+    vectors = eigenvector_columns(spectra.vectors, idx)  # (..., N, k)
     return Eigenpairs(top.to(op.dtype), vectors.to(op.dtype))
 
 
@@ -165,10 +162,9 @@ def _gram_eigsh(w: Tensor, k: int, shift: Tensor | None) -> Eigenpairs | None:
     """Top ``k`` of ``W W^T (+ s I)`` from the ``r x r`` Gram ``W^T W = V diag(mu) V^T``: ``U = W V mu^{-1/2}``."""
     if k > w.shape[-1]:
         return None
-    w64 = w.double()
-    mu, v = torch.linalg.eigh(w64.mT @ w64)
-    top, idx = _pick(mu, k, True)
-    vectors = (w64 @ _columns(v, idx)) * top.clamp_min(torch.finfo(torch.float64).tiny).rsqrt().unsqueeze(-2)
+    gram = gram_spectrum(w)
+    top, idx = _pick(gram.values, k, True)
+    vectors = gram.eigenvectors(_columns(gram.vectors, idx), top)
     values = top if shift is None else top + shift.double().unsqueeze(-1)
     return Eigenpairs(values.to(w.dtype), vectors.to(w.dtype))
 
@@ -300,14 +296,13 @@ def _(op: ScaledIdentity) -> Tensor:
 def _(op: Kronecker) -> Tensor:
     if op.is_diagonal:
         return op.diagonal().sort(-1).values
-    parts = [torch.linalg.eigvalsh(_sym(m)) for m in op.factor_matrices()]
-    return kron_vector(parts).sort(-1).values
+    spectra = kronecker_spectra(op, psd=False, differentiable=True)
+    return spectra.eigenvalues().sort(-1).values.to(op.dtype)
 
 
 @eigvalsh.register
 def _(op: LowRank) -> Tensor:
-    w = op.factor
-    mu = torch.linalg.eigvalsh(w.mT @ w)  # the nonzero eigenvalues of W W^T, and r - n extra zeros if r > n
+    mu = gram_spectrum(op.factor).values.to(op.dtype)  # the nonzero eigenvalues of W W^T (r - n extra 0s if r > n)
     n, r = op.n, op.rank
     if r >= n:
         return mu[..., r - n :]

@@ -3,8 +3,8 @@
 Covers ``A = K_1 (x) ... (x) K_d + D`` where ``D`` is ``s I``, a Kronecker product of diagonals
 ``D_1 (x) ... (x) D_d`` (e.g. per-task noise), or absent. A Kronecker-structured ``D`` is symmetrised:
 ``A = D^{1/2} (M + I) D^{1/2}`` with ``M = (x)_i D_i^{-1/2} K_i D_i^{-1/2}``; in every case the work is on
-``B = M_1 (x) ... (x) M_d + sigma I``. With ``M_i = Q_i diag(l_i) Q_i^T`` (eigendecomposed in float64,
-detached, cached while the tensors are unchanged):
+``B = M_1 (x) ... (x) M_d + sigma I``. With ``M_i = Q_i diag(l_i) Q_i^T`` (by :mod:`.kronecker_spectrum`: in
+float64, detached, PSD-checked, cached while the tensors are unchanged):
 
     eigenvalues of B:  lambda = l_1 (x) ... (x) l_d + sigma
     B^{-1} r = Q diag(1/lambda) Q^T r       (factor-wise products, N sum n_i flops)
@@ -39,21 +39,18 @@ from structgp.covariance.kron import kron_matmul, kron_vector
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal
-from structgp.covariance.validation import value_checks_enabled
 from structgp.inference._cache import cached
-from structgp.inference.cholesky import NotPositiveDefiniteError
 from structgp.inference.first_order import first_order_only
+from structgp.inference.kronecker_spectrum import (
+    FactorSpectra,
+    factor_spectra,
+    from_eigenbasis,
+    kronecker_spectra,
+    to_eigenbasis,
+)
 from structgp.inference.plan import Cost, Engine, register
 
 _WHAT = "the Kronecker eigen path"
-
-
-@dataclasses.dataclass
-class _Eig:
-    """Detached eigendecompositions of the factors ``M_i`` (float64)."""
-
-    values: list[Tensor]  # (..., n_i)
-    vectors: list[Tensor]  # (..., n_i, n_i)
 
 
 @dataclasses.dataclass
@@ -63,36 +60,7 @@ class _Problem:
     mats: list[Tensor]  # M_i (..., n_i, n_i)
     sigma: Tensor | None  # (...) or None for no shift
     outer: list[Tensor] | None  # D_i^{-1/2} (..., n_i), or None when D = s I / absent
-    eig: _Eig
-
-
-def factor_eigh(mats: list[Tensor], names: list[str] | None = None) -> _Eig:
-    """Eigendecompositions (float64, detached) of the symmetric parts of ``mats`` ``(..., n_i, n_i)``.
-
-    Eigenvalues below zero by more than rounding (``100 n eps`` of the largest, in the data's precision)
-    mean a factor is not positive semidefinite: that raises, naming the factor (``names[i]``, default
-    ``"Kronecker factor i"``); smaller ones are set to 0.
-    """
-    values, vectors = [], []
-    with torch.no_grad():
-        for i, m in enumerate(mats):
-            m64 = m.detach().double()
-            lam, q = torch.linalg.eigh((m64 + m64.mT) / 2)
-            _check_psd(lam, m, names[i] if names else f"Kronecker factor {i}")
-            values.append(lam.clamp_min(0))
-            vectors.append(q)
-    return _Eig(values, vectors)
-
-
-def _check_psd(lam: Tensor, m: Tensor, name: str) -> None:
-    if not value_checks_enabled(lam):
-        return
-    top = lam.abs().amax(-1, keepdim=True)
-    tol = 100 * lam.shape[-1] * torch.finfo(m.dtype).eps * top
-    if bool((lam < -tol).any()):
-        raise NotPositiveDefiniteError(
-            f"{name} is not positive semidefinite: smallest eigenvalue {float(lam.min()):.3g}"
-        )
+    eig: FactorSpectra  # of the M_i: float64, detached, PSD-checked
 
 
 def _kron_diag_noise(op: AddedDiagonal) -> list[Tensor] | None:
@@ -107,22 +75,20 @@ def _kron_diag_noise(op: AddedDiagonal) -> list[Tensor] | None:
 
 def _problem(op: Operator) -> _Problem:
     if isinstance(op, Kronecker):
-        mats = op.factor_matrices()
-        return _Problem(mats, None, None, cached(op, "eigh", lambda: factor_eigh(mats), detached=True))
+        return _Problem(op.factor_matrices(), None, None, kronecker_spectra(op))
     base = op.base
     if isinstance(op.noise, ScaledIdentity):
-        mats = base.factor_matrices()
-        eig = cached(base, "eigh", lambda: factor_eigh(mats), detached=True)
-        return _Problem(mats, op.noise.scale, None, eig)
+        return _Problem(base.factor_matrices(), op.noise.scale, None, kronecker_spectra(base))
+    # the symmetrised factors D_i^{-1/2} K_i D_i^{-1/2} belong to this sum, so their spectra are cached on it
     outer = [d.rsqrt() for d in _kron_diag_noise(op)]
     mats = [t.unsqueeze(-1) * m * t.unsqueeze(-2) for t, m in zip(outer, base.factor_matrices())]
-    eig = cached(op, "eigh", lambda: factor_eigh(mats), detached=True)
+    eig = cached(op, "eigh", lambda: factor_spectra(mats), detached=True)
     return _Problem(mats, torch.ones((), dtype=op.dtype, device=op.device), outer, eig)
 
 
 def _eigenvalues(p: _Problem) -> Tensor:
     """``lambda`` (float64, detached) of shape ``(..., N)``."""
-    lam = kron_vector(p.eig.values)
+    lam = p.eig.eigenvalues()
     if p.sigma is not None:
         lam = lam + p.sigma.detach().double().unsqueeze(-1)
     return lam
@@ -131,10 +97,7 @@ def _eigenvalues(p: _Problem) -> Tensor:
 def _inverse(p: _Problem, rhs: Tensor) -> Tensor:
     """Detached ``B^{-1} rhs`` for ``rhs`` ``(..., N, c)``."""
     with torch.no_grad():
-        q = [v.to(rhs.dtype) for v in p.eig.vectors]
-        coef = kron_matmul([v.mT for v in q], rhs.detach())
-        coef = coef / _eigenvalues(p).to(rhs.dtype).unsqueeze(-1)
-        return kron_matmul(q, coef)
+        return _inverse_differentiable_rhs(p, rhs.detach())
 
 
 def _apply_b(p: _Problem, x: Tensor) -> Tensor:
@@ -162,8 +125,7 @@ def _solve_b(p: _Problem, rhs: Tensor) -> Tensor:
 def _inverse_differentiable_rhs(p: _Problem, r: Tensor) -> Tensor:
     """``S r`` with the detached inverse ``S`` but gradients flowing through ``r``."""
     q = [v.to(r.dtype) for v in p.eig.vectors]
-    lam = _eigenvalues(p).to(r.dtype).unsqueeze(-1)
-    return kron_matmul(q, kron_matmul([v.mT for v in q], r) / lam)
+    return from_eigenbasis(q, to_eigenbasis(q, r) / _eigenvalues(p).to(r.dtype).unsqueeze(-1))
 
 
 def _logdet_b(p: _Problem) -> Tensor:
@@ -181,6 +143,15 @@ def _logdet_b(p: _Problem) -> Tensor:
     if p.sigma is not None:
         surrogate = surrogate + p.sigma * w.sum(-1).to(p.sigma.dtype)
     return first_order_only(value + (surrogate - surrogate.detach()).double(), _WHAT)
+
+
+def _logdet(op: Operator, p: _Problem) -> Tensor:
+    """``log det A = log det B + log det D``, in ``op``'s dtype."""
+    value = _logdet_b(p)
+    if p.outer is not None:  # log det D = -2 sum log (x)_i D_i^{-1/2}
+        n = op.n
+        value = value - 2 * sum(n // t.shape[-1] * t.log().sum(-1) for t in p.outer)
+    return value.to(op.dtype)
 
 
 def _outer(p: _Problem) -> Tensor | None:
@@ -221,12 +192,7 @@ class KroneckerEigen(Engine):
         return outer * _solve_b(p, outer * rhs)
 
     def logdet(self, op: Operator) -> Tensor:
-        p = _problem(op)
-        value = _logdet_b(p)
-        if p.outer is not None:  # log det D = -2 sum log (x)_i D_i^{-1/2}
-            n = op.n
-            value = value - 2 * sum(n // t.shape[-1] * t.log().sum(-1) for t in p.outer)
-        return value.to(op.dtype)
+        return _logdet(op, _problem(op))
 
     def inv_quad_logdet(self, op: Operator, rhs: Tensor) -> tuple[Tensor, Tensor]:
         p = _problem(op)
@@ -237,7 +203,7 @@ class KroneckerEigen(Engine):
             inv_quad = first_order_only(2 * (r * x0).sum(-2) - (x0 * _apply_b(p, x0)).sum(-2), _WHAT)
         else:
             inv_quad = (r * x0).sum(-2)
-        return inv_quad, self.logdet(op)
+        return inv_quad, _logdet(op, p)
 
 
 def _sizes(kron: Kronecker) -> str:

@@ -30,12 +30,13 @@ from torch import Tensor
 
 from structgp import _config
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
-from structgp.covariance.kron import kron_matmul, kron_vector
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.linear_map import OperatorMap
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator, guard_dense
 from structgp.covariance.sum import AddedDiagonal
+from structgp.inference.gram_spectrum import gram_spectrum
+from structgp.inference.kronecker_spectrum import kronecker_spectra, spectral_matmul
 
 DENSE_N = 256  # operators up to this size are decomposed densely
 
@@ -106,14 +107,13 @@ def _(op: Kronecker, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
 
 
 def _kronecker_function(op: Kronecker, shift: Tensor | None, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-    """``Q f(l_1 (x) l_2 (x) ... + s) Q^T x`` with ``Q = q_1 (x) q_2 (x) ...`` (float64 eigendecompositions)."""
-    decomps = [torch.linalg.eigh(_sym(m.double())) for m in op.factor_matrices()]
-    lam = kron_vector([values for values, _ in decomps])
+    """``Q f(l_1 (x) l_2 (x) ... + s) Q^T x`` with ``Q = q_1 (x) q_2 (x) ...`` (the raw float64 factor spectra:
+    ``K + s I`` may be positive definite while a factor is not)."""
+    spectra = kronecker_spectra(op, psd=False, differentiable=True)
+    lam = spectra.eigenvalues()
     if shift is not None:
         lam = lam + shift.double().unsqueeze(-1)
-    q = [vectors for _, vectors in decomps]
-    coef = kron_matmul([v.mT for v in q], x.double())
-    return kron_matmul(q, fn(lam).unsqueeze(-1) * coef).to(x.dtype)
+    return spectral_matmul(spectra.vectors, fn(lam), x.double()).to(x.dtype)
 
 
 @structured_function.register
@@ -131,17 +131,16 @@ def _(op: AddedDiagonal, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor | 
 def _low_rank_function(w: Tensor, s: Tensor, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """``f(W W^T + s I) x = f(s) x + W V h(mu) V^T W^T x`` with ``h(mu) = (f(mu + s) - f(s)) / mu`` (and its
     limit ``f'(s)``, by a central difference, where ``mu`` is ~0)."""
-    w64, s64 = w.double(), s.double().unsqueeze(-1)  # s64: (..., 1)
-    mu, v = torch.linalg.eigh(w64.mT @ w64)
-    mu = mu.clamp_min(0)
+    gram = gram_spectrum(w)
+    mu, s64 = gram.values, s.double().unsqueeze(-1)  # s64: (..., 1)
     fs = fn(s64)
     small = mu <= 1e-8 * (s64 + mu.amax(-1, keepdim=True))
     eps = 1e-6 * s64
     slope = (fn(s64 + eps) - fn(s64 - eps)) / (2 * eps)
     safe_mu = torch.where(small, torch.ones_like(mu), mu)
     h = torch.where(small, slope, (fn(mu + s64) - fs) / safe_mu)  # (..., r)
-    inner = v @ (h.unsqueeze(-1) * (v.mT @ (w64.mT @ x.double())))
-    return (fs.unsqueeze(-1) * x.double() + w64 @ inner).to(x.dtype)
+    x64 = x.double()
+    return (fs.unsqueeze(-1) * x64 + gram.spectral_matmul(h, x64)).to(x.dtype)
 
 
 def _dense_function(op: Operator, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:

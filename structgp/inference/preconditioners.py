@@ -11,7 +11,8 @@ the iterative engine are unbiased for any ``P`` (:mod:`.iterative`).
 - :class:`LowRankDiagonal`: ``P = L L^T + diag(d)``, from a partial pivoted Cholesky factor ``L`` (with
   ``d`` the operator's noise, or the remainder's diagonal where there is no noise term) or from the top
   eigenpairs of a Kronecker product (with ``d`` the noise).
-  With ``V = d^{-1/2} L`` and the eigendecomposition ``V^T V = W diag(s) W^T`` (``k x k``, in float64),
+  With ``V = d^{-1/2} L`` and the eigendecomposition ``V^T V = W diag(s) W^T`` (``k x k``, formed in the
+  data's precision, decomposed in float64 by :mod:`.gram_spectrum`),
 
       P^{-1} = d^{-1/2} (I - V W diag(1 / (1 + s)) W^T V^T) d^{-1/2},
       R = d^{1/2} (I + V W diag(1 / (sqrt(1 + s) + 1)) W^T V^T) = d^{1/2} (I + V V^T)^{1/2},
@@ -19,9 +20,10 @@ the iterative engine are unbiased for any ``P`` (:mod:`.iterative`).
 
   ``n k^2 + O(k^3)`` flops to set up (``V^T V``; ``V W`` is never formed), ``4 n k + 4 k^2`` a column to
   apply; ``1 + s >= 1``, so no jitter is ever needed.
-- :class:`KroneckerEigen`: ``P = K + s I = Q (Lambda + s) Q^T`` for a Kronecker ``K = Q Lambda Q^T`` from
-  the eigendecompositions of its factors (``sum n_i^3``), applied by factor-wise products; ``s`` is the
-  mean of a heteroskedastic noise. ``R = Q (Lambda + s)^{1/2} Q^T``.
+- :class:`KroneckerEigenPreconditioner`: ``P = K + s I = Q (Lambda + s) Q^T`` for a Kronecker
+  ``K = Q Lambda Q^T`` from the eigendecompositions of its factors (``sum n_i^3``, shared with the eigen
+  engine through :mod:`.kronecker_spectrum`), applied by factor-wise products; ``s`` is the mean of a
+  heteroskedastic noise. ``R = Q (Lambda + s)^{1/2} Q^T``.
 - :func:`lifted_eigen_preconditioner`: for ``L B L^T + D`` (:class:`~structgp.covariance.SparseLifted` plus
   diagonal noise) with a latent grid too large for the exact latent Woodbury, the top-``k`` eigenpairs of
   the latent base ``B ~= U Lambda U^T`` (:func:`.eigsh`, exact by structure for Kronecker ``B``) give the
@@ -45,13 +47,13 @@ from torch import Tensor
 
 from structgp._config import Settings
 from structgp.covariance.diagonal import ScaledIdentity
-from structgp.covariance.kron import kron_matmul, kron_vector
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import SparseLifted
 from structgp.covariance.sum import AddedDiagonal
 from structgp.inference.eigsh import eigsh
-from structgp.inference.kronecker_eigen import factor_eigh
+from structgp.inference.gram_spectrum import gram_spectrum
+from structgp.inference.kronecker_spectrum import eigenvector_columns, kronecker_spectra, spectral_matmul
 from structgp.inference.pivoted_cholesky import pivoted_cholesky
 
 # Low-rank parts grow until the trace of what they leave out is at most REMAINDER_TOL x the smallest noise
@@ -124,36 +126,33 @@ class LowRankDiagonal(Preconditioner):
         self.name = name
         self.rank = factor.shape[-1]
         inv_sqrt = d.rsqrt()
-        v = inv_sqrt.unsqueeze(-1) * factor.to(d.dtype)
-        s, w = torch.linalg.eigh((v.mT @ v).double())  # the k x k factorisation in float64
-        s = s.clamp_min(0)
+        # V^T V in the data's precision (its n k^2 flops are the set-up cost), decomposed in float64
+        gram = gram_spectrum(inv_sqrt.unsqueeze(-1) * factor.to(d.dtype), product_in_float64=False)
+        s = gram.values
         self.inv_sqrt = inv_sqrt
         self.sqrt = d.sqrt()
         # V and W are applied one after the other (4 k^2 flops a column) rather than B = V W formed once
         # (n k^2 flops, as much as V^T V): set-up dominates the few PCG steps these preconditioners need
-        self.v = v
-        self.w = w.to(d.dtype)
+        self.gram = gram.to(d.dtype)
         self.c_inv = (1 / (1 + s)).to(d.dtype)
         self.c_root = (1 / ((1 + s).sqrt() + 1)).to(d.dtype)
         self._logdet = d.log().sum(-1) + s.log1p().sum(-1).to(d.dtype)
 
     def solve(self, r: Tensor) -> Tensor:
         white = self.inv_sqrt.unsqueeze(-1) * r
-        inner = self.w @ (self.c_inv.unsqueeze(-1) * (self.w.mT @ (self.v.mT @ white)))
-        return self.inv_sqrt.unsqueeze(-1) * (white - self.v @ inner)
+        return self.inv_sqrt.unsqueeze(-1) * (white - self.gram.spectral_matmul(self.c_inv, white))
 
     def logdet(self) -> Tensor:
         return self._logdet
 
     def root_matmul(self, eps: Tensor) -> Tensor:
-        inner = self.w @ (self.c_root.unsqueeze(-1) * (self.w.mT @ (self.v.mT @ eps)))
-        return self.sqrt.unsqueeze(-1) * (eps + self.v @ inner)
+        return self.sqrt.unsqueeze(-1) * (eps + self.gram.spectral_matmul(self.c_root, eps))
 
     def describe(self) -> str:
         return f"{self.name} (rank {self.rank})"
 
 
-class KroneckerEigen(Preconditioner):
+class KroneckerEigenPreconditioner(Preconditioner):
     """``P = Q (Lambda + s) Q^T``: ``Q = Q_1 (x) Q_2 (x) ...`` (``(..., n_i, n_i)``), eigenvalues ``lam``
     ``(..., N)``, shift ``s`` ``(...)``."""
 
@@ -161,58 +160,29 @@ class KroneckerEigen(Preconditioner):
 
     def __init__(self, vectors: list[Tensor], lam: Tensor, shift: Tensor) -> None:
         self.vectors = vectors
-        self.vectors_t = [q.mT for q in vectors]
         self.spectrum = lam + shift.unsqueeze(-1)
 
-    def _apply(self, r: Tensor, power: float) -> Tensor:
-        inner = kron_matmul(self.vectors_t, r) * self.spectrum.pow(power).unsqueeze(-1)
-        return kron_matmul(self.vectors, inner)
-
     def solve(self, r: Tensor) -> Tensor:
-        return self._apply(r, -1.0)
+        return spectral_matmul(self.vectors, self.spectrum.reciprocal(), r)
 
     def logdet(self) -> Tensor:
         return self.spectrum.log().sum(-1)
 
     def root_matmul(self, eps: Tensor) -> Tensor:
-        return self._apply(eps, 0.5)
+        return spectral_matmul(self.vectors, self.spectrum.sqrt(), eps)
 
 
 # -- choice per structure -----------------------------------------------------------------------------
 
 
-def _kronecker_eigh(k: Kronecker) -> tuple[list[Tensor], list[Tensor]]:
-    """The eigen engine's factor eigendecompositions (float64, PSD-checked) as ``(values, vectors)`` in
-    the data's dtype."""
-    eig = factor_eigh(k.factor_matrices())
-    return [e.to(k.dtype) for e in eig.values], [q.to(k.dtype) for q in eig.vectors]
-
-
-def _top_eigenvectors(vectors: list[Tensor], index: Tensor, scale: Tensor | None = None) -> Tensor:
-    """Columns ``index`` ``(..., r)`` (row-major) of ``Q_1 (x) Q_2 (x) ...`` -> ``(..., N, r)``, times
-    ``scale`` ``(..., r)`` if given (applied to the first factor's ``n_1 x r`` picks, not to ``N x r``)."""
-    picks, rest = [], index
-    for q in reversed(vectors):
-        n_i = q.shape[-1]
-        idx = rest % n_i
-        batch, r = torch.broadcast_shapes(q.shape[:-2], idx.shape[:-1]), idx.shape[-1]
-        where = idx.expand(*batch, r).unsqueeze(-2).expand(*batch, n_i, r)
-        picks.append(q.expand(*batch, n_i, n_i).gather(-1, where))
-        rest = rest // n_i
-    out = picks[-1] if scale is None else picks[-1] * scale.unsqueeze(-2)
-    for cols in reversed(picks[:-1]):
-        prod = out.unsqueeze(-2) * cols.unsqueeze(-3)
-        out = prod.reshape(*prod.shape[:-3], prod.shape[-3] * prod.shape[-2], prod.shape[-1])
-    return out
-
-
 def kronecker_preconditioner(op: AddedDiagonal, cfg: Settings, mode: str) -> Preconditioner:
     """For ``Kronecker + diagonal noise``: ``mode`` ``"deflated"``, ``"eigen"`` or ``"auto"``."""
-    values, vectors = _kronecker_eigh(op.base)
-    lam = kron_vector(values).expand(*op.batch_shape, op.n)
+    spectra = kronecker_spectra(op.base).to(op.dtype)
+    vectors = spectra.vectors
+    lam = spectra.eigenvalues().expand(*op.batch_shape, op.n)
     noise = op.noise.diagonal().expand(*op.batch_shape, op.n)
     if isinstance(op.noise, ScaledIdentity):  # P = A exactly
-        return KroneckerEigen(vectors, lam, op.noise.scale.expand(op.batch_shape))
+        return KroneckerEigenPreconditioner(vectors, lam, op.noise.scale.expand(op.batch_shape))
     if mode != "eigen":
         budget = REMAINDER_TOL * noise.amin(-1, keepdim=True)
         tail = lam.sort(dim=-1).values.cumsum(-1)  # tail[i]: sum of the i + 1 smallest eigenvalues
@@ -224,9 +194,9 @@ def kronecker_preconditioner(op: AddedDiagonal, cfg: Settings, mode: str) -> Pre
             if rank == 0:
                 return Jacobi(noise)
             top, index = lam.topk(rank, dim=-1)
-            factor = _top_eigenvectors(vectors, index, top.sqrt())
+            factor = eigenvector_columns(vectors, index, top.sqrt())
             return LowRankDiagonal(factor, noise, "deflated kronecker eigen + noise")
-    return KroneckerEigen(vectors, lam, noise.mean(-1))
+    return KroneckerEigenPreconditioner(vectors, lam, noise.mean(-1))
 
 
 def pivoted_cholesky_preconditioner(op: Operator, rank: int) -> Preconditioner:

@@ -27,16 +27,16 @@ from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator
 from structgp.covariance.root import DenseRoot, KroneckerRoot
 from structgp.covariance.validation import host_readable
-from structgp.inference._cache import cached, peek
+from structgp.inference._cache import cached, lookup
 from structgp.inference.cholesky import NotPositiveDefiniteError
-from structgp.inference.kronecker_eigen import factor_eigh
+from structgp.inference.kronecker_spectrum import factor_names, factor_spectra, kronecker_spectra
 
 
 def spectral_matrices(op: Operator) -> tuple[list[Tensor], list[str]] | None:
     """The dense factors ``(..., n_i, n_i)`` of a Kronecker (or a Dense) covariance and their names, or None
     for operators whose root has another rule (diagonal, low-rank, ...)."""
     if isinstance(op, Kronecker) and not op.is_diagonal:
-        return op.factor_matrices(), [f"Kronecker factor {i}" for i in range(len(op.factors))]
+        return op.factor_matrices(), factor_names(len(op.factors))
     if isinstance(op, Dense):
         return [op.matrix], ["the Dense matrix"]
     return None
@@ -77,7 +77,8 @@ def spectral_root(op: Operator) -> LinearMap:
     mats, names = found
 
     def compute() -> LinearMap:
-        eig = factor_eigh(mats, names)
+        # a Kronecker product's factor spectra are cached on it, shared with the eigen engine
+        eig = kronecker_spectra(op) if isinstance(op, Kronecker) else factor_spectra(mats, names)
         factors = [_truncated(lam, q, m.dtype) for lam, q, m in zip(eig.values, eig.vectors, mats)]
         return KroneckerRoot(factors) if isinstance(op, Kronecker) else DenseRoot(factors[0])
 
@@ -114,7 +115,7 @@ def known_root_rank(op: Operator) -> tuple[int, bool] | None:
     """What :func:`exact_root` found for ``op`` with its current values, without computing anything:
     ``(columns, spectral)`` (``(n, False)`` for a Cholesky root), or None when it has not run (for the planner,
     which reads only cached facts)."""
-    return peek(op, "exact_root_rank")
+    return lookup(op, "exact_root_rank")
 
 
 def _remember(op: Operator, fact: tuple[int, bool]) -> None:
