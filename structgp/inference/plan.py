@@ -220,10 +220,10 @@ def plan(op: Operator) -> Plan:
             cost = eng.cost(op)
             options.append((eng, Option(eng.method, reason, cost, cost.bytes <= cfg.memory_budget, eng.name)))
     if not options:
-        why = structurally_singular(op) or "the matrix is singular (e.g. a LowRank W W^T of rank k < n)"
+        why = structurally_singular(op) or "e.g. a LowRank W W^T of rank k < n"
         raise ValueError(
-            f"no method applies to {op!r} ({describe(op)}): {why}; add noise, e.g. op + ScaledIdentity(s, n) "
-            "or op + Diagonal(d)"
+            f"no method applies to {op!r} ({describe(op)}): the matrix is singular ({why}); add noise, e.g. "
+            "op + ScaledIdentity(s, n) or op + Diagonal(d)"
         )
     chosen, forced = _choose(op, options, cfg)
     memoisable = not any(e.reads_facts for e in engines)
