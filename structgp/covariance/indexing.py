@@ -8,8 +8,9 @@ per-type rules (``functools.singledispatch``):
 - a principal submatrix (the same rows and columns, ``op[..., s, s]``): :func:`principal`, a covariance
   again: ``Dense``/``Diagonal``/``LowRank`` index their tensors, a ``Kronecker`` grid slice stays Kronecker,
   a contiguous range of a ``BlockDiag`` stays block diagonal, a ``SparseLifted`` keeps its base and selects
-  rows of its lift, sums are taken term by term (noise stays noise); anything else becomes
-  ``SparseLifted(S, op)`` with the selection ``S`` (lifted, never dense).
+  rows of its lift, a ``Permuted`` takes its base's submatrix on the permuted rows, sums are taken term by
+  term (noise stays noise); anything else becomes ``SparseLifted(S, op)`` with the selection ``S`` (lifted,
+  never dense).
 - other submatrices (``op[..., rows, cols]``, rows != cols): :func:`submatrix`, a general linear map
   (:mod:`structgp.covariance.linear_map`), not a covariance: ``S_r A S_c^T`` as a lazy product, with
   structured factors where the structure allows (``W_r W_c^T`` for LowRank, ``L_r B L_c^T`` for SparseLifted).
@@ -20,6 +21,8 @@ per-type rules (``functools.singledispatch``):
 
 Index tensors in both batch and matrix dims at once, multi-dimensional boolean masks and ``None`` are not
 structured: they fall back to indexing the dense matrix (guarded by ``settings(dense_limit=...)``, warned).
+
+Every rule of these tables is registered in this module, so each table is complete once it is imported.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from structgp.covariance.block_diag import BlockDiag
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
@@ -38,6 +42,8 @@ from structgp.covariance.linear_map import DenseMap, OperatorMap, Product, Selec
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator, guard_dense
+from structgp.covariance.permuted import Permuted
+from structgp.covariance.sparse_lifted import Lift, SparseLifted
 from structgp.covariance.sum import AddedDiagonal, Sum, add
 from structgp.covariance.validation import value_checks_enabled
 
@@ -260,11 +266,6 @@ def principal(op: Operator, rows: Rows) -> Operator:
 
 
 def _lifted(op: Operator, rows: Rows) -> Operator:
-    try:
-        from structgp.covariance.sparse_lifted import SparseLifted
-    except ImportError:  # pragma: no cover - SparseLifted is part of the package
-        idx = _as_index(rows, op.device)
-        return Dense(op.to_dense().index_select(-2, idx).index_select(-1, idx))
     return SparseLifted(selection_matrix(rows, op.n, op.dtype, op.device), op)
 
 
@@ -418,37 +419,35 @@ def _(op: Sum, i: Tensor, j: Tensor) -> Tensor:
     return sum(entries(t, i, j) for t in op.terms)
 
 
-# -- rules for BlockDiag and SparseLifted (registered when those modules import) -----------------------
-def _register_block_diag() -> None:
-    from structgp.covariance.block_diag import BlockDiag
-
-    @batch_getitem.register(BlockDiag)
-    def _(op: BlockDiag, idx: tuple) -> Operator:
-        groups = [batch_getitem(g._expand(op.batch_shape + g.batch_shape[-1:]), idx + (slice(None),))
-                  for g in op.groups]
-        return op._replace(groups=groups)
-
-    @entries.register(BlockDiag)
-    def _(op: BlockDiag, i: Tensor, j: Tensor) -> Tensor:
-        group, block, local = _block_tables(op)
-        out = None
-        for g_id, g in enumerate(op.groups):
-            same = (group[i] == g_id) & (group[j] == g_id) & (block[i] == block[j])
-            blocks = g._to_dense()  # (..., g, m, m): the data of the group, not an n x n matrix
-            vals = blocks[..., block[i].clamp_max(blocks.shape[-3] - 1), local[i].clamp_max(g.n - 1),
-                          local[j].clamp_max(g.n - 1)]
-            vals = torch.where(same, vals, torch.zeros_like(vals))
-            out = vals if out is None else out + vals
-        return out
-
-    @principal.register(BlockDiag)
-    def _(op: BlockDiag, rows: Rows) -> Operator:
-        if not (isinstance(rows, range) and rows.step == 1 and len(rows) > 0):
-            return _lifted(op, rows)
-        return _block_range(op, rows.start, rows.stop)
+# -- BlockDiag ----------------------------------------------------------------------------------------
+@batch_getitem.register
+def _(op: BlockDiag, idx: tuple) -> Operator:
+    groups = [batch_getitem(g._expand(op.batch_shape + g.batch_shape[-1:]), idx + (slice(None),)) for g in op.groups]
+    return op._replace(groups=groups)
 
 
-def _block_tables(op: Any) -> tuple[Tensor, Tensor, Tensor]:
+@principal.register
+def _(op: BlockDiag, rows: Rows) -> Operator:
+    if not (isinstance(rows, range) and rows.step == 1 and len(rows) > 0):
+        return _lifted(op, rows)
+    return _block_range(op, rows.start, rows.stop)
+
+
+@entries.register
+def _(op: BlockDiag, i: Tensor, j: Tensor) -> Tensor:
+    group, block, local = _block_tables(op)
+    out = None
+    for g_id, g in enumerate(op.groups):
+        same = (group[i] == g_id) & (group[j] == g_id) & (block[i] == block[j])
+        blocks = g._to_dense()  # (..., g, m, m): the data of the group, not an n x n matrix
+        vals = blocks[..., block[i].clamp_max(blocks.shape[-3] - 1), local[i].clamp_max(g.n - 1),
+                      local[j].clamp_max(g.n - 1)]
+        vals = torch.where(same, vals, torch.zeros_like(vals))
+        out = vals if out is None else out + vals
+    return out
+
+
+def _block_tables(op: BlockDiag) -> tuple[Tensor, Tensor, Tensor]:
     """Per row of a BlockDiag: its group, its block within the group and its position within the block."""
     n = op.n
     group = torch.empty(n, dtype=torch.int64, device=op.device)
@@ -462,11 +461,9 @@ def _block_tables(op: Any) -> tuple[Tensor, Tensor, Tensor]:
     return group, block, local
 
 
-def _block_range(op: Any, start: int, stop: int) -> Operator:
+def _block_range(op: BlockDiag, start: int, stop: int) -> Operator:
     """The principal block ``[start, stop)`` of a BlockDiag: block diagonal again (partial blocks at the ends
     are trimmed); a block-aligned range of a single uniform group is a view of that group."""
-    from structgp.covariance.block_diag import BlockDiag
-
     nb = len(op.batch_shape)
     if len(op.groups) == 1 and op.members is None:
         g = op.groups[0]
@@ -490,32 +487,31 @@ def _block_range(op: Any, start: int, stop: int) -> Operator:
     return BlockDiag(pieces)
 
 
-def _register_sparse_lifted() -> None:
-    from structgp.covariance.sparse_lifted import SparseLifted
-
-    @batch_getitem.register(SparseLifted)
-    def _(op: SparseLifted, idx: tuple) -> Operator:
-        return op._replace(base=batch_getitem(op.base._expand(op.batch_shape), idx))
-
-    @principal.register(SparseLifted)
-    def _(op: SparseLifted, rows: Rows) -> Operator:
-        return op._replace(lift=lift_rows(op.lift, _as_index(rows, op.device)))
-
-    @submatrix.register(SparseLifted)
-    def _(op: SparseLifted, rows: Rows, cols: Rows) -> LinearMap:
-        left = SparseMap(lift_rows(op.lift, _as_index(rows, op.device)))
-        right = SparseMap(lift_rows(op.lift, _as_index(cols, op.device)), transposed=True)
-        return Product(left, OperatorMap(op.base), right)
-
-    @entries.register(SparseLifted)
-    def _(op: SparseLifted, i: Tensor, j: Tensor) -> Tensor:
-        return _lifted_entries(op, i, j)
+# -- SparseLifted -------------------------------------------------------------------------------------
+@batch_getitem.register
+def _(op: SparseLifted, idx: tuple) -> Operator:
+    return op._replace(base=batch_getitem(op.base._expand(op.batch_shape), idx))
 
 
-def lift_rows(lift: Any, rows: Tensor) -> Any:
-    """The lift made of rows ``rows`` ``(k,)`` of ``lift`` (a ``Lift``), values differentiable."""
-    from structgp.covariance.sparse_lifted import Lift
+@principal.register
+def _(op: SparseLifted, rows: Rows) -> Operator:
+    return op._replace(lift=lift_rows(op.lift, _as_index(rows, op.device)))
 
+
+@submatrix.register
+def _(op: SparseLifted, rows: Rows, cols: Rows) -> LinearMap:
+    left = SparseMap(lift_rows(op.lift, _as_index(rows, op.device)))
+    right = SparseMap(lift_rows(op.lift, _as_index(cols, op.device)), transposed=True)
+    return Product(left, OperatorMap(op.base), right)
+
+
+@entries.register
+def _(op: SparseLifted, i: Tensor, j: Tensor) -> Tensor:
+    return _lifted_entries(op, i, j)
+
+
+def lift_rows(lift: Lift, rows: Tensor) -> Lift:
+    """The lift made of rows ``rows`` ``(k,)`` of ``lift``, values differentiable."""
     counts = lift.crow.diff()[rows]
     owner, entry = _expand_rows(lift.crow[rows], counts)
     indices = torch.stack([owner, lift.col[entry]])
@@ -533,7 +529,7 @@ def _expand_rows(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     return owner, starts[owner] + within
 
 
-def _lifted_entries(op: Any, i: Tensor, j: Tensor) -> Tensor:
+def _lifted_entries(op: SparseLifted, i: Tensor, j: Tensor) -> Tensor:
     """``(L B L^T)[i_k, j_k] = sum_{a in row i_k, b in row j_k} v_a v_b B[c_a, c_b]``: the pairs of stored
     entries of the two rows, ``sum_k nnz(i_k) nnz(j_k)`` gathers of ``B``. Broadcasting index tensors are
     flattened to vectors and the result is shaped back ``(..., *index shape)``."""
@@ -551,17 +547,53 @@ def _lifted_entries(op: Any, i: Tensor, j: Tensor) -> Tensor:
     return out.index_add(-1, pair_owner, vals).reshape(*vals.shape[:-1], *index_shape)
 
 
-for _register in (_register_block_diag, _register_sparse_lifted):
-    try:  # BlockDiag and SparseLifted live in their own modules; rules are added when they are present
-        _register()
-    except ImportError:  # pragma: no cover
-        pass
+# -- Permuted: (P B P^T)[i, j] = B[perm[i], perm[j]] --------------------------------------------------
+@batch_getitem.register
+def _(op: Permuted, idx: tuple) -> Operator:
+    return op._replace(base=batch_getitem(op.base._expand(op.batch_shape), idx))
 
 
-def warm_dispatch(*functions: Any) -> None:
+@principal.register
+def _(op: Permuted, rows: Rows) -> Operator:
+    """Rows ``rows`` of ``P B P^T`` are rows ``perm[rows]`` of ``B``: the base's principal submatrix on those
+    rows sorted (a contiguous run becomes a range, which keeps e.g. a ``BlockDiag`` block diagonal), put
+    back in the order asked by a smaller ``Permuted`` (none when already in order)."""
+    picked = op.perm.index_select(0, _as_index(rows, op.device))
+    if not value_checks_enabled(picked) or picked.numel() == 0:
+        return principal(op.base, picked)
+    ordered, order = torch.sort(picked, stable=True)
+    inner = principal(op.base, _as_run(ordered))
+    local = torch.argsort(order)  # picked[a] = ordered[local[a]]
+    if torch.equal(local, torch.arange(local.shape[0], device=local.device)):
+        return inner
+    return Permuted(inner, local)
+
+
+@submatrix.register
+def _(op: Permuted, rows: Rows, cols: Rows) -> LinearMap:
+    r = op.perm.index_select(0, _as_index(rows, op.device))
+    c = op.perm.index_select(0, _as_index(cols, op.device))
+    return submatrix(op.base, r, c)
+
+
+@entries.register
+def _(op: Permuted, i: Tensor, j: Tensor) -> Tensor:
+    return entries(op.base, op.perm[i], op.perm[j])
+
+
+def _as_run(ordered: Tensor) -> Rows:
+    """Sorted rows as a ``range`` when they are one contiguous run (structured principal rules want ranges)."""
+    start = int(ordered[0])
+    run = torch.arange(start, start + ordered.shape[0], device=ordered.device)
+    return range(start, start + ordered.shape[0]) if torch.equal(ordered, run) else ordered
+
+
+# -- dispatch caches ----------------------------------------------------------------------------------
+def _warm_caches(*functions: Any) -> None:
     """Fill the per-type caches of ``functools.singledispatch`` functions for every operator class defined so
-    far. torch.compile guards on those caches: a compiled call that is the first to dispatch a type would
-    fill the cache while tracing and recompile on the next call."""
+    far. torch.compile guards on the contents of those caches: a compiled call that is the first to dispatch
+    a type fills the cache while it is traced, which fails the guard and recompiles on the next call.
+    Registering a rule clears a cache, so this runs after the last registration, at the end of this module."""
     seen, stack = set(), [Operator]
     while stack:
         cls = stack.pop()
@@ -573,4 +605,4 @@ def warm_dispatch(*functions: Any) -> None:
             fn.dispatch(cls)
 
 
-warm_dispatch(getitem, batch_getitem, principal, submatrix, entries)
+_warm_caches(getitem, batch_getitem, principal, submatrix, entries)

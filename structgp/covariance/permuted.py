@@ -24,10 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from structgp.covariance import indexing
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.linear_map import Permutation
-from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator, as_operator
 from structgp.covariance.validation import value_checks_enabled
 
@@ -133,54 +131,3 @@ def check_permutation(perm: Any, n: int, device: torch.device, name: str) -> Ten
         if not inside or bool((torch.bincount(perm, minlength=n) != 1).any()):
             raise ValueError(f"{name}: expected a permutation of range({n}) (each of 0..{n - 1} exactly once)")
     return perm
-
-
-# -- indexing rules (structgp.covariance.indexing) -----------------------------------------------------
-@indexing.batch_getitem.register
-def _(op: Permuted, idx: tuple) -> Operator:
-    return op._replace(base=indexing.batch_getitem(op.base._expand(op.batch_shape), idx))
-
-
-@indexing.principal.register
-def _(op: Permuted, rows: indexing.Rows) -> Operator:
-    """Rows ``rows`` of ``P B P^T`` are rows ``perm[rows]`` of ``B``: the base's principal submatrix on those
-    rows sorted (a contiguous run becomes a range, which keeps e.g. a ``BlockDiag`` block diagonal), put
-    back in the order asked by a smaller ``Permuted`` (none when already in order)."""
-    picked = op.perm.index_select(0, _index(rows, op.device))
-    if not value_checks_enabled(picked) or picked.numel() == 0:
-        return indexing.principal(op.base, picked)
-    ordered, order = torch.sort(picked, stable=True)
-    inner = indexing.principal(op.base, _as_rows(ordered))
-    local = torch.argsort(order)  # picked[a] = ordered[local[a]]
-    if torch.equal(local, torch.arange(local.shape[0], device=local.device)):
-        return inner
-    return Permuted(inner, local)
-
-
-@indexing.submatrix.register
-def _(op: Permuted, rows: indexing.Rows, cols: indexing.Rows) -> LinearMap:
-    r = op.perm.index_select(0, _index(rows, op.device))
-    c = op.perm.index_select(0, _index(cols, op.device))
-    return indexing.submatrix(op.base, r, c)
-
-
-@indexing.entries.register
-def _(op: Permuted, i: Tensor, j: Tensor) -> Tensor:
-    return indexing.entries(op.base, op.perm[i], op.perm[j])
-
-
-def _index(rows: indexing.Rows, device: torch.device) -> Tensor:
-    if isinstance(rows, range):
-        return torch.arange(rows.start, rows.stop, rows.step, device=device)
-    return rows
-
-
-def _as_rows(ordered: Tensor) -> indexing.Rows:
-    """Sorted rows as a ``range`` when they are one contiguous run (structured principal rules want ranges)."""
-    start = int(ordered[0])
-    run = torch.arange(start, start + ordered.shape[0], device=ordered.device)
-    return range(start, start + ordered.shape[0]) if torch.equal(ordered, run) else ordered
-
-
-indexing.warm_dispatch(indexing.getitem, indexing.batch_getitem, indexing.principal, indexing.submatrix,
-                       indexing.entries)

@@ -305,7 +305,7 @@ def lifted_diagonal(lift: Lift, base: Operator, values: Tensor) -> Tensor:
     """The diagonal ``(..., n_out)`` of ``L B L^T`` for the lift's pattern with ``values`` ``(nnz,)`` (of the
     base's dtype): per row, the ``nnz_r x nnz_r`` block of ``B`` at the row's columns is gathered
     (``sum_r nnz_r^2`` entries of ``B``, never ``L B L^T``); differentiable in ``values`` and ``B``."""
-    from structgp.covariance.indexing import entries  # indexing registers rules for this module's types
+    from structgp.covariance.indexing import entries  # imported here: indexing imports this module
 
     out = values.new_zeros(*base.batch_shape, lift.n_out)
     for rows, pos in lift.row_blocks():

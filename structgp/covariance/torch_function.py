@@ -357,9 +357,10 @@ def _div(input: Any, other: Any, *, rounding_mode: Any = None, out: Any = None) 
     return input._scale(1.0 / c)
 
 
-# ``tensor + op``, ``tensor * op`` (and ``tensor.add(op)``, ``tensor.mul(op)``) arrive as Tensor methods: they keep
-# the operators' own reflected semantics (``c * op`` with ``c`` ``(...)`` is a batch of scales, ``t + op`` adds
-# the symmetric ``t`` as a Dense term), as before operators had ``__torch_function__``.
+# ``tensor + op``, ``tensor * op`` (and ``tensor.add(op)``, ``tensor.mul(op)``) arrive here as Tensor methods and go
+# to the operator's reflected operators, so they mean what ``op + tensor`` and ``op * tensor`` mean (``c * op``
+# with ``c`` ``(...)`` is a batch of scales, ``t + op`` adds the symmetric ``t`` as a Dense term); the handlers of
+# ``torch.add`` / ``torch.mul`` above read ``c`` with torch's broadcasting instead.
 @implements(torch.Tensor.add)
 def _tensor_add(self: Any, other: Any, *, alpha: Any = 1, out: Any = None) -> Any:
     if isinstance(self, Tensor) and isinstance(other, Operator) and alpha == 1 and out is None:

@@ -13,17 +13,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-import torch
 from torch import Tensor
 
 from structgp import _config
-from structgp.covariance.block_diag import BlockDiag, BlockDiagRoot
-from structgp.covariance.map import LinearMap
-from structgp.covariance.operator import DensifyError, Operator
+from structgp.covariance.block_diag import BlockDiag
+from structgp.covariance.operator import Operator
 from structgp.inference import report
+from structgp.inference.block_failures import blocks_in, describe_group, not_positive_definite
 from structgp.inference.cholesky import NotPositiveDefiniteError
+<<<<<<< HEAD
 from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register, settled
 from structgp.inference.roots import root
+=======
+from structgp.inference.plan import Cost, Engine, Plan, plan, register
+>>>>>>> wt-b
 
 T = TypeVar("T")
 _MAX_NOTES = 8
@@ -34,8 +37,15 @@ class Blockwise(Engine):
     name = "blockwise"
     structural = True
 
+<<<<<<< HEAD
     def why(self, op: BlockDiag) -> str:
         kinds = ", ".join(f"{_count(g)} x {g.n}" for g in op.groups)
+=======
+    def applies(self, op: Operator) -> str | None:
+        if not isinstance(op, BlockDiag):
+            return None
+        kinds = ", ".join(f"{blocks_in(g)} x {g.n}" for g in op.groups)
+>>>>>>> wt-b
         return f"block diagonal ({kinds}): each group of stacked blocks by its own batched method"
 
     def cost(self, op: BlockDiag) -> Cost:
@@ -70,7 +80,7 @@ def group_plan(op: BlockDiag, j: int) -> Plan:
         return settled(plan(group), group)
     except (ValueError, MemoryError) as err:
         try:
-            wrapped = type(err)(f"block group {j} ({_describe_group(op, j)}) of {op!r}: {err}")
+            wrapped = type(err)(f"block group {j} ({describe_group(op, j)}) of {op!r}: {err}")
         except Exception:  # an error type with another signature: keep it as it is
             raise err from None
         raise wrapped from err
@@ -79,11 +89,11 @@ def group_plan(op: BlockDiag, j: int) -> Plan:
 def _run(op: BlockDiag, j: int, question: Callable[[Engine, Operator], T]) -> T:
     """Answer ``question`` for group ``j`` with its planned engine; a non-PSD block is named."""
     p = group_plan(op, j)
-    _note(f"group {j} ({_describe_group(op, j)}): {p.method}", j)
+    _note(f"group {j} ({describe_group(op, j)}): {p.method}", j)
     try:
         return question(p.engine, op.groups[j])
     except NotPositiveDefiniteError as err:
-        raise _not_pd(op, j, err) from err
+        raise not_positive_definite(op, j, err) from err
 
 
 def _note(text: str, j: int) -> None:
@@ -94,50 +104,3 @@ def _note(text: str, j: int) -> None:
         text = "(more groups not listed)"
     if text not in rep.notes:
         rep.notes.append(text)
-
-
-@root.register
-def _(op: BlockDiag) -> LinearMap:
-    parts = []
-    for j, group in enumerate(op.groups):
-        try:
-            parts.append(root(group))
-        except NotPositiveDefiniteError as err:
-            raise _not_pd(op, j, err) from err
-    return BlockDiagRoot(parts, op.perm, op.inverse)
-
-
-# -- errors -----------------------------------------------------------------------------------------
-def _describe_group(op: BlockDiag, j: int) -> str:
-    g = op.groups[j]
-    return f"{_count(g)} x {describe(g)} of size {g.n}"
-
-
-def _not_pd(op: BlockDiag, j: int, err: NotPositiveDefiniteError) -> NotPositiveDefiniteError:
-    blocks = failing_blocks(op, j)
-    shown = ", ".join(map(str, blocks[:10])) + (", ..." if len(blocks) > 10 else "")
-    return NotPositiveDefiniteError(
-        f"block(s) [{shown}] of {op!r} are not positive definite (group {j}: {_describe_group(op, j)}); {err}"
-    )
-
-
-def failing_blocks(op: BlockDiag, j: int) -> list[int]:
-    """The blocks of group ``j`` (indices in the order given) that fail a Cholesky factorisation even with
-    the largest jitter ``settings(max_jitter=...)``; all of them when that cannot be told densely."""
-    members = op.group_blocks()[j]
-    try:
-        with torch.no_grad():
-            a = op.groups[j].to_dense()
-    except DensifyError:
-        return list(members)
-    a = (a + a.mT) / 2
-    scale = a.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(a.dtype).tiny)
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    info = torch.linalg.cholesky_ex(a + _config.current().max_jitter * scale[..., None, None] * eye).info
-    failed = (info > 0).flatten(0, -2).any(0) if info.dim() > 1 else info > 0
-    bad = [members[t] for t in failed.nonzero().flatten().tolist()]
-    return bad or list(members)
-
-
-def _count(group: Operator) -> int:
-    return group.batch_shape[-1]

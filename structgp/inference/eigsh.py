@@ -24,11 +24,13 @@ import torch
 from torch import Tensor
 
 from structgp import _config
+from structgp.covariance.block_diag import BlockDiag
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator, guard_dense
+from structgp.covariance.permuted import Permuted
 from structgp.covariance.sum import AddedDiagonal
 from structgp.inference.gram_spectrum import gram_spectrum
 from structgp.inference.kronecker_spectrum import eigenvector_columns, kronecker_spectra
@@ -318,17 +320,22 @@ def _(op: AddedDiagonal) -> Tensor:
     return torch.linalg.eigvalsh(_sym(op._to_dense()))
 
 
-def _register_block_diag() -> None:
-    from structgp.covariance.block_diag import BlockDiag
-
-    @eigvalsh.register(BlockDiag)
-    def _(op: BlockDiag) -> Tensor:
-        parts = [eigvalsh(g).flatten(-2) for g in op.groups]  # each group: (..., g, m) eigenvalues
-        batch = op.batch_shape
-        return torch.cat([p.expand(*batch, p.shape[-1]) for p in parts], dim=-1).sort(-1).values
+@eigvalsh.register
+def _(op: BlockDiag) -> Tensor:
+    parts = [eigvalsh(g).flatten(-2) for g in op.groups]  # each group: (..., g, m) eigenvalues
+    batch = op.batch_shape
+    return torch.cat([p.expand(*batch, p.shape[-1]) for p in parts], dim=-1).sort(-1).values
 
 
-try:  # BlockDiag lives in its own module; its rule is added when it is present
-    _register_block_diag()
-except ImportError:  # pragma: no cover
-    pass
+# -- Permuted: A = P B P^T has B's eigenvalues and eigenvectors P v ------------------------------------
+@eigvalsh.register
+def _(op: Permuted) -> Tensor:
+    return eigvalsh(op.base)
+
+
+@structured_eigsh.register
+def _(op: Permuted, k: int, largest: bool) -> Eigenpairs | None:
+    pairs = structured_eigsh(op.base, k, largest)
+    if pairs is None:
+        return None
+    return Eigenpairs(pairs.eigenvalues, op.from_base_order(pairs.eigenvectors))

@@ -1,4 +1,4 @@
-"""SparseLifted + diagonal noise by the exact latent-space Woodbury identity, and SparseLifted's root.
+"""SparseLifted + diagonal noise by the exact latent-space Woodbury identity.
 
 For ``A = L B L^T + D`` with a sparse lift ``L`` (``n_out x n_in``), ``B = R R^T`` (``R = root(B)``,
 ``n_in x r``, structured: e.g. a Kronecker product of Cholesky factors) and positive diagonal ``D``:
@@ -52,7 +52,7 @@ from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator
-from structgp.covariance.sparse_lifted import Lift, LiftedRoot, SparseLifted, lifted_diagonal
+from structgp.covariance.sparse_lifted import Lift, SparseLifted, lifted_diagonal
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.inference import report
 from structgp.inference._cache import cached
@@ -61,11 +61,6 @@ from structgp.inference.first_order import first_order_only
 from structgp.inference.plan import Cost, Engine, describe, register
 from structgp.inference.roots import root
 from structgp.inference.spectral_root import exact_root, known_root_rank, spectral_matrices
-
-
-@root.register
-def _(op: SparseLifted) -> LinearMap:
-    return LiftedRoot(op.lift, root(op.base))
 
 
 def lift_gram(lift: Lift, values: Tensor, weights: Tensor | None = None) -> Tensor:

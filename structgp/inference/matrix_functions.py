@@ -34,6 +34,7 @@ from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.linear_map import OperatorMap
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator, guard_dense
+from structgp.covariance.permuted import Permuted
 from structgp.covariance.sum import AddedDiagonal
 from structgp.inference.gram_spectrum import gram_spectrum
 from structgp.inference.kronecker_spectrum import kronecker_spectra, spectral_matmul
@@ -216,3 +217,10 @@ class SqrtRoot(OperatorMap):
 
     def _transpose(self) -> SqrtRoot:
         return self
+
+
+# -- Permuted: f(P B P^T) x = P f(B) P^T x ------------------------------------------------------------
+@structured_function.register
+def _(op: Permuted, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor | None:
+    out = structured_function(op.base, op.to_base_order(x), fn)
+    return None if out is None else op.from_base_order(out)

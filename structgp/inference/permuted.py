@@ -2,8 +2,7 @@
 
 With ``(P x)[i] = x[perm[i]]`` (see :class:`~structgp.covariance.Permuted`):
 
-    A^{-1} y = P B^{-1} (P^T y),     log det A = log det B,     y^T A^{-1} y = (P^T y)^T B^{-1} (P^T y),
-    root:  R_A = P R_B  (R_A R_A^T = P B P^T),   eigenvalues of A = those of B,   f(A) x = P f(B) P^T x.
+    A^{-1} y = P B^{-1} (P^T y),     log det A = log det B,     y^T A^{-1} y = (P^T y)^T B^{-1} (P^T y).
 
 The engine is structural (always taken): it plans the base with :func:`structgp.plan` (a method forced by
 ``structgp.settings(method=...)`` applies to the base) and calls that engine directly, so the report of the
@@ -15,14 +14,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from structgp.covariance.linear_map import Product
-from structgp.covariance.map import LinearMap
 from structgp.covariance.permuted import Permuted
 from structgp.inference import report
-from structgp.inference.eigsh import Eigenpairs, eigvalsh, structured_eigsh
-from structgp.inference.matrix_functions import structured_function
 from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register, settled
-from structgp.inference.roots import root
 
 
 @register(Permuted)
@@ -65,27 +59,3 @@ def _engine(op: Permuted) -> Engine:
     if rep is not None and note not in rep.notes:
         rep.notes.append(note)
     return p.engine
-
-
-@root.register
-def _(op: Permuted) -> LinearMap:
-    return Product(op.permutation(), root(op.base))
-
-
-@eigvalsh.register
-def _(op: Permuted) -> Tensor:
-    return eigvalsh(op.base)
-
-
-@structured_eigsh.register
-def _(op: Permuted, k: int, largest: bool) -> Eigenpairs | None:
-    pairs = structured_eigsh(op.base, k, largest)
-    if pairs is None:
-        return None
-    return Eigenpairs(pairs.eigenvalues, op.from_base_order(pairs.eigenvectors))
-
-
-@structured_function.register
-def _(op: Permuted, x: Tensor, fn) -> Tensor | None:
-    out = structured_function(op.base, op.to_base_order(x), fn)
-    return None if out is None else op.from_base_order(out)

@@ -3,7 +3,10 @@
 Roots keep the structure so that sampling ``R eps`` costs what a product with the operator costs:
 a sum's root is the side-by-side concatenation of its terms' roots (one independent draw per term),
 a Kronecker product's root is the Kronecker product of its factors' Cholesky factors (when no gradient is
-needed and a factor is singular in float64, its truncated spectral root instead: no jitter).
+needed and a factor is singular in float64, its truncated spectral root instead: no jitter), a block-diagonal
+operator's root is block diagonal, a lifted one's is ``L R_B`` and a permuted one's is ``P R_B``.
+
+Every rule of the table is registered in this module, so the table is complete once it is imported.
 """
 
 from __future__ import annotations
@@ -12,15 +15,20 @@ import functools
 
 import torch
 
+from structgp.covariance.block_diag import BlockDiag, BlockDiagRoot
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.linear_map import Product
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator
+from structgp.covariance.permuted import Permuted
 from structgp.covariance.root import ConcatRoot, DenseRoot, DiagonalRoot, KroneckerRoot
+from structgp.covariance.sparse_lifted import LiftedRoot, SparseLifted
 from structgp.covariance.sum import AddedDiagonal, Sum
-from structgp.inference.cholesky import psd_cholesky
+from structgp.inference.block_failures import not_positive_definite
+from structgp.inference.cholesky import NotPositiveDefiniteError, psd_cholesky
 from structgp.inference.spectral_root import exact_root
 
 
@@ -77,3 +85,24 @@ def _(op: AddedDiagonal) -> LinearMap:
 @root.register
 def _(op: Sum) -> LinearMap:
     return ConcatRoot([root(t) for t in op.terms])
+
+
+@root.register
+def _(op: BlockDiag) -> LinearMap:
+    parts = []
+    for j, group in enumerate(op.groups):
+        try:
+            parts.append(root(group))
+        except NotPositiveDefiniteError as err:
+            raise not_positive_definite(op, j, err) from err
+    return BlockDiagRoot(parts, op.perm, op.inverse)
+
+
+@root.register
+def _(op: SparseLifted) -> LinearMap:
+    return LiftedRoot(op.lift, root(op.base))
+
+
+@root.register
+def _(op: Permuted) -> LinearMap:
+    return Product(op.permutation(), root(op.base))

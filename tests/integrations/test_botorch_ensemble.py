@@ -32,7 +32,7 @@ from structgp.integrations.botorch import (  # noqa: E402
     nuts_ensemble,
     nuts_model,
 )
-from structgp.integrations.botorch.value_prior import ValuePrior  # noqa: E402
+from tests.integrations.botorch.value_prior import ValuePrior  # noqa: E402
 from tests.integrations.botorch_pairs import data, pair  # noqa: E402
 from tests.reference import F64, assert_close  # noqa: E402
 

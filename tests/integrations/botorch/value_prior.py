@@ -1,4 +1,7 @@
-"""A prior over a hyperparameter's value ``v``, as a Pyro distribution over the sampled ``z`` (see :mod:`.nuts`).
+"""Test helper: a prior over a hyperparameter's value ``v`` as a Pyro distribution over the sampled ``z``.
+
+For sites ``v = l + exp(z)`` or ``v = z`` (:mod:`structgp.integrations.botorch.nuts`; the package's own,
+general form is :class:`structgp.integrations.botorch.site_prior.TransformedValuePrior`):
 
     v = l + exp(z):   log p(z) = log p_v(l + exp(z)) + z        (the Jacobian dv/dz = exp(z))
     v = z:            log p(z) = log p_v(z)
