@@ -21,12 +21,7 @@ from structgp.covariance.operator import Operator
 from structgp.inference import report
 from structgp.inference.block_failures import blocks_in, describe_group, not_positive_definite
 from structgp.inference.cholesky import NotPositiveDefiniteError
-<<<<<<< HEAD
-from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register, settled
-from structgp.inference.roots import root
-=======
-from structgp.inference.plan import Cost, Engine, Plan, plan, register
->>>>>>> wt-b
+from structgp.inference.plan import Cost, Engine, Plan, plan, register, settled
 
 T = TypeVar("T")
 _MAX_NOTES = 8
@@ -37,15 +32,8 @@ class Blockwise(Engine):
     name = "blockwise"
     structural = True
 
-<<<<<<< HEAD
     def why(self, op: BlockDiag) -> str:
-        kinds = ", ".join(f"{_count(g)} x {g.n}" for g in op.groups)
-=======
-    def applies(self, op: Operator) -> str | None:
-        if not isinstance(op, BlockDiag):
-            return None
         kinds = ", ".join(f"{blocks_in(g)} x {g.n}" for g in op.groups)
->>>>>>> wt-b
         return f"block diagonal ({kinds}): each group of stacked blocks by its own batched method"
 
     def cost(self, op: BlockDiag) -> Cost:
