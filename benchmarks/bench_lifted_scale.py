@@ -1,0 +1,200 @@
+"""Lifted covariances ``L K L^T + sigma I`` at the seeds' own scale (issue: large latent grids).
+
+Cases (each: structgp and the anchor in one process where the anchor can run, relative error against an exact
+float64 reference written here by hand, independent of both libraries):
+
+- seed 002 as its author wrote it: an identity lift of a 50^3 RBF grid (lengthscale 0.69 on [-5, 5]) plus
+  sigma I, float32, one log-likelihood + gradient, and two Adam steps of a fit. The anchor is
+  ``shared/anchors/anchor_seed002.py`` (gpytorch + linear_operator) run in a subprocess with a memory cap,
+  because it asks for an N x N capacitance.
+- an identity lift of a 30^3 grid, float64 (exact).
+- a masked grid: 70% of a 24^3 grid observed (a selection lift), RBF + sigma I, float64, against dense
+  Cholesky of the observed covariance.
+
+    python benchmarks/bench_lifted_scale.py                 # all cases (a few minutes on 2 cores)
+    python benchmarks/bench_lifted_scale.py --case seed002 --anchor-cap-gib 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Result, backward, gauss_ll, print_table, rbf_1d, run_case, sg_ll  # noqa: E402
+
+import structgp as sg  # noqa: E402
+from structgp.covariance import Kronecker, ScaledIdentity, SparseLifted  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ANCHOR = ROOT.parent / "shared" / "anchors" / "anchor_seed002.py"
+
+
+def identity_lift(n: int, dtype: torch.dtype) -> torch.Tensor:
+    idx = torch.arange(n)
+    return torch.sparse_coo_tensor(torch.stack([idx, idx]), torch.ones(n, dtype=dtype), (n, n))
+
+
+def exact_kron_ll(factors: list[torch.Tensor], noise: float, y: torch.Tensor) -> float:
+    """log N(y | 0, K_1 (x) K_2 (x) K_3 + noise I) in float64 by the eigen formula, by hand."""
+    lams, qs = zip(*(torch.linalg.eigh(f.double()) for f in factors))
+    m = [f.shape[0] for f in factors]
+    lam = (lams[0][:, None, None] * lams[1][None, :, None] * lams[2][None, None, :]).reshape(-1) + noise
+    z = torch.einsum("ia,jb,kc,ijk->abc", qs[0], qs[1], qs[2], y.double().reshape(*m)).reshape(-1)
+    return float(gauss_ll((z**2 / lam).sum(), lam.log().sum(), y.numel()))
+
+
+def seed002(m: int, dtype: torch.dtype):
+    """The seed-002 model: identity lift of an m^3 RBF grid on [-5, 5], noise as gpytorch's default (0.6931
+    after softplus), a constant mean; value + gradient of the log-likelihood in lengthscale, noise, mean."""
+    g = torch.linspace(-5, 5, m, dtype=dtype)
+    n = m**3
+    y = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    lift = identity_lift(n, dtype)
+    start = {"ls": 0.6931, "noise": 0.6931, "mean": 0.0}
+    raw = {k: torch.tensor(v, dtype=dtype, requires_grad=True) for k, v in start.items()}
+
+    def loss():
+        k = rbf_1d(g, raw["ls"])
+        op = SparseLifted(lift, Kronecker(k, k, k)) + ScaledIdentity(raw["noise"], n)
+        return sg_ll(op, y - raw["mean"])
+
+    with torch.no_grad():
+        k = rbf_1d(g.double(), 0.6931)
+        exact = exact_kron_ll([k, k, k], 0.6931, y.double())
+    return loss, raw, exact, n
+
+
+def case_seed002(m: int, reps: int, cap_gib: float) -> list[Result]:
+    loss, raw, exact, n = seed002(m, torch.float32)
+    name = f"seed 002: identity lift, {m}^3 grid (N={n}) f32"
+    results = [run_case(name, "structgp", lambda: backward(loss()), exact, torch.device("cpu"), reps)]
+    k = rbf_1d(torch.linspace(-5, 5, m), raw["ls"].detach())
+    op = SparseLifted(identity_lift(n, torch.float32), Kronecker(k, k, k)) + ScaledIdentity(raw["noise"].detach(), n)
+    print(sg.plan(op))
+
+    def two_adam_steps():
+        opt = torch.optim.Adam(list(raw.values()), lr=0.05)
+        for _ in range(2):
+            opt.zero_grad()
+            value = -loss()
+            value.backward()
+            opt.step()
+        return value.detach()
+
+    two_adam_steps()  # warm-up, as run_case does
+    t0 = time.perf_counter()
+    two_adam_steps()
+    results.append(Result(name, "structgp 2 Adam", ms=round(1e3 * (time.perf_counter() - t0), 1)))
+    results.append(anchor_seed002(m, name, cap_gib))
+    return results
+
+
+def anchor_seed002(m: int, name: str, cap_gib: float) -> Result:
+    """The seed author's gpytorch script in a subprocess under an address-space cap (it asks for N x N)."""
+    if not ANCHOR.exists():
+        return Result(name, "linear_operator", note=f"anchor script not found at {ANCHOR}")
+    cap = int(cap_gib * 2**30)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run([sys.executable, str(ANCHOR), str(m)], capture_output=True, text=True, timeout=600,
+                             preexec_fn=limit)
+        text = (out.stdout.strip().splitlines() or [""])[-1] or out.stderr.strip().splitlines()[-1]
+    except subprocess.TimeoutExpired:
+        text = "timed out after 600 s"
+    return Result(name, "linear_operator", ms=round(1e3 * (time.perf_counter() - t0), 1),
+                  note=f"[subprocess, {cap_gib:g} GiB cap] {text[:150]}")
+
+
+def case_identity(m: int, reps: int) -> list[Result]:
+    n = m**3
+    g = torch.linspace(0, 1, m, dtype=torch.float64)
+    ls = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    noise = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    lift = identity_lift(n, torch.float64)
+    with torch.no_grad():
+        k = rbf_1d(g, 0.2)
+        exact = exact_kron_ll([k, k, k], 0.1, y)
+
+    def fn():
+        k = rbf_1d(g, ls)
+        return backward(sg_ll(SparseLifted(lift, Kronecker(k, k, k)) + ScaledIdentity(noise, n), y))
+
+    return [run_case(f"identity lift {m}^3 (N={n}) f64", "structgp", fn, exact, torch.device("cpu"), reps)]
+
+
+def case_masked(m: int, frac: float, reps: int) -> list[Result]:
+    n_in = m**3
+    gen = torch.Generator().manual_seed(2)
+    cols = torch.randperm(n_in, generator=gen)[: int(frac * n_in)].sort().values
+    n = cols.numel()
+    rows = torch.arange(n)
+    lift = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(n, dtype=torch.float64), (n, n_in))
+    g = torch.linspace(0, 1, m, dtype=torch.float64)
+    ls = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    noise = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(n, dtype=torch.float64, generator=gen)
+    with torch.no_grad():  # dense Cholesky of the observed covariance, by hand
+        k = rbf_1d(g, 0.2)
+        full = torch.kron(torch.kron(k, k), k)
+        a = full[cols][:, cols] + 0.1 * torch.eye(n, dtype=torch.float64)
+        del full
+        chol = torch.linalg.cholesky(a)
+        z = torch.linalg.solve_triangular(chol, y[:, None], upper=False)
+        exact = float(gauss_ll(z.square().sum(), 2 * chol.diagonal().log().sum(), n))
+        del a, chol
+
+    def structgp_fn():
+        k = rbf_1d(g, ls)
+        return backward(sg_ll(SparseLifted(lift, Kronecker(k, k, k)) + ScaledIdentity(noise, n), y))
+
+    def dense_fn():
+        k = rbf_1d(g, ls)
+        a = torch.kron(torch.kron(k, k), k)[cols][:, cols] + noise * torch.eye(n, dtype=torch.float64)
+        chol = torch.linalg.cholesky(a)
+        z = torch.linalg.solve_triangular(chol, y[:, None], upper=False)
+        return backward(gauss_ll(z.square().sum(), 2 * chol.diagonal().log().sum(), n))
+
+    name = f"masked grid {frac:.0%} of {m}^3 (N={n}) f64"
+    dev = torch.device("cpu")
+    return [
+        run_case(name, "torch dense", dense_fn, exact, dev, reps),
+        run_case(name, "structgp", structgp_fn, exact, dev, reps),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=["all", "seed002", "identity", "masked"], default="all")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--seed-m", type=int, default=50)
+    parser.add_argument("--anchor-cap-gib", type=float, default=16.0)
+    args = parser.parse_args()
+    results: list[Result] = []
+    if args.case in ("all", "seed002"):
+        results += case_seed002(args.seed_m, args.reps, args.anchor_cap_gib)
+    if args.case in ("all", "identity"):
+        results += case_identity(30, args.reps)
+    if args.case in ("all", "masked"):
+        results += case_masked(24, 0.7, max(1, args.reps // 2))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print_table(results, anchor="linear_operator")
+    for r in results:
+        if r.rel_err is not None and not math.isfinite(r.rel_err):
+            print(f"non-finite error in {r.case} / {r.impl}")
+
+
+if __name__ == "__main__":
+    main()
