@@ -22,7 +22,6 @@ import math
 
 import gpytorch
 import torch
-import torch.utils._pytree as pytree
 from linear_operator.operators import (
     ConstantDiagLinearOperator,
     DenseLinearOperator,
@@ -31,12 +30,14 @@ from linear_operator.operators import (
     RootLinearOperator,
     TriangularLinearOperator,
 )
+from linear_operator.utils.generic import _to_helper
 from torch import Tensor
 
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator, as_operator
-from structgp.inference.cholesky import psd_cholesky
+from structgp.integrations.cholesky_factor import cholesky_factor
+from structgp.integrations.tensor_layout import TensorLayout, flatten, floating_dtype, moved
 
 __all__ = [
     "StructuredLinearOperator",
@@ -56,20 +57,40 @@ def as_linear_operator(op: Operator | Tensor, batch_shape: torch.Size | tuple[in
     op = as_operator(op, "op")
     batch = op.batch_shape if batch_shape is None else torch.Size(batch_shape)
     _check_broadcast(op.batch_shape, batch, "batch_shape")
-    leaves, spec = _flatten(op, "op")
-    return StructuredLinearOperator(*leaves, spec=spec, batch=batch)
+    tensors, layout = flatten(op)
+    return StructuredLinearOperator(*tensors, spec=layout, batch=batch)
 
 
-class StructuredLinearOperator(LinearOperator):
-    """A structgp operator ``(*batch, n, n)`` as a ``LinearOperator`` (build it with ``as_linear_operator``).
+class _PyTreeLinearOperator(LinearOperator):
+    """A ``LinearOperator`` whose positional tensors are a structgp pytree's tensor leaves.
 
-    ``leaves`` are the operator's tensors (its pytree leaves, rebuilt with ``spec``); ``batch`` is the
-    batch shape represented, to which the operator's own batch broadcasts.
+    ``dtype`` is that of the floating tensors (linear_operator's default reads the first tensor, which can
+    be an integer index) and ``.to(...)`` casts only floating tensors (index tensors keep their dtype).
     """
 
-    def __init__(self, *leaves: Tensor, spec: pytree.TreeSpec, batch: torch.Size) -> None:
+    @property
+    def dtype(self) -> torch.dtype:
+        return floating_dtype(self._args)
+
+    @property
+    def device(self) -> torch.device:
+        return self._args[0].device
+
+    def to(self, *args, **kwargs) -> LinearOperator:
+        device, dtype = _to_helper(*args, **kwargs)
+        return self.__class__(*moved(self._args, device, dtype), **self._kwargs)
+
+
+class StructuredLinearOperator(_PyTreeLinearOperator):
+    """A structgp operator ``(*batch, n, n)`` as a ``LinearOperator`` (build it with ``as_linear_operator``).
+
+    ``leaves`` are the operator's tensors (its tensor pytree leaves, rebuilt with the layout ``spec``);
+    ``batch`` is the batch shape represented, to which the operator's own batch broadcasts.
+    """
+
+    def __init__(self, *leaves: Tensor, spec: TensorLayout, batch: torch.Size) -> None:
         super().__init__(*leaves, spec=spec, batch=batch)
-        self.operator = pytree.tree_unflatten(list(leaves), spec)
+        self.operator = spec.unflatten(leaves)
         self._batch = torch.Size(batch)
 
     def _with_batch(self, batch: torch.Size) -> StructuredLinearOperator:
@@ -180,14 +201,12 @@ class StructuredLinearOperator(LinearOperator):
             return super().root_decomposition(method=method)
         root = self.operator.root()
         if root.shape[-1] <= self.operator.n:
-            leaves, spec = _flatten(root, "root")
-            return RootLinearOperator(StructuredRootLinearOperator(*leaves, spec=spec, batch=self._batch))
+            tensors, layout = flatten(root)
+            return RootLinearOperator(StructuredRootLinearOperator(*tensors, spec=layout, batch=self._batch))
         return RootLinearOperator(self._cholesky())
 
     def _cholesky(self, upper: bool | None = False) -> TriangularLinearOperator:
-        op = self.operator
-        factor = psd_cholesky(op.to_dense(), f"the covariance {op!r}")
-        factor = factor.expand(*self._size())
+        factor = cholesky_factor(self.operator).expand(*self._size())
         return TriangularLinearOperator(factor.mT if upper else factor, upper=bool(upper))
 
     # -- structure-keeping arithmetic ----------------------------------------------------------------
@@ -224,14 +243,12 @@ class StructuredLinearOperator(LinearOperator):
         return f"{type(self).__name__}({self.operator!r}, batch={tuple(self._batch)})"
 
 
-class StructuredRootLinearOperator(LinearOperator):
+class StructuredRootLinearOperator(_PyTreeLinearOperator):
     """A structgp root ``R`` ``(*batch, n, k)`` (or ``R^T`` when ``transposed``) as a ``LinearOperator``."""
 
-    def __init__(
-        self, *leaves: Tensor, spec: pytree.TreeSpec, batch: torch.Size, transposed: bool = False
-    ) -> None:
+    def __init__(self, *leaves: Tensor, spec: TensorLayout, batch: torch.Size, transposed: bool = False) -> None:
         super().__init__(*leaves, spec=spec, batch=batch, transposed=transposed)
-        self.root: LinearMap = pytree.tree_unflatten(list(leaves), spec)
+        self.root: LinearMap = spec.unflatten(leaves)
         self._batch = torch.Size(batch)
         self._transposed = transposed
 
@@ -261,14 +278,6 @@ class StructuredRootLinearOperator(LinearOperator):
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def _flatten(tree, name: str) -> tuple[list[Tensor], pytree.TreeSpec]:
-    leaves, spec = pytree.tree_flatten(tree)
-    bad = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, Tensor)]
-    if bad:
-        raise TypeError(f"{name}: expected an operator whose pytree leaves are tensors, found {bad}")
-    return leaves, spec
-
-
 def _check_broadcast(inner: torch.Size, batch: torch.Size, name: str) -> None:
     try:
         ok = torch.broadcast_shapes(inner, batch) == batch
