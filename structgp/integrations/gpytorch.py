@@ -36,6 +36,7 @@ from torch import Tensor
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator, as_operator
+from structgp.inference.eigsh import eigsh, eigvalsh
 from structgp.integrations.cholesky_factor import cholesky_factor
 from structgp.integrations.tensor_layout import TensorLayout, flatten, floating_dtype, moved
 
@@ -208,6 +209,24 @@ class StructuredLinearOperator(_PyTreeLinearOperator):
     def _cholesky(self, upper: bool | None = False) -> TriangularLinearOperator:
         factor = cholesky_factor(self.operator).expand(*self._size())
         return TriangularLinearOperator(factor.mT if upper else factor, upper=bool(upper))
+
+    def _symeig(
+        self, eigenvectors: bool = False, return_evals_as_lazy: bool | None = False
+    ) -> tuple[Tensor, LinearOperator | None]:
+        """The eigenvalues (ascending) and, when asked, eigenvectors from structgp's eigendecomposition:
+        exact from the structure where a rule exists (Kronecker, diagonal, low rank + ``s I``), else dense."""
+        op = self.operator
+        if not eigenvectors:
+            return _expand_lead(eigvalsh(op), self._batch, 1), None
+        values, vectors = eigsh(op, op.n, largest=False)
+        return _expand_lead(values, self._batch, 1), DenseLinearOperator(_expand_lead(vectors, self._batch, 2))
+
+    def diagonalization(self, method: str | None = None) -> tuple[Tensor, LinearOperator | None]:
+        """``(eigenvalues, eigenvectors)`` exactly (see ``_symeig``), not by Lanczos; a named ``method`` is
+        linear_operator's."""
+        if method is not None:
+            return super().diagonalization(method=method)
+        return self._symeig(eigenvectors=True)
 
     # -- structure-keeping arithmetic ----------------------------------------------------------------
     def add_diagonal(self, diag: Tensor) -> LinearOperator:
