@@ -102,15 +102,17 @@ def _(base: SparseLifted) -> Tensor | None:
     return base.root().to_dense()  # L R_B, (n_out, n_in): one factorisation of the small base
 
 
-def low_rank_plus_diagonal_cholesky(w: Tensor, d: Tensor, block: int = BLOCK) -> Tensor:
+def low_rank_plus_diagonal_cholesky(w: Tensor, d: Tensor, block: int | None = None) -> Tensor:
     """The lower Cholesky factor of ``diag(d) + W W^T``; ``w`` ``(..., n, k)``, ``d`` ``(..., n)``.
 
     Split the rows into blocks ``j`` of ``b`` rows. With the Schur complement of the blocks done so far
     written ``D + W S W^T`` (``S = I`` at the start), block ``j`` has
     ``L_jj = chol(D_j + W_j S W_j^T)`` and, below it, ``L_ij = W_i P_j^T`` with ``P_j = L_jj^{-1} W_j S``
     (``b x k``); the remaining complement is ``D + W (S - P_j^T P_j) W^T``. So the factor is the
-    block-diagonal ``L_jj`` plus the strictly block-lower part of ``W P^T``.
+    block-diagonal ``L_jj`` plus the strictly block-lower part of ``W P^T``. ``block``: ``b`` (default
+    ``BLOCK``).
     """
+    block = BLOCK if block is None else block
     n, k = w.shape[-2:]
     batch = torch.broadcast_shapes(w.shape[:-2], d.shape[:-1])
     w = w.expand(*batch, n, k)
