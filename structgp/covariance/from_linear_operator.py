@@ -13,7 +13,7 @@ linear_operator                                 structgp
 ``KroneckerProductLinearOperator``              ``Kronecker`` of the converted factors
 ``AddedDiagLinearOperator`` / ``Sum...``        the sum of the converted terms (``+ noise`` kept)
 ``RootLinearOperator`` (``LowRankRoot...``)     ``LowRank`` of the root
-``BlockDiagLinearOperator`` (``block_dim=-3``)  ``BlockDiag`` of the converted base
+``BlockDiagLinearOperator``                     ``BlockDiag`` of the converted base
 ``ConstantMulLinearOperator`` (``c > 0``)       the converted base scaled by ``c``
 structgp's own adapter                          the operator it wraps
 anything else                                   ``Dense(to_dense())``, refused over the dense limit
@@ -115,8 +115,8 @@ def _root(x: Any, name: str) -> Operator | None:
 
 def _block_diag(x: Any, name: str) -> Operator | None:
     ops = sys.modules["linear_operator"].operators
-    if not isinstance(x, ops.BlockDiagLinearOperator) or x.block_dim != -3:
-        return None
+    if not isinstance(x, ops.BlockDiagLinearOperator):
+        return None  # its base's last batch dim indexes the blocks (linear_operator moves block_dim there)
     return BlockDiag(from_linear_operator(x.base_linear_op, f"{name} (blocks)"))
 
 
