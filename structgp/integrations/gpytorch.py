@@ -2,16 +2,28 @@
 exact structured algebra.
 
 ``as_linear_operator(op)`` wraps an operator; the wrapper's tensors (the ``LinearOperator`` representation)
-are the operator's pytree leaves, so linear_operator can rebuild it inside its autograd functions and
-gradients reach every tensor the operator was built from. ``inv_quad_logdet``, ``inv_quad``, ``logdet``,
-``solve`` and ``_solve`` go to structgp's dispatcher (``structgp.plan``), ``root_decomposition`` to the
-structured ``op.root()``, and ``+`` a diagonal / ``add_diagonal`` / ``add_jitter`` / positive scaling
-keep the structure. Other linear_operator methods use their generic implementations through ``_matmul``.
+are the operator's tensor pytree leaves, so linear_operator can rebuild it inside its autograd functions and
+gradients reach every tensor the operator was built from. Leaves that are not tensors (``None`` for the
+permutation of a ``BlockDiag`` in natural order) stay in the layout that rebuilds the operator; ``dtype`` is
+that of the floating tensors and ``.to(dtype)`` casts only those (a lift's integer indices stay integers).
+
+``inv_quad_logdet``, ``inv_quad``, ``logdet``, ``solve`` and ``_solve`` go to structgp's dispatcher
+(``structgp.plan``), ``root_decomposition`` to the structured ``op.root()``, ``diagonalization``/``eigh`` to
+structgp's exact eigendecomposition, ``cholesky`` to a factor computed from the structure
+(``integrations.cholesky_factor``), and ``+`` a diagonal / ``add_diagonal`` / ``add_jitter`` / positive
+scaling keep the structure. Other linear_operator methods use their generic implementations through
+``_matmul``.
+
+``cholesky`` matters under botorch: ``import botorch`` turns gpytorch's ``fast_computations.log_prob`` off,
+and gpytorch's ``MultivariateNormal.log_prob`` then runs torch's dense ``log_prob``, whose only question to
+the covariance is ``cholesky()`` (read as a dense ``scale_tril``). ``MultivariateNormal.to_gpytorch()``
+(``StructuredMultivariateNormal``) keeps the exact structured ``inv_quad_logdet`` path in any setting.
 
 The wrapper holds the operator unbroadcast together with the batch shape it stands for, so expanding or
 repeating a batch (as gpytorch's ``MultivariateNormal.log_prob`` does for sample dimensions) shares one
-factorisation. Batch indexing, permuting and unsqueezing inside the operator's own batch dimensions have no
-structured form: they materialise the matrix (guarded by ``settings(dense_limit=...)``).
+factorisation. Batch indexing inside the operator's own batch dimensions uses structgp's structured
+indexing; permuting and unsqueezing them have no structured form and materialise the matrix (guarded by
+``settings(dense_limit=...)``).
 
 Importing this module imports gpytorch/linear_operator only; it changes none of their settings.
 """
@@ -19,6 +31,7 @@ Importing this module imports gpytorch/linear_operator only; it changes none of 
 from __future__ import annotations
 
 import math
+import warnings
 
 import gpytorch
 import torch
@@ -34,6 +47,7 @@ from linear_operator.utils.generic import _to_helper
 from torch import Tensor
 
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.indexing import DenseIndexWarning
 from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator, as_operator
 from structgp.inference.eigsh import eigsh, eigvalsh
@@ -139,8 +153,23 @@ class StructuredLinearOperator(_PyTreeLinearOperator):
             if len(self.operator.batch_shape) == 0:
                 batch = torch.empty(self._batch, device="meta")[batch_indices].shape
                 return self._with_batch(batch)
+            indexed = self._structured_batch_index(batch_indices)
+            if indexed is not None:
+                return indexed
             return self._densified()._getitem(noop, noop, *batch_indices)
         return super()._getitem(row_index, col_index, *batch_indices)
+
+    def _structured_batch_index(self, batch_indices: tuple) -> StructuredLinearOperator | None:
+        """Batch indexing inside the operator's own batch dims by structgp's structured indexing (the
+        operator's tensors are indexed; the structure is kept), or None where it has no structured rule."""
+        noop = slice(None, None, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DenseIndexWarning)  # a dense fallback: linear_operator's own path
+            try:
+                indexed = self.operator.expand(self._batch)[(*batch_indices, noop, noop)]
+            except DenseIndexWarning:
+                return None
+        return as_linear_operator(indexed) if isinstance(indexed, Operator) else None
 
     def to_dense(self) -> Tensor:
         return self.operator.to_dense().expand(*self._size())

@@ -8,7 +8,7 @@ import linear_operator
 import torch
 from gpytorch.kernels import RBFKernel
 
-from structgp.covariance import BlockDiag, Dense, Diagonal, SparseLifted
+from structgp.covariance import AddedDiagonal, BlockDiag, Dense, Diagonal, Kronecker, ScaledIdentity, SparseLifted
 from structgp.distributions import MultivariateNormal
 from structgp.integrations.gpytorch import StructuredLinearOperator, as_linear_operator
 from structgp.kernels import GroupKernel
@@ -124,3 +124,13 @@ def test_to_dtype_keeps_index_tensors():
         torch.testing.assert_close(cast[..., [0, 2], [1, 3]], op.to_dense()[[0, 2], [1, 3]].to(dtype))
     grouped = as_linear_operator(BlockDiag(spd(3, 2, seed=3)))
     assert grouped.to(torch.float32).dtype == torch.float32 and grouped.to(torch.float32).device == grouped.device
+
+
+def test_batch_indexing_inside_the_operator_batch_keeps_the_structure():
+    op = Kronecker(spd(2, 3, seed=5), spd(3, seed=6)) + ScaledIdentity(torch.tensor([0.1, 0.2, 0.3], dtype=F64), 6)
+    lo = as_linear_operator(op)
+    dense = op.to_dense()
+    for index in (1, slice(0, 2), torch.tensor([2, 0])):
+        part = lo[index]
+        assert isinstance(part, StructuredLinearOperator) and isinstance(part.operator, AddedDiagonal)
+        torch.testing.assert_close(part.to_dense(), dense[index])
