@@ -44,6 +44,7 @@ from linear_operator.operators import (
     TriangularLinearOperator,
 )
 from linear_operator.utils.generic import _to_helper
+from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
@@ -235,6 +236,7 @@ class StructuredLinearOperator(_PyTreeLinearOperator):
             return RootLinearOperator(StructuredRootLinearOperator(*tensors, spec=layout, batch=self._batch))
         return RootLinearOperator(self._cholesky())
 
+    @cached(name="cholesky")  # as linear_operator's own: one factor per wrapper (and triangle)
     def _cholesky(self, upper: bool | None = False) -> TriangularLinearOperator:
         factor = cholesky_factor(self.operator).expand(*self._size())
         return TriangularLinearOperator(factor.mT if upper else factor, upper=bool(upper))
