@@ -220,11 +220,19 @@ def guard_dense(op: Operator, what: str) -> None:
 
 
 def as_operator(x: Any, name: str) -> Operator:
-    """An operator from an operator or a dense SPD tensor ``(..., n, n)``."""
+    """An operator from an operator, a dense SPD tensor ``(..., n, n)`` or a linear_operator
+    ``LinearOperator`` (gpytorch's lazy covariances; see ``covariance.from_linear_operator``)."""
     if isinstance(x, Operator):
         return x
     if isinstance(x, Tensor):
         from structgp.covariance.dense import Dense
 
         return Dense(x, name=name)
-    raise TypeError(f"{name}: expected a structgp operator or a torch.Tensor, got {type(x).__name__}")
+    from structgp.covariance import from_linear_operator as lo
+
+    if lo.is_linear_operator(x):
+        return lo.from_linear_operator(x, name)
+    raise TypeError(
+        f"{name}: expected a structgp operator, a torch.Tensor or a linear_operator LinearOperator, got "
+        f"{type(x).__name__}"
+    )

@@ -1,6 +1,7 @@
 """Distributions over structured covariances: MultivariateNormal, Gaussian likelihoods, the marginal
 log likelihood."""
 
+from structgp.distributions.kl import kl_multivariate_normal  # importing it registers kl_divergence rules
 from structgp.distributions.likelihoods import FixedNoiseGaussianLikelihood, GaussianLikelihood, LearnedNoise
 from structgp.distributions.marginal_log_likelihood import ExactMarginalLogLikelihood, marginal_log_likelihood
 from structgp.distributions.multivariate_normal import MultivariateNormal
@@ -11,5 +12,6 @@ __all__ = [
     "GaussianLikelihood",
     "LearnedNoise",
     "MultivariateNormal",
+    "kl_multivariate_normal",
     "marginal_log_likelihood",
 ]

@@ -157,6 +157,17 @@ class MultivariateNormal(TorchDistribution):
         logdet = self._unbroadcasted_covariance.logdet()
         return (0.5 * (n * (1 + _LOG_2PI) + logdet)).expand(self.batch_shape)
 
+    @classmethod
+    def infer_shapes(cls, loc, covariance=None) -> tuple[torch.Size, torch.Size]:
+        """``(batch_shape, event_shape)`` of ``MultivariateNormal(loc, covariance)`` from the arguments' shapes
+        (Pyro's ``infer_shapes`` convention): ``loc`` ``(*b1, n)`` and ``covariance`` ``(*b2, n, n)`` give
+        ``(broadcast(b1, b2), (n,))``."""
+        loc = torch.Size(loc)
+        batch_shape = loc[:-1]
+        if covariance is not None:
+            batch_shape = torch.broadcast_shapes(batch_shape, torch.Size(covariance)[:-2])
+        return batch_shape, loc[-1:]
+
     # -- interop -------------------------------------------------------------------------------------
     def to_gpytorch(self):
         """This distribution as a ``gpytorch.distributions.MultivariateNormal``.

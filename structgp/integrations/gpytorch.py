@@ -2,16 +2,28 @@
 exact structured algebra.
 
 ``as_linear_operator(op)`` wraps an operator; the wrapper's tensors (the ``LinearOperator`` representation)
-are the operator's pytree leaves, so linear_operator can rebuild it inside its autograd functions and
-gradients reach every tensor the operator was built from. ``inv_quad_logdet``, ``inv_quad``, ``logdet``,
-``solve`` and ``_solve`` go to structgp's dispatcher (``structgp.plan``), ``root_decomposition`` to the
-structured ``op.root()``, and ``+`` a diagonal / ``add_diagonal`` / ``add_jitter`` / positive scaling
-keep the structure. Other linear_operator methods use their generic implementations through ``_matmul``.
+are the operator's tensor pytree leaves, so linear_operator can rebuild it inside its autograd functions and
+gradients reach every tensor the operator was built from. Leaves that are not tensors (``None`` for the
+permutation of a ``BlockDiag`` in natural order) stay in the layout that rebuilds the operator; ``dtype`` is
+that of the floating tensors and ``.to(dtype)`` casts only those (a lift's integer indices stay integers).
+
+``inv_quad_logdet``, ``inv_quad``, ``logdet``, ``solve`` and ``_solve`` go to structgp's dispatcher
+(``structgp.plan``), ``root_decomposition`` to the structured ``op.root()``, ``diagonalization``/``eigh`` to
+structgp's exact eigendecomposition, ``cholesky`` to a factor computed from the structure
+(``integrations.cholesky_factor``), and ``+`` a diagonal / ``add_diagonal`` / ``add_jitter`` / positive
+scaling keep the structure. Other linear_operator methods use their generic implementations through
+``_matmul``.
+
+``cholesky`` matters under botorch: ``import botorch`` turns gpytorch's ``fast_computations.log_prob`` off,
+and gpytorch's ``MultivariateNormal.log_prob`` then runs torch's dense ``log_prob``, whose only question to
+the covariance is ``cholesky()`` (read as a dense ``scale_tril``). ``MultivariateNormal.to_gpytorch()``
+(``StructuredMultivariateNormal``) keeps the exact structured ``inv_quad_logdet`` path in any setting.
 
 The wrapper holds the operator unbroadcast together with the batch shape it stands for, so expanding or
 repeating a batch (as gpytorch's ``MultivariateNormal.log_prob`` does for sample dimensions) shares one
-factorisation. Batch indexing, permuting and unsqueezing inside the operator's own batch dimensions have no
-structured form: they materialise the matrix (guarded by ``settings(dense_limit=...)``).
+factorisation. Batch indexing inside the operator's own batch dimensions uses structgp's structured
+indexing; permuting and unsqueezing them have no structured form and materialise the matrix (guarded by
+``settings(dense_limit=...)``).
 
 Importing this module imports gpytorch/linear_operator only; it changes none of their settings.
 """
@@ -19,10 +31,10 @@ Importing this module imports gpytorch/linear_operator only; it changes none of 
 from __future__ import annotations
 
 import math
+import warnings
 
 import gpytorch
 import torch
-import torch.utils._pytree as pytree
 from linear_operator.operators import (
     ConstantDiagLinearOperator,
     DenseLinearOperator,
@@ -31,12 +43,17 @@ from linear_operator.operators import (
     RootLinearOperator,
     TriangularLinearOperator,
 )
+from linear_operator.utils.generic import _to_helper
+from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.indexing import DenseIndexWarning
 from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator, as_operator
-from structgp.inference.cholesky import psd_cholesky
+from structgp.inference.eigsh import eigsh, eigvalsh
+from structgp.integrations.cholesky_factor import cholesky_factor
+from structgp.integrations.tensor_layout import TensorLayout, flatten, floating_dtype, moved
 
 __all__ = [
     "StructuredLinearOperator",
@@ -56,20 +73,40 @@ def as_linear_operator(op: Operator | Tensor, batch_shape: torch.Size | tuple[in
     op = as_operator(op, "op")
     batch = op.batch_shape if batch_shape is None else torch.Size(batch_shape)
     _check_broadcast(op.batch_shape, batch, "batch_shape")
-    leaves, spec = _flatten(op, "op")
-    return StructuredLinearOperator(*leaves, spec=spec, batch=batch)
+    tensors, layout = flatten(op)
+    return StructuredLinearOperator(*tensors, spec=layout, batch=batch)
 
 
-class StructuredLinearOperator(LinearOperator):
-    """A structgp operator ``(*batch, n, n)`` as a ``LinearOperator`` (build it with ``as_linear_operator``).
+class _PyTreeLinearOperator(LinearOperator):
+    """A ``LinearOperator`` whose positional tensors are a structgp pytree's tensor leaves.
 
-    ``leaves`` are the operator's tensors (its pytree leaves, rebuilt with ``spec``); ``batch`` is the
-    batch shape represented, to which the operator's own batch broadcasts.
+    ``dtype`` is that of the floating tensors (linear_operator's default reads the first tensor, which can
+    be an integer index) and ``.to(...)`` casts only floating tensors (index tensors keep their dtype).
     """
 
-    def __init__(self, *leaves: Tensor, spec: pytree.TreeSpec, batch: torch.Size) -> None:
+    @property
+    def dtype(self) -> torch.dtype:
+        return floating_dtype(self._args)
+
+    @property
+    def device(self) -> torch.device:
+        return self._args[0].device
+
+    def to(self, *args, **kwargs) -> LinearOperator:
+        device, dtype = _to_helper(*args, **kwargs)
+        return self.__class__(*moved(self._args, device, dtype), **self._kwargs)
+
+
+class StructuredLinearOperator(_PyTreeLinearOperator):
+    """A structgp operator ``(*batch, n, n)`` as a ``LinearOperator`` (build it with ``as_linear_operator``).
+
+    ``leaves`` are the operator's tensors (its tensor pytree leaves, rebuilt with the layout ``spec``);
+    ``batch`` is the batch shape represented, to which the operator's own batch broadcasts.
+    """
+
+    def __init__(self, *leaves: Tensor, spec: TensorLayout, batch: torch.Size) -> None:
         super().__init__(*leaves, spec=spec, batch=batch)
-        self.operator = pytree.tree_unflatten(list(leaves), spec)
+        self.operator = spec.unflatten(leaves)
         self._batch = torch.Size(batch)
 
     def _with_batch(self, batch: torch.Size) -> StructuredLinearOperator:
@@ -117,8 +154,23 @@ class StructuredLinearOperator(LinearOperator):
             if len(self.operator.batch_shape) == 0:
                 batch = torch.empty(self._batch, device="meta")[batch_indices].shape
                 return self._with_batch(batch)
+            indexed = self._structured_batch_index(batch_indices)
+            if indexed is not None:
+                return indexed
             return self._densified()._getitem(noop, noop, *batch_indices)
         return super()._getitem(row_index, col_index, *batch_indices)
+
+    def _structured_batch_index(self, batch_indices: tuple) -> StructuredLinearOperator | None:
+        """Batch indexing inside the operator's own batch dims by structgp's structured indexing (the
+        operator's tensors are indexed; the structure is kept), or None where it has no structured rule."""
+        noop = slice(None, None, None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DenseIndexWarning)  # a dense fallback: linear_operator's own path
+            try:
+                indexed = self.operator.expand(self._batch)[(*batch_indices, noop, noop)]
+            except DenseIndexWarning:
+                return None
+        return as_linear_operator(indexed) if isinstance(indexed, Operator) else None
 
     def to_dense(self) -> Tensor:
         return self.operator.to_dense().expand(*self._size())
@@ -180,15 +232,32 @@ class StructuredLinearOperator(LinearOperator):
             return super().root_decomposition(method=method)
         root = self.operator.root()
         if root.shape[-1] <= self.operator.n:
-            leaves, spec = _flatten(root, "root")
-            return RootLinearOperator(StructuredRootLinearOperator(*leaves, spec=spec, batch=self._batch))
+            tensors, layout = flatten(root)
+            return RootLinearOperator(StructuredRootLinearOperator(*tensors, spec=layout, batch=self._batch))
         return RootLinearOperator(self._cholesky())
 
+    @cached(name="cholesky")  # as linear_operator's own: one factor per wrapper (and triangle)
     def _cholesky(self, upper: bool | None = False) -> TriangularLinearOperator:
-        op = self.operator
-        factor = psd_cholesky(op.to_dense(), f"the covariance {op!r}")
-        factor = factor.expand(*self._size())
+        factor = cholesky_factor(self.operator).expand(*self._size())
         return TriangularLinearOperator(factor.mT if upper else factor, upper=bool(upper))
+
+    def _symeig(
+        self, eigenvectors: bool = False, return_evals_as_lazy: bool | None = False
+    ) -> tuple[Tensor, LinearOperator | None]:
+        """The eigenvalues (ascending) and, when asked, eigenvectors from structgp's eigendecomposition:
+        exact from the structure where a rule exists (Kronecker, diagonal, low rank + ``s I``), else dense."""
+        op = self.operator
+        if not eigenvectors:
+            return _expand_lead(eigvalsh(op), self._batch, 1), None
+        values, vectors = eigsh(op, op.n, largest=False)
+        return _expand_lead(values, self._batch, 1), DenseLinearOperator(_expand_lead(vectors, self._batch, 2))
+
+    def diagonalization(self, method: str | None = None) -> tuple[Tensor, LinearOperator | None]:
+        """``(eigenvalues, eigenvectors)`` exactly (see ``_symeig``), not by Lanczos; a named ``method`` is
+        linear_operator's."""
+        if method is not None:
+            return super().diagonalization(method=method)
+        return self._symeig(eigenvectors=True)
 
     # -- structure-keeping arithmetic ----------------------------------------------------------------
     def add_diagonal(self, diag: Tensor) -> LinearOperator:
@@ -224,14 +293,12 @@ class StructuredLinearOperator(LinearOperator):
         return f"{type(self).__name__}({self.operator!r}, batch={tuple(self._batch)})"
 
 
-class StructuredRootLinearOperator(LinearOperator):
+class StructuredRootLinearOperator(_PyTreeLinearOperator):
     """A structgp root ``R`` ``(*batch, n, k)`` (or ``R^T`` when ``transposed``) as a ``LinearOperator``."""
 
-    def __init__(
-        self, *leaves: Tensor, spec: pytree.TreeSpec, batch: torch.Size, transposed: bool = False
-    ) -> None:
+    def __init__(self, *leaves: Tensor, spec: TensorLayout, batch: torch.Size, transposed: bool = False) -> None:
         super().__init__(*leaves, spec=spec, batch=batch, transposed=transposed)
-        self.root: LinearMap = pytree.tree_unflatten(list(leaves), spec)
+        self.root: LinearMap = spec.unflatten(leaves)
         self._batch = torch.Size(batch)
         self._transposed = transposed
 
@@ -261,14 +328,6 @@ class StructuredRootLinearOperator(LinearOperator):
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def _flatten(tree, name: str) -> tuple[list[Tensor], pytree.TreeSpec]:
-    leaves, spec = pytree.tree_flatten(tree)
-    bad = [type(leaf).__name__ for leaf in leaves if not isinstance(leaf, Tensor)]
-    if bad:
-        raise TypeError(f"{name}: expected an operator whose pytree leaves are tensors, found {bad}")
-    return leaves, spec
-
-
 def _check_broadcast(inner: torch.Size, batch: torch.Size, name: str) -> None:
     try:
         ok = torch.broadcast_shapes(inner, batch) == batch
