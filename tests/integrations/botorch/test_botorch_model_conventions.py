@@ -1,6 +1,6 @@
 """BoTorchModel follows BoTorch's conventions: the multitask from_data path (item 5), input transforms applied
 in forward only while training (item 6), SingleTaskGP's signature and defaults, gpytorch's marginal likelihoods
-and likelihood calls, and warm starts across data sizes (item 7)."""
+and likelihood calls, and warm starts across data sizes (item 7); NUTS on a VFE gp."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("botorch")
 
+import pyro  # noqa: E402
 import torch  # noqa: E402
 from botorch.fit import fit_gpytorch_mll  # noqa: E402
 from botorch.models import ModelListGP, SingleTaskGP  # noqa: E402
@@ -17,8 +18,8 @@ from gpytorch.kernels import RBFKernel, ScaleKernel  # noqa: E402
 from gpytorch.mlls import ExactMarginalLogLikelihood, SumMarginalLogLikelihood  # noqa: E402
 
 from structgp.distributions import GaussianLikelihood  # noqa: E402
-from structgp.integrations.botorch import BoTorchModel  # noqa: E402
-from structgp.kernels import MultitaskKernel  # noqa: E402
+from structgp.integrations.botorch import BoTorchModel, nuts_model  # noqa: E402
+from structgp.kernels import InducingPointKernel, MultitaskKernel  # noqa: E402
 from structgp.models import ExactGP  # noqa: E402
 from tests.integrations.botorch_pairs import data  # noqa: E402
 from tests.reference import F64, assert_close  # noqa: E402
@@ -135,3 +136,15 @@ def test_load_state_dict_warm_start_across_data_sizes(observed):
         assert_close(big.gp.likelihood.noise, ref.likelihood.noise, 1e-12, 1e-12)
     assert_close(big.gp.covar_module.lengthscale, small.gp.covar_module.lengthscale, 0, 0)
     assert big.posterior(torch.rand(3, 2, dtype=F64)).mean.shape == (3, 1)
+
+
+def test_nuts_density_of_a_vfe_gp_has_the_trace_term():
+    """NUTS samples the density fit() maximises: for a VFE kernel, the collapsed bound (its trace term a factor)."""
+    x, y = data(n=15)
+    gp = ExactGP(x, y.squeeze(-1), InducingPointKernel(ScaleKernel(RBFKernel()), torch.rand(4, 2), method="vfe"))
+    fn, sites = nuts_model(gp, exclude=["kernel.inducing_points"])
+    params = dict(gp.named_parameters())
+    values = {s.name: s.from_raw(params[s.raw_name]).detach() for s in sites}
+    trace = pyro.poutine.trace(pyro.poutine.condition(fn, data=values)).get_trace()
+    trace.compute_log_prob()
+    assert_close(trace.nodes["bound_correction"]["log_prob"], gp.bound_correction().detach(), 1e-10, 1e-10)
