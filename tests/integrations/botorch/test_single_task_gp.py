@@ -126,6 +126,19 @@ def test_posterior_matches_single_task_gp(m):
     assert_close(grads[0], grads[1], 1e-8, 1e-8)
 
 
+def test_subset_output_and_float32():
+    x, y = data(m=2)
+    ours, ref = _pair(x, y)
+    X = torch.rand(3, 2, 2, dtype=F64)
+    _same_posterior(ours.subset_output([1]).posterior(X), ref.subset_output([1]).posterior(X))
+    single = StructuredSingleTaskGP(x.float(), y[:, :1].float())
+    single.load_state_dict({k: v.float() for k, v in _pair(x, y[:, :1])[1].state_dict().items()})
+    post32, post64 = single.posterior(X.float()), _pair(x, y[:, :1])[1].posterior(X)
+    assert post32.mean.dtype == torch.float32
+    assert_close(post32.mean, post64.mean, 1e-4, 1e-4)
+    assert_close(post32.variance, post64.variance, 1e-4, 1e-4)
+
+
 def test_fit_matches_single_task_gp():
     x, y = data(n=20)
     ours, ref = StructuredSingleTaskGP(x, y), SingleTaskGP(x, y)
