@@ -326,6 +326,7 @@ class ExactGP(gpytorch.models.GP):
         correction as a gpytorch added loss term, see :mod:`.added_loss`); eval mode: the posterior. A gpytorch
         likelihood gets the gpytorch view of the distribution (see the module docstring)."""
         if self.training:
+            x = self.kernel.check_inputs(x, "x")
             dist = self.prior(x)
             at_train = x is self.train_x or (x.shape == self.train_x.shape and torch.equal(x, self.train_x))
             added_loss.record(self, self.bound_correction() if at_train else None)
