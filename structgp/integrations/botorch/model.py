@@ -36,11 +36,7 @@ from typing import Any
 import gpytorch
 import torch
 from botorch.models.model import FantasizeMixin, Model
-from botorch.models.transforms.outcome import Standardize
-from botorch.models.utils.gpytorch_modules import (
-    get_covar_module_with_dim_scaled_prior,
-    get_gaussian_likelihood_with_lognormal_prior,
-)
+from botorch.models.utils.gpytorch_modules import get_gaussian_likelihood_with_lognormal_prior
 from botorch.posteriors import GPyTorchPosterior
 from botorch.utils.types import DEFAULT
 from gpytorch.models import GP
@@ -48,12 +44,12 @@ from torch import Tensor, nn
 
 from structgp.distributions import FixedNoiseGaussianLikelihood
 from structgp.integrations.botorch.conditioning import Observations
+from structgp.integrations.botorch.from_data import gp_from_data, output_batch
 from structgp.integrations.botorch.joint import gp_joint
 from structgp.integrations.botorch.layout import Layout
 from structgp.integrations.botorch.likelihood import GPyTorchLikelihoodView
 from structgp.integrations.botorch.output_subset import OutputObservations, joint_given
 from structgp.integrations.botorch.posterior import botorch_posterior
-from structgp.kernels import as_kernel
 from structgp.models import ExactGP
 
 
@@ -91,8 +87,8 @@ class BoTorchModel(Model, FantasizeMixin, GP):
         super().__init__()
         if isinstance(gp, Tensor):  # SingleTaskGP's arguments: build the gp with its defaults
             if likelihood is None and train_Yvar is None:
-                likelihood = get_gaussian_likelihood_with_lognormal_prior(batch_shape=_output_batch(gp, train_Y))
-            gp, batched_outputs, input_transform, outcome_transform = _built(
+                likelihood = get_gaussian_likelihood_with_lognormal_prior(batch_shape=output_batch(gp, train_Y))
+            gp, batched_outputs, input_transform, outcome_transform = gp_from_data(
                 gp, train_Y, covar_module, train_Yvar, likelihood, mean_module, input_transform, outcome_transform
             )
         elif not isinstance(gp, ExactGP):
@@ -151,7 +147,7 @@ class BoTorchModel(Model, FantasizeMixin, GP):
         hyperparameters). The gp is returned unfitted inside the model (``model.gp.fit()`` or
         ``fit_gpytorch_mll``).
         """
-        gp, batched, input_transform, outcome_transform = _built(
+        gp, batched, input_transform, outcome_transform = gp_from_data(
             train_X, train_Y, kernel, train_Yvar, likelihood, mean, input_transform, outcome_transform
         )
         return cls(gp, batched_outputs=batched, input_transform=input_transform, outcome_transform=outcome_transform)
@@ -401,41 +397,3 @@ def _set_fixed_variances(likelihood, values: Tensor) -> None:
         likelihood.noise_covar.noise = values
     else:
         likelihood.noise = values
-
-
-def _output_batch(train_X: Tensor, train_Y: Tensor) -> torch.Size:
-    """SingleTaskGP's batch of hyperparameters: the inputs' batch, and one member per output for ``m > 1``."""
-    m = train_Y.shape[-1]
-    return train_X.shape[:-2] + (torch.Size([m]) if m > 1 else torch.Size())
-
-
-def _built(train_X, train_Y, kernel, train_Yvar, likelihood, mean, input_transform, outcome_transform):
-    """``(gp, batched_outputs, input_transform, outcome_transform)`` from BoTorch-style data (see
-    :meth:`BoTorchModel.from_data`): the transforms are fitted and applied first, as BoTorch's models do."""
-    if outcome_transform is DEFAULT:
-        outcome_transform = Standardize(m=train_Y.shape[-1], batch_shape=train_X.shape[:-2])
-    if kernel is None:
-        kernel = get_covar_module_with_dim_scaled_prior(
-            ard_num_dims=train_X.shape[-1], batch_shape=_output_batch(train_X, train_Y)
-        )
-    if input_transform is not None:
-        input_transform.train()
-        train_X = input_transform(train_X)
-        input_transform.eval()
-    if outcome_transform is not None:
-        outcome_transform.train()
-        train_Y, train_Yvar = outcome_transform(train_Y, train_Yvar, X=train_X)
-        outcome_transform.eval()
-    m = train_Y.shape[-1]
-    tasks = as_kernel(kernel, "kernel").num_tasks
-    batched = m > 1 and tasks == 1
-    layout = Layout("tasks" if tasks > 1 else "batch" if batched else "single", m)
-    if tasks > 1 and tasks != m:
-        raise ValueError(f"train_Y: expected {tasks} columns (the kernel's tasks), got {m}")
-    x = train_X.unsqueeze(-3) if batched and train_X.dim() > 2 else train_X
-    if train_Yvar is not None:
-        if likelihood is not None:
-            raise ValueError("train_Yvar: give either observed noise or a likelihood, not both")
-        likelihood = FixedNoiseGaussianLikelihood(layout.to_values(train_Yvar, "train_Yvar"))
-    gp = ExactGP(x, layout.to_targets(train_Y), kernel, likelihood=likelihood, mean=mean)
-    return gp, batched, input_transform, outcome_transform
