@@ -2,7 +2,7 @@
 
     DenseKernel(k)                      -> Dense                     (any gpytorch kernel)
     GridKernel(kernels, grid)           -> Kronecker (full grid) / SparseLifted selection (cells missing)
-    InducingPointKernel(k, z, method)   -> LowRank (SoR, DTC) / LowRank + Diagonal (FITC)
+    InducingPointKernel(k, z, method)   -> LowRank (SoR, DTC, VFE) / LowRank + Diagonal (FITC)
     InterpolationKernel(kernels, grid)  -> SparseLifted(W, Kronecker)   (KISS-GP / SKI)
     AggregationKernel(kernels, grid)    -> SparseLifted(A, Kronecker)   (weighted sums of latent cells)
     GroupKernel(k)                      -> BlockDiag, or Permuted(BlockDiag) for rows in any order
