@@ -150,6 +150,13 @@ def test_fit_matches_single_task_gp():
     assert float(ref.likelihood.noise.detach()) < 0.1  # the fit moved off the prior's mode
     X = torch.rand(3, 2, 2, dtype=F64)
     _same_posterior(ours.posterior(X), ref.posterior(X), 1e-5)
+    x, y = get_random_data(torch.Size([2]), 2, d=2, n=10, dtype=F64)  # a batch of two-output models
+    for yvar in (None, torch.full_like(y, 0.01)):
+        ours, ref = StructuredSingleTaskGP(x, y, yvar), SingleTaskGP(x, y, yvar)
+        for model in (ours, ref):
+            fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+        for value, expected in zip(ours.parameters(), ref.parameters(), strict=True):
+            assert_close(value, expected, 1e-6, 1e-6)
 
 
 # -- conditioning -----------------------------------------------------------------------------------------
