@@ -94,7 +94,7 @@ def _ll_with_gradient(model: ExactGP) -> Tensor:
 
 
 # -- problem 1: a full grid --------------------------------------------------------------------------------
-def grid_problem(m: int, dev: torch.device, progress: bool) -> dict:
+def grid_problem(m: int, dev: torch.device, progress: bool | None) -> dict:
     dtype = torch.float64
     gen = torch.Generator(device="cpu").manual_seed(1)
     axis, x = grid_points(m, dtype, dev)
@@ -183,7 +183,7 @@ def aggregation_weights(m: int, n: int, gen: torch.Generator, dtype: torch.dtype
     return coo.coalesce().to_sparse_csr()
 
 
-def aggregation_problem(m: int, n: int, dev: torch.device, progress: bool) -> dict:
+def aggregation_problem(m: int, n: int, dev: torch.device, progress: bool | None) -> dict:
     dtype = torch.float64
     gen = torch.Generator(device="cpu").manual_seed(2)
     axis, cells = grid_points(m, dtype, dev)
@@ -335,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
     parser.add_argument("--out", default="demo_out", help="folder for the plot")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    bars = parser.add_mutually_exclusive_group()  # default: progress bars only on a terminal
+    bars.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars")
+    bars.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+    parser.set_defaults(progress=None)
     args = parser.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -345,9 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print(f"structgp {sg.__version__} demo on {dev} (float64)")
-    grid = grid_problem(size["grid"], dev, not args.no_progress)
+    grid = grid_problem(size["grid"], dev, args.progress)
     report(grid, "gpytorch ExactGP (dense Cholesky)")
-    agg = aggregation_problem(size["latent"], size["n_agg"], dev, not args.no_progress)
+    agg = aggregation_problem(size["latent"], size["n_agg"], dev, args.progress)
     report(agg, "linear_operator InterpolatedLinearOperator (CG)")
     seed002_problem(size["seed002"], dev)
     path = plot([grid, agg], out / "demo_predictions.png")

@@ -149,7 +149,9 @@ class FixedNoiseGaussianLikelihood(nn.Module):
         noise = as_tensor(noise, "noise")
         check_ndim(noise, "noise", 1, "(..., n)")
         check_positive(noise, "noise")
-        self.register_buffer("noise", noise)
+        # not in the state dict: observed noise belongs to the data (as gpytorch's), so that hyperparameters can
+        # be loaded into a model of another data size
+        self.register_buffer("noise", noise, persistent=False)
         self.second_noise_covar = None
         if learn_additional_noise:
             self.second_noise_covar = LearnedNoise(

@@ -39,7 +39,8 @@ class ExactMarginalLogLikelihood(nn.Module):
     likelihood: a :class:`GaussianLikelihood` or :class:`FixedNoiseGaussianLikelihood` (anything that maps
         a structgp ``MultivariateNormal`` of ``f`` to the marginal of ``y`` and has ``log_prior()``).
     model: optional module whose priors are added: gpytorch modules' ``named_priors()``, or a
-        ``log_prior()`` method.
+        ``log_prior()`` method (the likelihood's prior is counted once when the model holds the likelihood);
+        its gpytorch added loss terms (``added_loss_terms()``, e.g. a VFE kernel's trace term) are added too.
     normalize: divide by the number of data points ``n`` (gpytorch's convention; default True).
     """
 
@@ -66,8 +67,24 @@ class ExactMarginalLogLikelihood(nn.Module):
                 f"function_dist: expected a structgp MultivariateNormal, got {type(function_dist).__name__}"
             )
         marginal = self.likelihood(function_dist)
-        value = marginal.log_prob(target) + self.likelihood.log_prior() + _model_log_prior(self.model)
+        value = marginal.log_prob(target) + _model_log_prior(self.model) + _added_loss(self.model)
+        if not _counts_prior_of(self.model, self.likelihood):
+            value = value + self.likelihood.log_prior()
         return value / function_dist.event_shape[0] if self.normalize else value
+
+
+def _counts_prior_of(model: nn.Module | None, module: nn.Module) -> bool:
+    """Whether the model's ``log_prior()`` already includes ``module``'s (a structgp ExactGP's includes its
+    likelihood's)."""
+    if model is None or not callable(getattr(model, "log_prior", None)):
+        return False
+    return any(m is module for m in model.modules())
+
+
+def _added_loss(model: nn.Module | None) -> Tensor | float:
+    """The sum of the model's gpytorch added loss terms (0 without any)."""
+    terms = getattr(model, "added_loss_terms", None)
+    return sum((term.loss() for term in terms()), 0.0) if callable(terms) else 0.0
 
 
 def _model_log_prior(model: nn.Module | None) -> Tensor | float:

@@ -82,6 +82,11 @@ class MultivariateNormal(TorchDistribution):
     def stddev(self) -> Tensor:
         return self.variance.sqrt()
 
+    def confidence_region(self) -> tuple[Tensor, Tensor]:
+        """``(mean - 2 std, mean + 2 std)``, as gpytorch's ``confidence_region`` (about 95% marginally)."""
+        half_width = 2 * self.stddev
+        return self.mean - half_width, self.mean + half_width
+
     @lazy_property
     def covariance_matrix(self) -> Tensor:
         """Dense ``A`` ``(*batch_shape, n, n)``; refuses sizes over ``settings(dense_limit=...)``."""

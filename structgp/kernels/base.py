@@ -10,6 +10,7 @@ and answers what prediction needs without densifying the training covariance:
     kernel.prior_diagonal(x)   its diagonal (..., n), cheaply
     kernel.check_inputs(x, name)       validates training inputs (e.g. on the grid): a clear ValueError
     kernel.check_test_inputs(x, name)  validates test inputs (e.g. inside an interpolation grid)
+    kernel.bound_correction(x, noise)  a term a variational bound adds to log p(y) (VFE's trace term), or None
 
 ``num_tasks`` is the number of outputs per input point (the covariance is over ``n * num_tasks`` values,
 point-major: the task index varies fastest).
@@ -51,6 +52,11 @@ class Kernel(nn.Module):
     def prior_diagonal(self, x: Tensor) -> Tensor:
         """The prior variances at ``x`` ``(..., n * num_tasks)``."""
         return self.prior(x).diagonal()
+
+    def bound_correction(self, x: Tensor, noise: Tensor) -> Tensor | None:
+        """The term a collapsed variational bound adds to ``log N(y; m, K(x, x) + N)`` ``(...)``, given the
+        noise variances ``noise`` ``(..., N)`` at ``x``; None for an exact marginal likelihood (the default)."""
+        return None
 
     def check_inputs(self, x: Tensor, name: str = "x") -> Tensor:
         """``x`` as ``(..., n, d)`` (a 1-D ``x`` is ``(n, 1)``), validated; raises naming ``name``."""

@@ -12,11 +12,30 @@ from structgp.kernels.base import Kernel, check_gpytorch_kernel, evaluate, evalu
 class DenseKernel(Kernel):
     """``K(x, x) = k(x, x)`` held densely, ``(..., n, n)``; ``k`` is any gpytorch kernel (its
     hyperparameters, priors and constraints are the ones trained). Batch dims of ``k`` and ``x`` broadcast.
+
+    Attributes this wrapper lacks are read from and written to ``k``: ``kernel.outputscale`` of a wrapped
+    ``ScaleKernel`` is ``kernel.base_kernel.outputscale``, so hyperparameters are where gpytorch has them.
     """
 
     def __init__(self, base_kernel: gpytorch.kernels.Kernel) -> None:
         super().__init__()
         self.base_kernel = check_gpytorch_kernel(base_kernel, "base_kernel")
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_kernel")
+            if base is None or name.startswith("_"):
+                raise
+            return getattr(base, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        base = self.__dict__.get("_modules", {}).get("base_kernel")
+        if base is not None and _forwarded(self, base, name):
+            setattr(base, name, value)  # e.g. kernel.outputscale = 2.0 sets the gpytorch kernel's
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, x: Tensor) -> Dense:
         return Dense(symmetrize(evaluate(self.base_kernel, x)), name="k(x, x)")
@@ -29,6 +48,14 @@ class DenseKernel(Kernel):
 
     def prior_diagonal(self, x: Tensor) -> Tensor:
         return evaluate_diag(self.base_kernel, x)
+
+
+def _forwarded(wrapper: DenseKernel, base: gpytorch.kernels.Kernel, name: str) -> bool:
+    """Whether setting ``name`` on the wrapper means the wrapped kernel's attribute: a public name the wrapper
+    does not have itself and the gpytorch kernel does."""
+    if name.startswith("_") or name in wrapper.__dict__ or hasattr(type(wrapper), name):
+        return False
+    return name not in wrapper._modules and hasattr(base, name)
 
 
 def as_kernel(kernel, name: str = "kernel") -> Kernel:

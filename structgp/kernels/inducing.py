@@ -1,15 +1,22 @@
-"""InducingPointKernel: low-rank (SoR / DTC) and FITC covariances from inducing points ``z`` ``(m, d)``.
+"""InducingPointKernel: low-rank (SoR / DTC / VFE) and FITC covariances from inducing points ``z`` ``(m, d)``.
 
 With ``K_zz = L L^T`` (Cholesky in float64, jitter only through ``psd_cholesky``) and the factor
 ``F(x) = K_xz L^{-T}`` ``(n, m)``, the Nystrom approximation is ``Q_xx = K_xz K_zz^{-1} K_zx = F F^T``:
 
-    sor / dtc:  K(x, x) = F F^T                                  -> LowRank(F)
-    fitc:       K(x, x) = F F^T + diag(K_xx - Q_xx)              -> LowRank(F) + Diagonal(...)
+    sor / dtc / vfe:  K(x, x) = F F^T                            -> LowRank(F)
+    fitc:             K(x, x) = F F^T + diag(K_xx - Q_xx)        -> LowRank(F) + Diagonal(...)
 
 so with noise the training covariance is answered by Woodbury in ``n m^2``. Cross-covariances are
 ``Q(x1, x2) = F(x1) F(x2)^T`` (``cross_factor``), so predictive variances cost ``m^2`` a test point. The
-three methods differ at test points: SoR uses ``Q_**`` as the prior (degenerate), DTC and FITC the exact
+methods differ at test points: SoR uses ``Q_**`` as the prior (degenerate), DTC, VFE and FITC the exact
 ``K_**`` (Quinonero-Candela and Rasmussen, 2005).
+
+VFE (Titsias, 2009; gpytorch's ``InducingPointKernel`` / SGPR) predicts as DTC but fits the collapsed
+variational lower bound of the exact marginal likelihood, with noise variances ``s_i``:
+
+    log N(y; m, Q + diag(s)) - 1/2 sum_i (K_ii - Q_ii) / s_i        (= - tr(K - Q) / (2 sigma^2) for s_i = sigma^2)
+
+the second term is :meth:`InducingPointKernel.bound_correction`, which the model adds to its log likelihood.
 """
 
 from __future__ import annotations
@@ -22,14 +29,15 @@ from structgp.covariance import Dense, Diagonal, LowRank, Operator
 from structgp.inference import psd_cholesky
 from structgp.kernels.base import Kernel, as_inputs, check_gpytorch_kernel, evaluate, evaluate_diag, symmetrize
 
-METHODS = ("sor", "dtc", "fitc")
+METHODS = ("sor", "dtc", "fitc", "vfe")
 
 
 class InducingPointKernel(Kernel):
     """SoR / DTC / FITC covariance of ``base_kernel`` through ``m`` inducing points.
 
     base_kernel: any gpytorch kernel; inducing_points: ``(m, d)`` initial locations (learned when
-    ``learn_inducing_points``); method: ``"sor"``, ``"dtc"`` or ``"fitc"``.
+    ``learn_inducing_points``); method: ``"sor"``, ``"dtc"``, ``"fitc"`` or ``"vfe"`` (the collapsed
+    variational bound, gpytorch's SGPR).
     """
 
     def __init__(
@@ -88,6 +96,13 @@ class InducingPointKernel(Kernel):
         floor = torch.finfo(factor.dtype).tiny ** 0.5
         correction = (evaluate_diag(self.base_kernel, x) - factor.square().sum(-1)).clamp_min(floor)
         return low_rank + Diagonal(correction)
+
+    def bound_correction(self, x: Tensor, noise: Tensor) -> Tensor | None:
+        """VFE's trace term ``-1/2 sum_i (K_ii - Q_ii) / noise_i`` ``(...)``; None for the other methods."""
+        if self.method != "vfe":
+            return None
+        gap = evaluate_diag(self.base_kernel, x) - self.cross_factor(x).square().sum(-1)  # diag(K - Q) >= 0
+        return -0.5 * (gap / noise).sum(-1)
 
     def cross(self, x1: Tensor, x2: Tensor) -> Tensor:
         return self.cross_factor(x1) @ self.cross_factor(x2).mT

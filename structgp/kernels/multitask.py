@@ -42,6 +42,16 @@ class MultitaskKernel(Kernel):
         )
         self.num_tasks = num_tasks
 
+    @property
+    def data_covar_module(self) -> gpytorch.kernels.Kernel:
+        """gpytorch's name (``MultitaskKernel.data_covar_module``) of :attr:`data_kernel`."""
+        return self.data_kernel
+
+    @property
+    def task_covar_module(self) -> gpytorch.kernels.IndexKernel:
+        """gpytorch's name (``MultitaskKernel.task_covar_module``) of :attr:`task_kernel`."""
+        return self.task_kernel
+
     def task_covariance(self) -> Tensor:
         """``B = V V^T + diag(v)`` ``(..., t, t)``."""
         return self.task_kernel.covar_matrix.to_dense()

@@ -15,6 +15,13 @@ ones). Its variance is cheap; the ``n_* x n_*`` matrix is formed only for joint 
 joint samples, ``covariance_matrix``), by the dense Cholesky engine: fine for small test sets, and
 ``predict`` (chunked marginals) is the path for large ones.
 
+Modes (as gpytorch's ``ExactGP``): ``model(x)`` is the *prior* of ``f`` at ``x`` in training mode (so the gpytorch
+loop ``loss = -mll(model(train_x), train_y)`` optimises the marginal likelihood, the same objective as
+:meth:`ExactGP.fit`) and the *posterior* in eval mode. A model starts in eval mode and ``fit()`` leaves it there.
+The distribution is of the likelihood's library: a structgp ``MultivariateNormal`` for structgp likelihoods (for
+structgp's ``ExactMarginalLogLikelihood``), its gpytorch view (``to_gpytorch()``, still structured) for gpytorch
+likelihoods (for gpytorch's ``ExactMarginalLogLikelihood`` and ``likelihood(model(x))``).
+
 Caching: the training solve (``K + N``, ``alpha = (K + N)^{-1} (y - m)`` and, for low-rank kernels,
 ``F^T (K + N)^{-1} F``) is computed without gradients and kept until a parameter or buffer changes (see
 :class:`TrainingCache`); predictions are then differentiable with respect to the test inputs and, through
@@ -30,26 +37,36 @@ from torch import Tensor, nn
 
 from structgp.covariance import Operator
 from structgp.distributions import GaussianLikelihood, MultivariateNormal
-from structgp.kernels import Kernel, as_kernel
-from structgp.models.fit import minimise
+from structgp.kernels import DenseKernel, Kernel, as_kernel
+from structgp.models import added_loss
+from structgp.models.fit import Optimizer, minimise
 from structgp.models.noise import fixed_noise_at_test, noise_operator
 from structgp.models.posterior_covariance import PosteriorCovariance
 from structgp.models.prediction import TrainingSolve, chunk_size, dense_terms, factor_terms, solve_training
 from structgp.models.training_cache import TrainingCache
+from structgp.models.training_data import check_replacement, fantasy_copy
+
+_ALIASES = {"covar_module": "kernel", "mean_module": "mean"}  # gpytorch's names of the model's modules
 
 
-class ExactGP(nn.Module):
+class ExactGP(gpytorch.models.GP):
     """An exact GP regression model on a structured kernel.
 
     train_x: training inputs ``(..., n, d)`` (``(n,)`` is ``(n, 1)``; whatever the kernel takes, e.g. weight
-        matrices for an aggregation kernel); train_y: targets ``(..., n)``, or ``(..., n, t)`` for a kernel
-        with ``t = kernel.num_tasks > 1`` outputs; kernel: a structgp kernel or a gpytorch kernel (wrapped in
-        ``DenseKernel``); likelihood: a Gaussian likelihood (default: learned homoskedastic noise, a structgp
-        ``GaussianLikelihood``; per-task noise, a gpytorch ``MultitaskGaussianLikelihood(rank=0)``, for
-        several tasks); mean: a gpytorch mean (default ``ConstantMean``, per task for several tasks).
+        matrices for an aggregation kernel); train_y: targets ``(..., n)`` (or ``(..., n, 1)``), or
+        ``(..., n, t)`` for a kernel with ``t = kernel.num_tasks > 1`` outputs; kernel: a structgp kernel or a
+        gpytorch kernel (wrapped in ``DenseKernel``); likelihood: a Gaussian likelihood (default: learned
+        homoskedastic noise, a structgp ``GaussianLikelihood``; per-task noise, a gpytorch
+        ``MultitaskGaussianLikelihood(rank=0)``, for several tasks); mean: a gpytorch mean (default
+        ``ConstantMean``, per task for several tasks).
 
     Batch dims of ``train_y`` (and of the kernel's hyperparameters) give a batch of independent GPs. The
-    model's parameters and buffers are cast to the dtype of ``train_y`` (float32 or float64).
+    model's parameters and buffers are cast to the dtype of ``train_y`` (float32 or float64). The training
+    data are not in the state dict (as in gpytorch), so hyperparameters load into a model of any data size.
+
+    gpytorch's names reach the same modules: ``covar_module`` is the gpytorch kernel given (or the structgp
+    kernel), so ``model.covar_module.base_kernel.lengthscale`` is where a gpytorch user finds it, and
+    ``mean_module`` is the mean.
     """
 
     def __init__(
@@ -71,12 +88,28 @@ class ExactGP(nn.Module):
         if not isinstance(self.mean, nn.Module):
             raise TypeError(f"mean: expected a gpytorch mean (a torch.nn.Module), got {type(self.mean).__name__}")
         _check_batches(train_x, batch)
-        self.register_buffer("train_x", train_x)
-        self.register_buffer("train_y", train_y)
+        self.register_buffer("train_x", train_x, persistent=False)
+        self.register_buffer("train_y", train_y, persistent=False)
         self.to(train_y.dtype)
         self._solved = TrainingCache()
+        self.training = False  # ready to predict; the gpytorch loop calls model.train() (this module's flag only)
         with torch.no_grad():
             self.noise_covariance(n)  # a likelihood that does not fit the data fails here, clearly
+
+    # -- gpytorch's names -----------------------------------------------------------------------------
+    @property
+    def covar_module(self) -> nn.Module:
+        """The gpytorch kernel the model was given (a structgp kernel as it is), gpytorch's name for it."""
+        return self.kernel.base_kernel if type(self.kernel) is DenseKernel else self.kernel
+
+    @property
+    def mean_module(self) -> nn.Module:
+        return self.mean
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _ALIASES:  # model.covar_module = k sets the kernel (nn.Module would register a new child)
+            name, value = _ALIASES[name], (as_kernel(value, name) if name == "covar_module" else value)
+        super().__setattr__(name, value)
 
     # -- sizes ----------------------------------------------------------------------------------------
     @property
@@ -115,13 +148,24 @@ class ExactGP(nn.Module):
         return MultivariateNormal(self.prior_mean(self.train_x), self.train_covariance(), validate_args=validate_args)
 
     def marginal_log_likelihood(self) -> Tensor:
-        """``log p(y)`` ``(*batch)``, by one structured ``inv_quad_logdet``.
+        """``log p(y)`` ``(*batch)``, by one structured ``inv_quad_logdet`` (plus the kernel's
+        :meth:`bound_correction` for a variational bound: VFE).
 
         The distribution's argument validation is skipped: it reads the covariance's diagonal, which is not
         cheap for every structure (a ``SparseLifted`` visits all within-row pairs of its lift) and would be
         paid at every step of a fit.
         """
-        return self.marginal(validate_args=False).log_prob(self._flat_targets())
+        value = self.marginal(validate_args=False).log_prob(self._flat_targets())
+        correction = self.bound_correction()
+        return value if correction is None else value + correction
+
+    def bound_correction(self) -> Tensor | None:
+        """The kernel's variational-bound term at the training inputs ``(*batch)`` (VFE's
+        ``-tr(K - Q) / (2 sigma^2)``), or None for an exact marginal likelihood."""
+        if type(self.kernel).bound_correction is Kernel.bound_correction:
+            return None  # the kernel adds nothing: skip the noise diagonal
+        noise = self.noise_covariance(self.kernel.num_points(self.train_x)).diagonal()
+        return self.kernel.bound_correction(self.train_x, noise)
 
     def log_prior(self) -> Tensor:
         """The summed log densities of the hyperparameter priors (gpytorch priors and likelihood priors)."""
@@ -140,23 +184,60 @@ class ExactGP(nn.Module):
 
     def fit(
         self,
-        optimizer: str = "lbfgs",
+        optimizer: Optimizer = "lbfgs",
         iterations: int | None = None,
         lr: float | None = None,
-        progress: bool = True,
+        progress: bool | None = None,
         tolerance: float = 1e-9,
     ) -> list[float]:
         """Fit the hyperparameters by maximising the exact marginal likelihood; returns the loss history.
 
         optimizer: ``"lbfgs"`` (``torch.optim.LBFGS``, strong-Wolfe line search; default 50 iterations, stops
         early when an iteration changes the loss by less than ``tolerance``) or ``"adam"`` (default 100
-        iterations, lr 0.1); progress: a tqdm progress bar. The history starts with the initial loss.
+        iterations, lr 0.1), in any case, or a ``torch.optim.Optimizer`` class (see :func:`minimise`);
+        progress: a tqdm progress bar (default: only when standard error is a terminal). The history starts
+        with the initial loss. The model is left in eval mode.
         """
         self.train()
-        return minimise(
-            self.loss, self.parameters(), optimizer=optimizer, iterations=iterations, lr=lr, progress=progress,
-            tolerance=tolerance, desc=f"fit {type(self.kernel).__name__}",
-        )
+        try:
+            return minimise(
+                self.loss, self.parameters(), optimizer=optimizer, iterations=iterations, lr=lr, progress=progress,
+                tolerance=tolerance, desc=f"fit {type(self.kernel).__name__}",
+            )
+        finally:
+            self.eval()
+
+    # -- training data (gpytorch's API) ---------------------------------------------------------------
+    def set_train_data(self, inputs: Tensor | None = None, targets: Tensor | None = None, strict: bool = True) -> None:
+        """Replace the training inputs and/or targets (hyperparameters unchanged; the cached solve is dropped).
+
+        strict: keep their shapes (as gpytorch); with ``strict=False`` the number of points may change (give
+        both, or one that matches the other). A fixed-noise likelihood's noise is not changed.
+        """
+        x = self.train_x if inputs is None else self.kernel.check_inputs(inputs, "inputs")
+        if inputs is not None:
+            check_replacement("inputs", x, self.train_x, strict)
+        n, t = self.kernel.num_points(x), self.num_tasks
+        y = self.train_y if targets is None else _check_targets(targets, n, t, "targets")
+        if targets is not None:
+            check_replacement("targets", y, self.train_y, strict)
+        else:
+            _check_targets(y, n, t, "targets (the current ones; pass the new targets too)")
+        _check_batches(x, y.shape[: y.dim() - (2 if t > 1 else 1)])
+        self.train_x, self.train_y = x, y
+
+    def get_fantasy_model(self, inputs: Tensor, targets: Tensor, noise: Tensor | None = None, **kwargs) -> ExactGP:
+        """A copy of this model (hyperparameters copied) trained on its data plus ``(inputs, targets)``.
+
+        inputs ``(..., m, d)``; targets ``(..., m)`` (``(..., m, t)`` for several tasks), possibly with one more
+        leading dim than the inputs (fantasies at the same points); noise: their noise variances (shaped as the
+        targets), for a fixed-noise likelihood. Batch dims broadcast with the model's (as gpytorch's).
+        """
+        if kwargs:
+            raise TypeError(f"get_fantasy_model: unexpected arguments {sorted(kwargs)}")
+        x = self.kernel.check_test_inputs(inputs, "inputs")
+        y = _check_targets(targets, self.kernel.num_points(x), self.num_tasks, "targets")
+        return fantasy_copy(self, x, y, noise)
 
     # -- prediction -----------------------------------------------------------------------------------
     def training_solve(self, cache: bool = True) -> TrainingSolve:
@@ -235,8 +316,23 @@ class ExactGP(nn.Module):
         # PSD by construction; validation would compute the variances once more
         return MultivariateNormal(self.prior_mean(x) + mean, covariance, validate_args=False)
 
-    def forward(self, x: Tensor) -> MultivariateNormal:
-        return self.posterior(x)
+    def prior(self, x: Tensor) -> MultivariateNormal:
+        """The prior ``N(m(x), K(x, x))`` of ``f`` at ``x`` (values flattened point-major for several tasks)."""
+        x = self.kernel.check_inputs(x, "x")
+        return MultivariateNormal(self.prior_mean(x), self.kernel(x), validate_args=False)
+
+    def forward(self, x: Tensor):
+        """Training mode: the prior of ``f`` at ``x`` (at the training inputs, also records the kernel's bound
+        correction as a gpytorch added loss term, see :mod:`.added_loss`); eval mode: the posterior. A gpytorch
+        likelihood gets the gpytorch view of the distribution (see the module docstring)."""
+        if self.training:
+            x = self.kernel.check_inputs(x, "x")
+            dist = self.prior(x)
+            at_train = x is self.train_x or (x.shape == self.train_x.shape and torch.equal(x, self.train_x))
+            added_loss.record(self, self.bound_correction() if at_train else None)
+        else:
+            dist = self.posterior(x)
+        return dist.to_gpytorch() if isinstance(self.likelihood, gpytorch.likelihoods.Likelihood) else dist
 
     def sample(
         self, x: Tensor, sample_shape: torch.Size | tuple = (), *, observation_noise: bool = False,
@@ -263,22 +359,24 @@ class ExactGP(nn.Module):
         return values.unflatten(-1, (-1, t)) if t > 1 else values
 
 
-def _check_targets(y: Tensor, n: int, t: int) -> Tensor:
+def _check_targets(y: Tensor, n: int, t: int, name: str = "train_y") -> Tensor:
     if not isinstance(y, Tensor):
-        raise TypeError(f"train_y: expected a torch.Tensor, got {type(y).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(y).__name__}")
     if y.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"train_y: expected dtype float32 or float64, got {y.dtype}")
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {y.dtype}")
+    if t == 1 and y.dim() >= 2 and y.shape[-2:] == (n, 1) and n != 1:
+        y = y.squeeze(-1)  # one output column (BoTorch's and many users' layout)
     layout = f"(..., {n})" if t == 1 else f"(..., {n}, {t})"
     shape_ok = y.dim() >= 1 and y.shape[-1] == n if t == 1 else y.dim() >= 2 and y.shape[-2:] == (n, t)
     if not shape_ok:
         raise ValueError(
-            f"train_y: expected shape {layout} to match the {n} training inputs"
+            f"{name}: expected shape {layout} to match the {n} training inputs"
             f"{f' and {t} tasks' if t > 1 else ''}, got {tuple(y.shape)}"
         )
     bad = ~torch.isfinite(y)
     if bool(bad.any()):
         raise ValueError(
-            f"train_y: expected finite targets, found {int(bad.sum())} NaN/Inf value(s) "
+            f"{name}: expected finite targets, found {int(bad.sum())} NaN/Inf value(s) "
             f"(first at index {tuple(bad.nonzero()[0].tolist())}); drop those points or impute them"
         )
     return y

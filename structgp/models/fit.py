@@ -1,12 +1,17 @@
-"""Fitting loop: minimise a scalar loss over parameters with L-BFGS (strong Wolfe) or Adam.
+"""Fitting loop: minimise a scalar loss over parameters with L-BFGS (strong Wolfe), Adam or any torch optimiser.
 
 L-BFGS runs as one ``torch.optim.LBFGS.step`` of ``max_iter=iterations`` (so no evaluation is repeated
 between iterations); the closure follows the optimiser's iteration counter to drive the progress bar and
-to record, for each iteration, the lowest loss its line search evaluated (the accepted point's loss).
+to record, for each iteration, the lowest loss its line search evaluated (the accepted point's loss). Other
+optimisers take one step an iteration.
+
+The progress bar is shown when asked (``progress=True``) or, by default (``progress=None``), only when
+standard error is a terminal: a log file or a notebook's captured output gets no bar lines.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -14,16 +19,19 @@ from torch import Tensor, nn
 
 OPTIMIZERS = ("lbfgs", "adam")
 _DEFAULTS = {"lbfgs": (50, 1.0), "adam": (100, 0.1)}
+_GENERIC_ITERATIONS = 100  # a torch.optim class other than LBFGS and Adam: its own default lr
+
+Optimizer = str | type[torch.optim.Optimizer]
 
 
 def minimise(
     loss_fn: Callable[[], Tensor],
     parameters: Iterable[nn.Parameter],
     *,
-    optimizer: str = "lbfgs",
+    optimizer: Optimizer = "lbfgs",
     iterations: int | None = None,
     lr: float | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     tolerance: float = 1e-9,
     desc: str = "fit",
 ) -> list[float]:
@@ -31,12 +39,13 @@ def minimise(
 
     optimizer: ``"lbfgs"`` (default: 50 iterations, lr 1, strong-Wolfe line search; stops early when an
         iteration changes the loss by less than ``tolerance`` or the gradient's largest entry is below
-        ``1e-7``, as ``torch.optim.LBFGS``) or ``"adam"`` (default: 100 iterations, lr 0.1).
-    progress: show a tqdm progress bar.
+        ``1e-7``, as ``torch.optim.LBFGS``) or ``"adam"`` (default: 100 iterations, lr 0.1), in any case; or a
+        ``torch.optim.Optimizer`` class (``torch.optim.LBFGS`` and ``torch.optim.Adam`` as their names, others
+        100 steps with their own default lr unless ``lr`` is given).
+    progress: show a tqdm progress bar (None: only when standard error is a terminal).
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
-    default_iterations, default_lr = _DEFAULTS[optimizer]
+    kind, cls = _optimizer(optimizer)
+    default_iterations, default_lr = _DEFAULTS.get(kind, (_GENERIC_ITERATIONS, None))
     iterations = default_iterations if iterations is None else iterations
     if not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations: expected a non-negative int, got {iterations!r}")
@@ -46,15 +55,37 @@ def minimise(
     lr = default_lr if lr is None else lr
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=iterations, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=iterations, desc=desc, disable=not show_progress(progress), leave=False)
     try:
-        if optimizer == "lbfgs":
+        if kind == "lbfgs":
             history = _lbfgs(loss_fn, params, iterations, lr, tolerance, bar)
         else:
-            history = _adam(loss_fn, params, iterations, lr, bar)
+            history = _first_order(loss_fn, cls(params) if lr is None else cls(params, lr=lr), iterations, bar)
     finally:
         bar.close()
     return history
+
+
+def show_progress(progress: bool | None) -> bool:
+    """``progress`` if given, else whether standard error (where tqdm writes) is a terminal."""
+    if progress is not None:
+        return bool(progress)
+    stream = sys.stderr
+    return stream is not None and callable(getattr(stream, "isatty", None)) and stream.isatty()
+
+
+def _optimizer(optimizer: Optimizer) -> tuple[str, type[torch.optim.Optimizer]]:
+    """``(kind, class)``: kind ``"lbfgs"``, ``"adam"`` or ``"class"`` (another torch optimiser)."""
+    if isinstance(optimizer, str) and optimizer.lower() in OPTIMIZERS:
+        kind = optimizer.lower()
+        return kind, torch.optim.LBFGS if kind == "lbfgs" else torch.optim.Adam
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        if optimizer is torch.optim.LBFGS:
+            return "lbfgs", optimizer
+        return ("adam" if optimizer is torch.optim.Adam else "class"), optimizer
+    raise ValueError(
+        f"optimizer: expected one of {OPTIMIZERS} (any case) or a torch.optim.Optimizer class, got {optimizer!r}"
+    )
 
 
 def _evaluate(loss_fn: Callable[[], Tensor], params: list[nn.Parameter]) -> Tensor:
@@ -94,8 +125,9 @@ def _lbfgs(loss_fn, params, iterations: int, lr: float, tolerance: float, bar) -
     return history
 
 
-def _adam(loss_fn, params, iterations: int, lr: float, bar) -> list[float]:
-    opt = torch.optim.Adam(params, lr=lr)
+def _first_order(loss_fn, opt: torch.optim.Optimizer, iterations: int, bar) -> list[float]:
+    """``iterations`` steps of a first-order optimiser (Adam, SGD, ...), one gradient each."""
+    params = [p for group in opt.param_groups for p in group["params"]]
     history: list[float] = []
     for _ in range(iterations):
         loss = _evaluate(loss_fn, params)

@@ -27,7 +27,7 @@ def noise_operator(
     test_noise: per-point variances at test points ``(..., n)`` (``(..., n, t)`` for several tasks); fixed-noise
     likelihoods need it there (they know only the training noise), the others refuse it.
     """
-    if _is_fixed_noise(likelihood):
+    if is_fixed_noise(likelihood):
         return _fixed(likelihood, n, num_tasks, dtype, device, test_noise)
     if test_noise is not None:
         raise ValueError("noise: per-point test noise is only used with a fixed-noise likelihood")
@@ -46,14 +46,14 @@ def noise_operator(
 
 def fixed_noise_at_test(likelihood, observation_noise: bool, noise: Tensor | None) -> None:
     """Fixed-noise likelihoods need the test noise given; others must not get one."""
-    if observation_noise and _is_fixed_noise(likelihood) and noise is None:
+    if observation_noise and is_fixed_noise(likelihood) and noise is None:
         raise ValueError(
             "noise: a fixed-noise likelihood knows only the training noise; pass the per-point test noise "
             "(predict(x, observation_noise=True, noise=...))"
         )
 
 
-def _is_fixed_noise(likelihood) -> bool:
+def is_fixed_noise(likelihood) -> bool:
     from structgp.distributions import FixedNoiseGaussianLikelihood
 
     return isinstance(likelihood, (FixedNoiseGaussianLikelihood, gpytorch.likelihoods.FixedNoiseGaussianLikelihood))

@@ -85,7 +85,7 @@ def test_inducing_points_are_learned_and_differentiable():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="method: expected one of"):
-        InducingPointKernel(RBFKernel(), torch.rand(3, 1), method="vfe")
+        InducingPointKernel(RBFKernel(), torch.rand(3, 1), method="svgp")
     kernel = InducingPointKernel(RBFKernel(), torch.rand(3, 2))
     with pytest.raises(ValueError, match="expected 2 columns"):
         kernel.check_inputs(torch.rand(4, 3))

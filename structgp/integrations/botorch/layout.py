@@ -69,6 +69,22 @@ class Layout:
             return y.flatten(-2)
         return y.movedim(-1, -2)
 
+    def to_targets(self, y: Tensor) -> Tensor:
+        """Outcomes ``(*b, n, m)`` -> a gp's ``train_y`` (``(*b, n)``, ``(*b, n, t)`` or ``(*b, m, n)``)."""
+        return y if self.kind == "tasks" else self.to_values(y, "train_Y")
+
+    def from_targets(self, train_y: Tensor) -> Tensor:
+        """A gp's ``train_y`` -> outcomes ``(*b, n, m)`` (the inverse of :meth:`to_targets`)."""
+        if self.kind == "single":
+            return train_y.unsqueeze(-1)
+        return train_y if self.kind == "tasks" else train_y.movedim(-2, -1)
+
+    def from_values(self, values: Tensor) -> Tensor:
+        """Values -> outcomes ``(*b, n, m)`` (the inverse of :meth:`to_values`)."""
+        if self.kind == "tasks":
+            return values.unflatten(-1, (-1, self.outputs))
+        return self.from_targets(values)
+
     def model_batch(self, values_batch: torch.Size) -> torch.Size:
         """BoTorch's batch shape from the batch of the values (drops the output dim of a "batch" layout)."""
         return values_batch[:-1] if self.kind == "batch" else values_batch

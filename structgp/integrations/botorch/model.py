@@ -15,28 +15,41 @@ conditioned on observations of its outputs only (:mod:`.output_subset`): indepen
 Outputs (see :mod:`.layout`): one output; a multitask kernel's ``t`` correlated outputs; or independent outputs
 as the gp's last batch dim (``batched_outputs=True``). Transforms follow BoTorch: the gp holds the
 *transformed* training data (``from_data`` applies them), ``posterior`` applies ``input_transform`` to ``X`` and
-untransforms the posterior with ``outcome_transform``.
+untransforms the posterior with ``outcome_transform``; ``model(X)`` (``forward``) transforms ``X`` only in
+training mode (in eval mode ``X`` is already transformed, as BoTorch's own models expect).
+
+SingleTaskGP's conventions: ``BoTorchModel(train_X, train_Y, train_Yvar, likelihood, covar_module, mean_module,
+outcome_transform, input_transform)`` builds the gp with SingleTaskGP's defaults (kernel, likelihood and priors,
+``Standardize``); ``from_data`` has the same default kernel and ``Standardize``. ``model.likelihood`` is a
+gpytorch likelihood (a structgp one is seen through :class:`.likelihood.GPyTorchLikelihoodView`), so gpytorch's
+``ExactMarginalLogLikelihood`` and BoTorch's ``SumMarginalLogLikelihood`` accept the model; the training data
+are not in the state dict, and ``load_state_dict`` treats the outcome transform as BoTorch's models do
+(``keep_transforms``), so warm starts across data sizes work.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import gpytorch
 import torch
 from botorch.models.model import FantasizeMixin, Model
+from botorch.models.utils.gpytorch_modules import get_gaussian_likelihood_with_lognormal_prior
 from botorch.posteriors import GPyTorchPosterior
+from botorch.utils.types import DEFAULT
 from gpytorch.models import GP
 from torch import Tensor, nn
 
 from structgp.distributions import FixedNoiseGaussianLikelihood
 from structgp.integrations.botorch.conditioning import Observations
+from structgp.integrations.botorch.from_data import gp_from_data, output_batch
 from structgp.integrations.botorch.joint import gp_joint
 from structgp.integrations.botorch.layout import Layout
+from structgp.integrations.botorch.likelihood import GPyTorchLikelihoodView
 from structgp.integrations.botorch.output_subset import OutputObservations, joint_given
 from structgp.integrations.botorch.posterior import botorch_posterior
-from structgp.kernels import as_kernel
 from structgp.models import ExactGP
 
 
@@ -47,6 +60,10 @@ class BoTorchModel(Model, FantasizeMixin, GP):
     batched_outputs: the gp's last batch dim holds independent outputs (``train_y`` ``(..., m, n)``);
     input_transform / outcome_transform: BoTorch transforms, already fitted to the training data.
 
+    Or, as ``SingleTaskGP``: ``BoTorchModel(train_X, train_Y, train_Yvar=None, likelihood=None,
+    covar_module=None, mean_module=None, outcome_transform=Standardize, input_transform=None)`` (its defaults;
+    ``covar_module`` any structgp or gpytorch kernel), see :meth:`from_data`.
+
     It is also a gpytorch ``GP`` so that ``gpytorch.mlls`` accept it: ``fit_gpytorch_mll`` then minimises the
     gp's own structured loss (``compute_custom_loss``), see :mod:`.fit`.
     """
@@ -56,15 +73,31 @@ class BoTorchModel(Model, FantasizeMixin, GP):
 
     def __init__(
         self,
-        gp: ExactGP,
+        gp: ExactGP | Tensor,
+        train_Y: Tensor | None = None,
+        train_Yvar: Tensor | None = None,
+        likelihood: nn.Module | None = None,
+        covar_module: nn.Module | None = None,
+        mean_module: nn.Module | None = None,
+        outcome_transform: Any = DEFAULT,
+        input_transform: nn.Module | None = None,
         *,
         batched_outputs: bool = False,
-        input_transform: nn.Module | None = None,
-        outcome_transform: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(gp, ExactGP):
-            raise TypeError(f"gp: expected a structgp.models.ExactGP, got {type(gp).__name__}")
+        if isinstance(gp, Tensor):  # SingleTaskGP's arguments: build the gp with its defaults
+            if likelihood is None and train_Yvar is None:
+                likelihood = get_gaussian_likelihood_with_lognormal_prior(batch_shape=output_batch(gp, train_Y))
+            gp, batched_outputs, input_transform, outcome_transform = gp_from_data(
+                gp, train_Y, covar_module, train_Yvar, likelihood, mean_module, input_transform, outcome_transform
+            )
+        elif not isinstance(gp, ExactGP):
+            raise TypeError(
+                f"gp: expected a structgp.models.ExactGP (or SingleTaskGP's train_X), got {type(gp).__name__}"
+            )
+        elif any(a is not None for a in (train_Y, train_Yvar, likelihood, covar_module, mean_module)):
+            raise TypeError("train_Y, ...: SingleTaskGP's data arguments go with train_X, not with a gp")
+        outcome_transform = None if outcome_transform is DEFAULT else outcome_transform
         self.gp = gp
         self._layout = self._make_layout(gp, batched_outputs)
         self._batched_outputs = batched_outputs
@@ -95,43 +128,28 @@ class BoTorchModel(Model, FantasizeMixin, GP):
         cls,
         train_X: Tensor,
         train_Y: Tensor,
-        kernel,
+        kernel=None,
         *,
         train_Yvar: Tensor | None = None,
         likelihood: nn.Module | None = None,
         mean: nn.Module | None = None,
         input_transform: nn.Module | None = None,
-        outcome_transform: nn.Module | None = None,
+        outcome_transform: Any = DEFAULT,
     ) -> BoTorchModel:
         """Build the gp from BoTorch-style data, fitting the transforms first (as BoTorch's models do).
 
         train_X ``(*b, n, d)``, train_Y ``(*b, n, m)``, train_Yvar (observed noise, same shape as train_Y: a
-        structgp ``FixedNoiseGaussianLikelihood``); kernel: a structgp or gpytorch kernel. ``m > 1`` outputs
-        are the tasks of a multitask kernel (``kernel.num_tasks == m``), else independent outputs as a batch
-        (give the kernel ``batch_shape=(m,)`` for separate hyperparameters). The gp is returned unfitted inside
-        the model (``model.gp.fit()`` or ``fit_gpytorch_mll``).
+        structgp ``FixedNoiseGaussianLikelihood``); kernel: a structgp or gpytorch kernel (default
+        SingleTaskGP's: an ARD RBF kernel with its dimension-scaled priors); outcome_transform: default
+        ``Standardize`` (as SingleTaskGP; None for none); likelihood: default a structgp
+        ``GaussianLikelihood``. ``m > 1`` outputs are the tasks of a multitask kernel (``kernel.num_tasks ==
+        m``), else independent outputs as a batch (give the kernel ``batch_shape=(m,)`` for separate
+        hyperparameters). The gp is returned unfitted inside the model (``model.gp.fit()`` or
+        ``fit_gpytorch_mll``).
         """
-        if input_transform is not None:
-            input_transform.train()
-            train_X = input_transform(train_X)
-            input_transform.eval()
-        if outcome_transform is not None:
-            outcome_transform.train()
-            train_Y, train_Yvar = outcome_transform(train_Y, train_Yvar, X=train_X)
-            outcome_transform.eval()
-        m = train_Y.shape[-1]
-        tasks = as_kernel(kernel, "kernel").num_tasks
-        batched = m > 1 and tasks == 1
-        layout = Layout("tasks" if tasks > 1 else "batch" if batched else "single", m)
-        if tasks > 1 and tasks != m:
-            raise ValueError(f"train_Y: expected {tasks} columns (the kernel's tasks), got {m}")
-        y = layout.to_values(train_Y, "train_Y")
-        x = train_X.unsqueeze(-3) if batched and train_X.dim() > 2 else train_X
-        if train_Yvar is not None:
-            if likelihood is not None:
-                raise ValueError("train_Yvar: give either observed noise or a likelihood, not both")
-            likelihood = FixedNoiseGaussianLikelihood(layout.to_values(train_Yvar, "train_Yvar"))
-        gp = ExactGP(x, y, kernel, likelihood=likelihood, mean=mean)
+        gp, batched, input_transform, outcome_transform = gp_from_data(
+            train_X, train_Y, kernel, train_Yvar, likelihood, mean, input_transform, outcome_transform
+        )
         return cls(gp, batched_outputs=batched, input_transform=input_transform, outcome_transform=outcome_transform)
 
     # -- what BoTorch asks ----------------------------------------------------------------------------
@@ -150,8 +168,17 @@ class BoTorchModel(Model, FantasizeMixin, GP):
         return torch.broadcast_shapes(*shapes)
 
     @property
-    def likelihood(self) -> nn.Module:
-        return self.gp.likelihood
+    def likelihood(self) -> gpytorch.likelihoods.Likelihood:
+        """The gp's likelihood as a gpytorch likelihood (a structgp one through a
+        :class:`.likelihood.GPyTorchLikelihoodView` of it, the same parameters)."""
+        lik = self.gp.likelihood
+        if isinstance(lik, gpytorch.likelihoods.Likelihood):
+            return lik
+        view = self.__dict__.get("_likelihood_view")  # not a registered module: its parameters are the gp's
+        if view is None or view.structgp_likelihood is not lik:
+            view = GPyTorchLikelihoodView(lik)
+            self.__dict__["_likelihood_view"] = view
+        return view
 
     def posterior(
         self,
@@ -190,8 +217,10 @@ class BoTorchModel(Model, FantasizeMixin, GP):
         return posterior
 
     def forward(self, X: Tensor) -> gpytorch.distributions.MultivariateNormal:
-        """The posterior distribution at ``X`` in the model's (outcome-transformed) space."""
-        X_tf = self.transform_inputs(X)
+        """The posterior distribution at ``X`` in the model's (outcome-transformed) space. ``X`` is transformed
+        only in training mode: in eval mode it is already (BoTorch's ``posterior`` transforms, then calls the
+        model, e.g. in ``get_pvar_expected``)."""
+        X_tf = self.transform_inputs(X) if self.training else X
         mean, cov = self._joint(self._layout.model_inputs(X_tf))
         return botorch_posterior(mean, cov, self._layout, X_tf.shape[-2], self._outputs).distribution
 
@@ -207,6 +236,10 @@ class BoTorchModel(Model, FantasizeMixin, GP):
         X_tf = self.transform_inputs(X)
         if hasattr(self, "outcome_transform"):
             Y, _ = self.outcome_transform(Y, X=X_tf)
+        return self._conditioned_on(X_tf, Y, noise)
+
+    def _conditioned_on(self, X_tf: Tensor, Y: Tensor, noise: Tensor | None) -> BoTorchModel:
+        """:meth:`condition_on_observations` with transformed inputs and outcomes."""
         if Y.shape[-2] != X_tf.shape[-2]:
             raise ValueError(f"Y: expected {X_tf.shape[-2]} observations (as X), got shape {tuple(Y.shape)}")
         layout = self._view_layout()
@@ -237,6 +270,44 @@ class BoTorchModel(Model, FantasizeMixin, GP):
         return self._view(
             outputs=self._absolute(idcs), outcome_transform=None if tf is None else tf.subset_output(idcs)
         )
+
+    def get_fantasy_model(self, inputs: Tensor, targets: Tensor, noise: Tensor | None = None, **kwargs: Any):
+        """gpytorch's fantasy hook (``ModelListGP.condition_on_observations`` calls it): this model conditioned on
+        already outcome-transformed ``targets`` ``(*b', n')`` (one output) at ``inputs`` ``(*b, n', d)``."""
+        if self.num_outputs != 1:
+            raise NotImplementedError("get_fantasy_model: one-output models only; use condition_on_observations")
+        self.eval()
+        return self._conditioned_on(inputs, targets.unsqueeze(-1), None if noise is None else noise.unsqueeze(-1))
+
+    # -- warm starts -----------------------------------------------------------------------------------
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, keep_transforms: bool = True, assign: bool = False
+    ):
+        """Load hyperparameters (and transforms' state) from a model on any data (the training data are not in
+        the state dict). With ``keep_transforms`` and an outcome transform, the training targets (and observed
+        noise) are re-transformed with the loaded transform, as BoTorch's models do."""
+        tf = getattr(self, "outcome_transform", None)
+        if not keep_transforms or tf is None or self._steps or self._outputs is not None:
+            return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
+        with torch.no_grad():
+            y, yvar = tf.untransform(*self._training_outcomes())
+        result = nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
+        tf.eval()
+        with torch.no_grad():
+            self._set_training_outcomes(*tf(y, yvar))
+        return result
+
+    def _training_outcomes(self) -> tuple[Tensor, Tensor | None]:
+        """The gp's (transformed) targets and observed noise as outcomes ``(*b, n, m)``."""
+        gp, layout = self.gp, self._layout
+        yvar = _fixed_variances(gp.likelihood)
+        return layout.from_targets(gp.train_y), (None if yvar is None else layout.from_values(yvar))
+
+    def _set_training_outcomes(self, y: Tensor, yvar: Tensor | None) -> None:
+        gp, layout = self.gp, self._layout
+        gp.set_train_data(targets=layout.to_targets(y))
+        if yvar is not None:
+            _set_fixed_variances(gp.likelihood, layout.to_values(yvar, "train_Yvar"))
 
     # -- fitting (botorch.fit.fit_gpytorch_mll) --------------------------------------------------------
     def compute_custom_loss(self, mll=None, **kwargs: Any) -> Tensor:
@@ -312,3 +383,17 @@ class BoTorchModel(Model, FantasizeMixin, GP):
 
 def _is_fixed_noise(likelihood) -> bool:
     return isinstance(likelihood, (FixedNoiseGaussianLikelihood, gpytorch.likelihoods.FixedNoiseGaussianLikelihood))
+
+
+def _fixed_variances(likelihood) -> Tensor | None:
+    """A fixed-noise likelihood's per-value variances (values layout), else None."""
+    if isinstance(likelihood, gpytorch.likelihoods.FixedNoiseGaussianLikelihood):
+        return likelihood.noise_covar.noise
+    return likelihood.noise if isinstance(likelihood, FixedNoiseGaussianLikelihood) else None
+
+
+def _set_fixed_variances(likelihood, values: Tensor) -> None:
+    if isinstance(likelihood, gpytorch.likelihoods.FixedNoiseGaussianLikelihood):
+        likelihood.noise_covar.noise = values
+    else:
+        likelihood.noise = values

@@ -147,8 +147,10 @@ def nuts_model(
         for s in sites:
             z = pyro.sample(s.name, site_priors[s.name])
             values[f"gp.{s.raw_name}"] = s.to_raw(z, params[s.raw_name])
-        likelihood = torch.func.functional_call(marginal, values, ())
+        likelihood, correction = torch.func.functional_call(marginal, values, ())
         pyro.sample("y", likelihood.to_event(len(likelihood.batch_shape)), obs=y)
+        if correction is not None:  # a variational bound's term (VFE): the density fit() maximises
+            pyro.factor("bound_correction", correction.sum())
 
     return model, sites
 
@@ -204,14 +206,14 @@ def nuts_ensemble(
 
 
 class _Marginal(nn.Module):
-    """``gp.marginal()`` as a module's forward, for ``torch.func.functional_call``."""
+    """``(gp.marginal(), gp.bound_correction())`` as a module's forward, for ``torch.func.functional_call``."""
 
     def __init__(self, gp: ExactGP) -> None:
         super().__init__()
         self.gp = gp
 
     def forward(self):
-        return self.gp.marginal()
+        return self.gp.marginal(), self.gp.bound_correction()
 
 
 def _constraint(owner: nn.Module, leaf: str):

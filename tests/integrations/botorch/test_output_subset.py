@@ -214,7 +214,7 @@ def test_float32_view_conditioning_agrees_with_float64():
     lik32 = GaussianLikelihood(batch_shape=(M,))
     lik32.noise = NOISE.float()
     mean32 = _mean([0, 1, 2]).float()
-    ours32 = BoTorchModel.from_data(x32, y32, k32, likelihood=lik32, mean=mean32).eval()
+    ours32 = BoTorchModel.from_data(x32, y32, k32, likelihood=lik32, mean=mean32, outcome_transform=None).eval()
     Xn, Yn, Xt = torch.rand(3, 2, dtype=F64), torch.randn(3, 2, dtype=F64), torch.rand(4, 3, 2, dtype=F64)
     p64 = _ours(x, y).subset_output([2, 0]).condition_on_observations(Xn, Yn).posterior(Xt)
     p32 = ours32.subset_output([2, 0]).condition_on_observations(Xn.float(), Yn.float()).posterior(Xt.float())
