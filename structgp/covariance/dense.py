@@ -25,12 +25,25 @@ class Dense(Operator):
         matrix = as_tensor(matrix, name)
         check_square(matrix, name)
         check_finite(matrix, name)
-        check_symmetric(matrix, name)
+        exact = check_symmetric(matrix, name)
         self.matrix = matrix
+        # the matrix and its version when it was found exactly symmetric (None: not known)
+        self._symmetric = (matrix, matrix._version) if exact and not matrix.is_inference() else None
 
     @property
     def shape(self) -> torch.Size:
         return self.matrix.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.matrix.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.matrix.device
+
+    def _tensors(self) -> list[Tensor]:
+        return [self.matrix]
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         return self.matrix @ rhs
@@ -40,6 +53,12 @@ class Dense(Operator):
 
     def _to_dense(self) -> Tensor:
         return self.matrix
+
+    def _dense_is_symmetric(self) -> bool:
+        """True while ``matrix`` is the tensor the constructor found exactly symmetric and has not been
+        modified in place since (copies rebuilt from pytree children do not know, and say False)."""
+        known = getattr(self, "_symmetric", None)
+        return known is not None and known[0] is self.matrix and known[1] == self.matrix._version
 
     def _scale(self, c: Tensor) -> Dense:
         return self._replace(matrix=c[..., None, None] * self.matrix)

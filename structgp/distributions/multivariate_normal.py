@@ -26,7 +26,7 @@ from torch.distributions.utils import lazy_property
 
 from structgp import _config
 from structgp.covariance.operator import Operator, as_operator
-from structgp.covariance.validation import broadcast_batch, value_checks_enabled
+from structgp.covariance.validation import broadcast_batch, positive_finite, value_checks_enabled
 from structgp.inference.cholesky import inverse_from_cholesky, psd_cholesky
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -50,7 +50,8 @@ class MultivariateNormal(TorchDistribution):
         _check_loc(loc, covariance)
         n = covariance.n
         batch_shape = broadcast_batch(loc.shape[:-1], covariance.batch_shape, names=("loc", "covariance"))
-        self.loc = loc.expand(batch_shape + (n,))
+        shape = batch_shape + (n,)
+        self.loc = loc if loc.shape == shape else loc.expand(shape)
         self._unbroadcasted_covariance = covariance
         if torch.compiler.is_compiling():  # values cannot be checked while tracing (Dynamo also refuses to
             validate_args = False  # trace torch.distributions' constraint checks in some import orders)
@@ -191,12 +192,12 @@ def _check_loc(loc: Tensor, covariance: Operator) -> None:
 
 def _check_covariance_values(covariance: Operator) -> None:
     """A cheap necessary condition of positive definiteness: a finite, positive diagonal (``n`` values)."""
-    diag = covariance.diagonal()
-    enabled = getattr(_config.current(), "check_values", True)
-    if not enabled or torch.jit.is_tracing() or not value_checks_enabled(diag):
+    if not _config.current().check_values or torch.jit.is_tracing():
         return
-    if not bool((torch.isfinite(diag) & (diag > 0)).all()):
-        raise ValueError(
-            f"covariance: expected a positive definite operator, but {covariance!r} has non-positive or "
-            "non-finite diagonal entries"
-        )
+    diag = covariance.diagonal()
+    if not value_checks_enabled(diag) or positive_finite(diag):
+        return
+    raise ValueError(
+        f"covariance: expected a positive definite operator, but {covariance!r} has non-positive or "
+        "non-finite diagonal entries"
+    )
