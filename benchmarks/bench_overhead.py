@@ -14,6 +14,10 @@ noise from other processes falls on all of them alike; times are medians of many
 
     python benchmarks/bench_overhead.py                   # n = 16, 64, 256; float64 then float32
     python benchmarks/bench_overhead.py --n 16 --reps 5000 --dtypes float64 --json overhead.json
+    python benchmarks/bench_overhead.py --device cuda           # GPU: each call ends with a synchronisation
+
+Columns: median times, the ratios structgp / torch.distributions and structgp / raw, and the differences of
+structgp's value and of its gradient dS from torch.distributions'.
 """
 
 from __future__ import annotations
@@ -40,14 +44,26 @@ IMPLS = ("structgp", "torch", "gpytorch", "raw")
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def problem(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(S, mu, y)``: an SPD RBF kernel matrix plus noise ``(n, n)`` (a leaf that requires grad), two ``(n,)``."""
+def problem(
+    n: int, dtype: torch.dtype, device: torch.device | str = "cpu", matrix: str = "exact", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(S, mu, y)``: an SPD RBF kernel matrix plus noise ``(n, n)`` (a leaf that requires grad), two ``(n,)``.
+
+    ``matrix="exact"``: ``S`` equals its transpose entry for entry; ``"product"``: the squared distances come
+    from the matrix-product formula ``|x|^2 + |y|^2 - 2 x y^T`` (as gpytorch's kernels compute them), which
+    leaves ``S`` symmetric only to rounding."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, generator=g, dtype=torch.float64)
-    s = torch.exp(-0.5 * torch.cdist(x, x).square() / 0.5**2) + 0.1 * torch.eye(n, dtype=torch.float64)
-    s = ((s + s.mT) / 2).to(dtype).requires_grad_(True)
-    mu = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
-    y = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.rand(n, 3, generator=g, dtype=torch.float64).to(dtype)
+    sq = x.square().sum(-1)
+    dist2 = (sq[:, None] + sq[None, :] - 2 * x @ x.mT).clamp_min(0)
+    s = torch.exp(-0.5 * dist2 / 0.5**2) + 0.1 * torch.eye(n, dtype=dtype)
+    if matrix == "exact":
+        s = (s + s.mT) / 2
+    s = s.to(device).requires_grad_(True)
+    mu = torch.randn(n, generator=g, dtype=torch.float64).to(device, dtype)
+    y = torch.randn(n, generator=g, dtype=torch.float64).to(device, dtype)
+    if matrix == "product" and torch.equal(s, s.mT):
+        warnings.warn(f"n={n}: the matrix-product formula happened to give an exactly symmetric S", stacklevel=2)
     return s, mu, y
 
 
@@ -55,11 +71,14 @@ def contenders(s: torch.Tensor, mu: torch.Tensor, y: torch.Tensor) -> dict[str, 
     """One closure per implementation: log_prob + backward from a fresh graph; returns the value."""
     import gpytorch
 
+    sync = torch.cuda.synchronize if s.device.type == "cuda" else (lambda: None)
+
     def run(log_prob: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         def call() -> torch.Tensor:
             s.grad = None
             out = log_prob()
             out.backward()
+            sync()  # on a GPU: the time until the gradient is there
             return out.detach()
 
         return call
@@ -101,8 +120,13 @@ def interleaved(fns: dict[str, Callable[[], torch.Tensor]], reps: int, seed: int
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def values(fns: dict[str, Callable[[], torch.Tensor]]) -> dict[str, float]:
-    return {k: float(fn()) for k, fn in fns.items()}
+def values(fns: dict[str, Callable[[], torch.Tensor]], s: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
+    """Each contender's value and the largest difference of its gradient ``dS`` from torch.distributions'."""
+    vals, grads = {}, {}
+    for k, fn in fns.items():
+        vals[k] = float(fn())
+        grads[k] = s.grad.clone()
+    return vals, {k: float((g - grads["torch"]).abs().max()) for k, g in grads.items()}
 
 
 def default_reps(n: int) -> int:
@@ -115,36 +139,52 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--dtypes", default="float64,float32", help="comma-separated: float64,float32")
     parser.add_argument("--reps", type=int, default=0, help="rounds per size (0: 3000 / 2000 / 600 by size)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--matrix", choices=["exact", "product"], default="exact",
+                        help="S exactly symmetric, or symmetric to rounding (a kernel from a matrix product)")
     parser.add_argument("--json", default="", help="write the results to this JSON file")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    sizes = [int(s) for s in args.n.split(",") if s]
-    results: list[Result] = []
-    warnings.simplefilter("ignore")  # gpytorch's float32 numerical warnings would flood the table
-    for dtype_name in filter(None, args.dtypes.split(",")):
-        dtype = getattr(torch, dtype_name)
-        print(f"\n{dtype_name}, {args.threads} thread(s): log_prob + backward, median microseconds")
-        head = (f"{'n':>5} {'structgp':>9} {'torch':>9} {'gpytorch':>9} {'raw':>9} "
-                f"{'sg/torch':>9} {'sg/raw':>8} {'|sg-torch|':>11}")
-        print(head)
-        print("-" * len(head))
-        for n in sizes:
-            fns = contenders(*problem(n, dtype))
-            got = values(fns)
-            err = abs(got["structgp"] - got["torch"])
-            tol = 1e-10 if dtype == torch.float64 else 1e-4 * max(1.0, abs(got["torch"]))
-            med = interleaved(fns, args.reps or default_reps(n))
-            us = {k: 1e6 * v for k, v in med.items()}
-            flag = "" if err <= tol else "  MISMATCH"
-            print(f"{n:>5} {us['structgp']:9.1f} {us['torch']:9.1f} {us['gpytorch']:9.1f} {us['raw']:9.1f} "
-                  f"{us['structgp'] / us['torch']:8.2f}x {us['structgp'] / us['raw']:7.2f}x {err:11.1e}{flag}")
-            for k in IMPLS:
-                rel = abs(got[k] - got["torch"]) / abs(got["torch"])
-                results.append(Result(f"n={n} {dtype_name}", k, round(1e3 * med[k], 5), None, got[k], rel))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # gpytorch's float32 numerical warnings would flood the table
+            results = [r for d in filter(None, args.dtypes.split(",")) for r in table(args, getattr(torch, d))]
+    finally:
+        torch.set_num_threads(threads)  # run_all goes on with the next suite in this process
     if args.json:
-        write_json(args.json, results, {**environment(torch.device("cpu")), "threads": args.threads})
+        write_json(args.json, results, {**environment(torch.device(args.device)), "threads": args.threads})
     return results
 
+
+def table(args: argparse.Namespace, dtype: torch.dtype) -> list[Result]:
+    """Measure and print one block (one dtype, every size)."""
+    name = str(dtype).replace("torch.", "")
+    print(f"\n{name} on {args.device}, {args.threads} thread(s), S exactly symmetric"
+          if args.matrix == "exact" else
+          f"\n{name} on {args.device}, {args.threads} thread(s), S symmetric to rounding (matrix-product kernel)")
+    print("log_prob + backward, median microseconds")
+    head = (f"{'n':>5} {'structgp':>9} {'torch':>9} {'gpytorch':>9} {'raw':>9} "
+            f"{'sg/torch':>9} {'sg/raw':>8} {'|sg-torch|':>11} {'|dS diff|':>10}")
+    print(head)
+    print("-" * len(head))
+    results = []
+    for n in [int(s) for s in args.n.split(",") if s]:
+        s, mu, y = problem(n, dtype, args.device, args.matrix)
+        fns = contenders(s, mu, y)
+        got, grad_err = values(fns, s)
+        err = abs(got["structgp"] - got["torch"])
+        tol = 1e-10 if dtype == torch.float64 else 1e-4 * max(1.0, abs(got["torch"]))
+        med = interleaved(fns, args.reps or default_reps(n))
+        us = {k: 1e6 * v for k, v in med.items()}
+        flag = "" if err <= tol else "  MISMATCH"
+        print(f"{n:>5} {us['structgp']:9.1f} {us['torch']:9.1f} {us['gpytorch']:9.1f} {us['raw']:9.1f} "
+              f"{us['structgp'] / us['torch']:8.2f}x {us['structgp'] / us['raw']:7.2f}x {err:11.1e} "
+              f"{grad_err['structgp']:10.1e}{flag}", flush=True)
+        for k in IMPLS:
+            rel = abs(got[k] - got["torch"]) / abs(got["torch"])
+            results.append(Result(f"n={n} {name}", k, round(1e3 * med[k], 5), None, got[k], rel))
+    return results
 
 if __name__ == "__main__":
     main()

@@ -108,8 +108,8 @@ class Operator(PyTreeNode):
         raise NotImplementedError
 
     def _dense_is_symmetric(self) -> bool:
-        """Whether ``_to_dense()`` is known to equal its transpose exactly, without reading it (so that a
-        factorisation may skip symmetrising it); False when not known."""
+        """Whether ``_to_dense()`` is known to equal its transpose up to rounding (``negligibly_asymmetric``)
+        without reading it, so that a factorisation may skip symmetrising it; False when not known."""
         return False
 
     def _scale(self, c: Tensor) -> Operator:

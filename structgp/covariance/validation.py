@@ -143,15 +143,14 @@ def check_symmetric(t: Tensor, name: str) -> bool:
     (two matrix-vector products, no second ``n x n`` tensor), ``tol`` ``1e-3`` (float32) / ``1e-5`` (float64).
     ``u`` is deterministic (no random draw, so the check also runs inside ``torch.func.vmap``).
 
-    Returns whether ``t`` was found *exactly* symmetric (entry for entry, the common case, checked first in
-    one comparison pass), so that factorisations may skip symmetrising it; False when the values were not
-    read or ``t`` is symmetric only within the tolerance.
+    Returns whether ``t`` is :func:`negligibly_asymmetric` (checked first: the common case, where the
+    product test is not needed), so that factorisations may take it as it is; False when the values were
+    not read or ``t`` is symmetric only within the tolerance.
     """
     if not _values_checked(t) or t.numel() == 0:
         return False
-    with torch.no_grad():
-        if torch.equal(t, t.mT):
-            return True
+    if negligibly_asymmetric(t):
+        return True
     tol = 1e-3 if t.dtype == torch.float32 else 1e-5
     u = torch.cos(1.0 + 0.7548776662 * torch.arange(t.shape[-1], dtype=t.dtype, device=t.device)).unsqueeze(-1)
     with torch.no_grad():
@@ -161,3 +160,21 @@ def check_symmetric(t: Tensor, name: str) -> bool:
         if bool((gap > tol * scale).any()):
             raise ValueError(f"{name}: expected a symmetric matrix, found |(A - A^T) u| = {float(gap.max()):.3g}")
     return False
+
+
+def negligibly_asymmetric(t: Tensor) -> bool:
+    """Whether every matrix of ``t`` ``(..., n, n)`` has ``|A_ij - A_ji| <= n eps max_k |A_kk|``: an asymmetry
+    below the backward error of a Cholesky factorisation (``~ n eps |A|``), so that factorising ``A`` as it
+    is (Cholesky reads one triangle) is as accurate as factorising ``(A + A^T) / 2``. Such are matrices
+    symmetric up to the rounding of the products that built them (kernel matrices from ``x @ x.T``).
+
+    One comparison pass when ``t`` equals its transpose exactly; else the largest entry of ``|A - A^T|``.
+    Reads values: callers check :func:`value_checks_enabled` first.
+    """
+    t = t.detach()
+    if torch.equal(t, t.mT):
+        return True
+    n = t.shape[-1]
+    gap = (t - t.mT).abs_().amax(dim=(-2, -1))
+    bound = (n * torch.finfo(t.dtype).eps) * t.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+    return bool((gap <= bound).all())

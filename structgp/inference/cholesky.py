@@ -14,7 +14,7 @@ from torch import Tensor
 from structgp import _config
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator, guard_dense
-from structgp.covariance.validation import value_checks_enabled
+from structgp.covariance.validation import negligibly_asymmetric, value_checks_enabled
 from structgp.inference import report
 from structgp.inference._cache import cached
 from structgp.inference.plan import Cost, Engine, register
@@ -35,16 +35,17 @@ def _first_jitter(dtype: torch.dtype) -> float:
 def psd_cholesky(
     matrix: Tensor, what: str | Callable[[], str] = "matrix", *, assume_symmetric: bool = False
 ) -> Tensor:
-    """Lower Cholesky factor of the symmetric part of ``matrix`` ``(..., n, n)``.
+    """Lower Cholesky factor of the symmetric part of ``matrix`` ``(..., n, n)`` (of ``matrix`` itself where
+    the two differ by less than the factorisation's rounding error, see ``negligibly_asymmetric``).
 
     Batch members that are not numerically positive definite get jitter ``r * mean(diag)`` added with
     ``r = 1e-8`` (float64) or ``1e-6`` (float32), raised tenfold up to ``settings(max_jitter=...)``; each
     addition is warned with its size. Raises :class:`NotPositiveDefiniteError` naming ``what`` (and the
     failing batch entries) when that is not enough; ``what`` may be a function that builds the name, so
     that the common, successful call does not format it. ``assume_symmetric``: the caller knows that
-    ``matrix`` equals its transpose exactly (then it is factorised as it is).
+    ``matrix`` is negligibly asymmetric (then it is factorised as it is, without looking).
     """
-    a = matrix if assume_symmetric or _exactly_symmetric(matrix) else (matrix + matrix.mT) / 2
+    a = matrix if assume_symmetric or _negligibly_asymmetric(matrix) else (matrix + matrix.mT) / 2
     factor, info = torch.linalg.cholesky_ex(a)
     if not value_checks_enabled(info) or not _any_failed(info):
         return factor
@@ -86,12 +87,12 @@ def _any_failed(info: Tensor) -> bool:
     return info.numel() > 0 and info.max().item() > 0
 
 
-def _exactly_symmetric(matrix: Tensor) -> bool:
-    """Whether ``matrix`` equals its transpose entry for entry, so that its symmetric part is itself (and the
+def _negligibly_asymmetric(matrix: Tensor) -> bool:
+    """Whether ``matrix``'s symmetric part equals it up to the factorisation's own rounding error (so the
     symmetrisation, two more operations in the autograd graph, can be skipped: Cholesky's backward already
-    returns a symmetric gradient). One comparison pass, CPU only: on a GPU reading the answer would cost a
-    synchronisation, more than the two kernels it saves."""
-    return matrix.device.type == "cpu" and value_checks_enabled(matrix) and torch.equal(matrix, matrix.mT)
+    returns a symmetric gradient). CPU only: on a GPU reading the answer would cost a synchronisation, more
+    than the two kernels it saves."""
+    return matrix.device.type == "cpu" and value_checks_enabled(matrix) and negligibly_asymmetric(matrix)
 
 
 def inverse_from_cholesky(factor: Tensor) -> Tensor:

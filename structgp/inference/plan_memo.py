@@ -82,10 +82,16 @@ def _describe(x: object, parts: list) -> bool:
         parts.append(cls)
         for name in cls._static:
             parts.append(getattr(x, name))
-        return all(_describe(getattr(x, name), parts) for name in cls._children)
+        for name in cls._children:  # loops, not all(...): this runs on every engine call
+            if not _describe(getattr(x, name), parts):
+                return False
+        return True
     if isinstance(x, (list, tuple)):
         parts.append((type(x), len(x)))
-        return all(_describe(item, parts) for item in x)
+        for item in x:
+            if not _describe(item, parts):
+                return False
+        return True
     if x is None or isinstance(x, (bool, int, float, str)):
         parts.append(x)
         return True
