@@ -60,6 +60,8 @@ class Dense(Operator):
         """True while ``matrix`` is the tensor the constructor found negligibly asymmetric (see
         ``negligibly_asymmetric``) and has not been modified in place since (copies rebuilt from pytree
         children do not know, and say False)."""
+        if torch.compiler.is_compiling():  # traced code does not read version counters: symmetrise
+            return False
         known = getattr(self, "_symmetric", None)
         return known is not None and known[0] is self.matrix and known[1] == self.matrix._version
 

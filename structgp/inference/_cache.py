@@ -21,9 +21,9 @@ def cached(op: Operator, key: str, compute: Callable[[], T], *, detached: bool =
     inference tensors (made under ``torch.inference_mode``), which keep no version counter.
     """
     tensors = op._tensors()
-    if not all(value_checks_enabled(t) and not t.is_inference() for t in tensors):
-        return compute()
     if not detached and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return compute()  # asked first: the common case of a training step, and the cheaper question
+    if not all(value_checks_enabled(t) and not t.is_inference() for t in tensors):
         return compute()
     stamp = tuple((id(t), t._version) for t in tensors)
     hit = op._cache.get(key)
