@@ -80,8 +80,12 @@ def _describe(x: object, parts: list) -> bool:
     if isinstance(x, PyTreeNode):
         cls = type(x)
         parts.append(cls)
-        for name in cls._static:
-            parts.append(getattr(x, name))
+        for name in cls._static:  # ints, tuples, Python numbers; a tensor would be held by the key
+            value = getattr(x, name)
+            if isinstance(value, Tensor):
+                parts.append((value.shape, value.dtype, value.device))
+            else:
+                parts.append(value)
         for name in cls._children:  # loops, not all(...): this runs on every engine call
             if not _describe(getattr(x, name), parts):
                 return False
@@ -99,6 +103,7 @@ def _describe(x: object, parts: list) -> bool:
 
 
 def _memoisable(p: Plan, op: Operator) -> bool:
+    """What the plan says (``memoisable``), else whether its planning could only have read metadata."""
     said = getattr(p, "memoisable", None)
     if said is not None:
         return bool(said)
@@ -124,6 +129,6 @@ def clear() -> None:
 
 
 def info() -> dict[str, int]:
-    """Hits, misses and the number of memoised plans."""
+    """Hits, misses (plans computed and memoised) and the number of memoised plans."""
     with _lock:
         return {**_stats, "size": len(_memo)}
