@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=["small", "full"], default="small")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma-separated subset of: covariance,iterative,models,scaling")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated subset of: covariance,iterative,models,scaling,overhead")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n== GP models")
         bench_models.main(["--device", args.device, "--size", args.size, "--json", str(out / "models.json")])
+    if "overhead" not in skip:
+        import bench_overhead
+
+        print("\n== small-call overhead (MultivariateNormal log_prob + backward on a small dense covariance)")
+        bench_overhead.main(["--device", args.device, "--json", str(out / "overhead.json")])
     if "scaling" not in skip:
         print("\n== scaling")
         data = scaling(args.size, dev, args.reps)

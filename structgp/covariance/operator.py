@@ -52,6 +52,22 @@ class Operator(PyTreeNode):
         """True when the operator is a diagonal matrix (so it can serve as noise in a structured sum)."""
         return False
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first floating tensor (in pytree leaf order)."""
+        return next(t for t in self._tensors() if t.is_floating_point()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensors()[0].device
+
+    def _tensors(self) -> list[Tensor]:
+        """The tensors among the pytree leaves, in leaf order (walked directly: ``pytree.tree_leaves``
+        costs tens of microseconds a call, and every engine call asks for the dtype and device)."""
+        found: list[Tensor] = []
+        _collect_tensors(self, found)
+        return found
+
     def dim(self) -> int:
         return len(self.shape)
 
@@ -90,6 +106,11 @@ class Operator(PyTreeNode):
 
     def _to_dense(self) -> Tensor:
         raise NotImplementedError
+
+    def _dense_is_symmetric(self) -> bool:
+        """Whether ``_to_dense()`` is known to equal its transpose up to rounding (``negligibly_asymmetric``)
+        without reading it, so that a factorisation may skip symmetrising it; False when not known."""
+        return False
 
     def _scale(self, c: Tensor) -> Operator:
         """``c * self`` for a positive tensor ``c`` of shape ``()`` or ``(...)``."""
@@ -204,6 +225,21 @@ class Operator(PyTreeNode):
     def __repr__(self) -> str:
         dims = "x".join(str(s) for s in self.shape)
         return f"{type(self).__name__}({dims}, {str(self.dtype).replace('torch.', '')})"
+
+
+def _collect_tensors(x: Any, found: list[Tensor]) -> None:
+    """Append the tensors of ``x`` in the order of ``pytree.tree_leaves``: depth first, children in
+    ``_children`` order, list and tuple items in order, ``None`` empty; other containers through pytree."""
+    if isinstance(x, Tensor):
+        found.append(x)
+    elif isinstance(x, PyTreeNode):
+        for name in type(x)._children:
+            _collect_tensors(getattr(x, name), found)
+    elif type(x) in (list, tuple):
+        for item in x:
+            _collect_tensors(item, found)
+    elif x is not None:
+        found.extend(leaf for leaf in pytree.tree_leaves(x) if isinstance(leaf, Tensor))
 
 
 def guard_dense(op: Operator, what: str) -> None:

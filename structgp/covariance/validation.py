@@ -7,6 +7,8 @@ Every check names the argument and what was expected. Checks that need the *valu
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -76,7 +78,7 @@ def check_finite(t: Tensor, name: str) -> None:
     with torch.no_grad():
         # one reduction pass: a finite sum means finite entries; otherwise (NaN, Inf, or an overflowing sum)
         # look entry by entry. The sum is in t's dtype: sum(dtype=float64) would first copy t to float64
-        if t.numel() and bool(torch.isfinite(t.sum())):
+        if t.numel() and math.isfinite(t.sum().item()):
             return
         _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)")
 
@@ -85,12 +87,22 @@ def check_positive(t: Tensor, name: str) -> None:
     if not _values_checked(t):
         return
     with torch.no_grad():
-        # positive and finite in one pass: min > 0 and max < inf (NaN propagates through both)
-        lo, hi = t.aminmax() if t.numel() else (t.new_ones(()), t.new_ones(()))
-        if bool((lo > 0) & (hi < float("inf"))):
+        if positive_finite(t):
             return
         _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)")
         _check_values(t, t > 0, name, "strictly positive entries")
+
+
+def positive_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is positive and finite: ``min > 0`` and ``max < inf`` from one pass (a NaN
+    propagates through both) and one host read. On the CPU the two scalars are read directly: a comparison
+    of a tensor with a Python number costs more there than the reduction."""
+    if t.numel() == 0:
+        return True
+    lo, hi = t.detach().aminmax()
+    if t.device.type == "cpu":
+        return lo.item() > 0 and hi.item() < math.inf
+    return bool((lo > 0) & (hi < math.inf))
 
 
 def check_ndim(t: Tensor, name: str, min_ndim: int, layout: str) -> None:
@@ -116,6 +128,9 @@ def check_same_kind(tensors: dict[str, Tensor]) -> None:
 
 
 def broadcast_batch(*shapes: torch.Size, names: tuple[str, ...] = ()) -> torch.Size:
+    """The broadcast of batch shapes, or a ValueError naming them."""
+    if all(s == shapes[0] for s in shapes[1:]):  # the common case, without torch.broadcast_shapes' overhead
+        return torch.Size(shapes[0])
     try:
         return torch.broadcast_shapes(*shapes)
     except RuntimeError:
@@ -123,12 +138,19 @@ def broadcast_batch(*shapes: torch.Size, names: tuple[str, ...] = ()) -> torch.S
         raise ValueError(f"batch shapes do not broadcast ({what})") from None
 
 
-def check_symmetric(t: Tensor, name: str) -> None:
+def check_symmetric(t: Tensor, name: str) -> bool:
     """``t`` ``(..., n, n)`` is symmetric: ``|(A - A^T) u| <= tol (|A u| + |A^T u|)`` for a fixed generic ``u``
     (two matrix-vector products, no second ``n x n`` tensor), ``tol`` ``1e-3`` (float32) / ``1e-5`` (float64).
-    ``u`` is deterministic (no random draw, so the check also runs inside ``torch.func.vmap``)."""
+    ``u`` is deterministic (no random draw, so the check also runs inside ``torch.func.vmap``).
+
+    Returns whether ``t`` is :func:`negligibly_asymmetric` (checked first: the common case, where the
+    product test is not needed), so that factorisations may take it as it is; False when the values were
+    not read or ``t`` is symmetric only within the tolerance.
+    """
     if not _values_checked(t) or t.numel() == 0:
-        return
+        return False
+    if negligibly_asymmetric(t):
+        return True
     tol = 1e-3 if t.dtype == torch.float32 else 1e-5
     u = torch.cos(1.0 + 0.7548776662 * torch.arange(t.shape[-1], dtype=t.dtype, device=t.device)).unsqueeze(-1)
     with torch.no_grad():
@@ -137,3 +159,22 @@ def check_symmetric(t: Tensor, name: str) -> None:
         scale = left.norm(dim=-2) + right.norm(dim=-2)
         if bool((gap > tol * scale).any()):
             raise ValueError(f"{name}: expected a symmetric matrix, found |(A - A^T) u| = {float(gap.max()):.3g}")
+    return False
+
+
+def negligibly_asymmetric(t: Tensor) -> bool:
+    """Whether every matrix of ``t`` ``(..., n, n)`` has ``|A_ij - A_ji| <= n eps max_k |A_kk|``: an asymmetry
+    below the backward error of a Cholesky factorisation (``~ n eps |A|``), so that factorising ``A`` as it
+    is (Cholesky reads one triangle) is as accurate as factorising ``(A + A^T) / 2``. Such are matrices
+    symmetric up to the rounding of the products that built them (kernel matrices from ``x @ x.T``).
+
+    One comparison pass when ``t`` equals its transpose exactly; else the largest entry of ``|A - A^T|``.
+    Reads values: callers check :func:`value_checks_enabled` first.
+    """
+    t = t.detach()
+    if torch.equal(t, t.mT):
+        return True
+    n = t.shape[-1]
+    gap = (t - t.mT).abs_().amax(dim=(-2, -1))
+    bound = (n * torch.finfo(t.dtype).eps) * t.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+    return bool((gap <= bound).all())

@@ -26,7 +26,7 @@ from torch.distributions.utils import lazy_property
 
 from structgp import _config
 from structgp.covariance.operator import Operator, as_operator
-from structgp.covariance.validation import broadcast_batch, value_checks_enabled
+from structgp.covariance.validation import broadcast_batch, host_readable, positive_finite, value_checks_enabled
 from structgp.inference.cholesky import inverse_from_cholesky, psd_cholesky
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -50,12 +50,20 @@ class MultivariateNormal(TorchDistribution):
         _check_loc(loc, covariance)
         n = covariance.n
         batch_shape = broadcast_batch(loc.shape[:-1], covariance.batch_shape, names=("loc", "covariance"))
-        self.loc = loc.expand(batch_shape + (n,))
+        shape = batch_shape + (n,)
+        self.loc = loc if loc.shape == shape else loc.expand(shape)
         self._unbroadcasted_covariance = covariance
         if torch.compiler.is_compiling():  # values cannot be checked while tracing (Dynamo also refuses to
             validate_args = False  # trace torch.distributions' constraint checks in some import orders)
-        super().__init__(batch_shape, torch.Size((n,)), validate_args=validate_args)
+        # torch's check of ``arg_constraints`` (loc: real_vector, i.e. no NaN) costs four tensor operations;
+        # the same check is made below with one reduction
+        super().__init__(batch_shape, torch.Size((n,)), validate_args=False)
+        if validate_args is None:
+            del self._validate_args  # as in torch: follow Distribution.set_default_validate_args
+        else:
+            self._validate_args = validate_args
         if self._validate_args:
+            _check_no_nan(self.loc, "loc")
             _check_covariance_values(covariance)
 
     # -- parameters ----------------------------------------------------------------------------------
@@ -125,6 +133,22 @@ class MultivariateNormal(TorchDistribution):
         super(MultivariateNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
+
+    def _validate_sample(self, value: Tensor) -> None:
+        """``value`` ``(..., n)`` broadcasts with ``(*batch_shape, n)`` and lies in the support (no NaN):
+        the checks of ``torch.distributions``, the support's by one reduction."""
+        if not isinstance(value, Tensor):
+            raise ValueError(f"value: expected a torch.Tensor, got {type(value).__name__}")
+        expected = self.batch_shape + self.event_shape
+        if value.dim() < 1 or value.shape[-1] != self.event_shape[0]:
+            raise ValueError(f"value: expected shape (..., {self.event_shape[0]}), got {tuple(value.shape)}")
+        for got, want in zip(reversed(value.shape), reversed(expected)):
+            if got != want and got != 1 and want != 1:
+                raise ValueError(
+                    f"value: shape {tuple(value.shape)} does not broadcast with batch_shape + event_shape "
+                    f"{tuple(expected)}"
+                )
+        _check_no_nan(value, "value")
 
     def log_prob(self, value: Tensor) -> Tensor:
         """``log N(value; loc, A)`` ``(*sample, *batch)`` for ``value`` ``(*sample, *batch, n)``."""
@@ -205,14 +229,25 @@ def _check_loc(loc: Tensor, covariance: Operator) -> None:
         raise ValueError(f"loc: expected device {covariance.device} (the covariance's), got {loc.device}")
 
 
+def _check_no_nan(t: Tensor, name: str) -> None:
+    """``t`` is in ``constraints.real_vector`` (no NaN; infinities are real here, as in torch): a sum without
+    NaN shows it in one pass; only a NaN sum (a NaN, or +inf and -inf) is looked at entry by entry."""
+    if t.numel() == 0 or not host_readable(t):
+        return
+    t = t.detach()
+    if not math.isnan(t.sum().item()) or not bool(torch.isnan(t).any()):
+        return
+    raise ValueError(f"{name}: expected real values (constraint real_vector), found NaN in {tuple(t.shape)} values")
+
+
 def _check_covariance_values(covariance: Operator) -> None:
     """A cheap necessary condition of positive definiteness: a finite, positive diagonal (``n`` values)."""
-    diag = covariance.diagonal()
-    enabled = getattr(_config.current(), "check_values", True)
-    if not enabled or torch.jit.is_tracing() or not value_checks_enabled(diag):
+    if not _config.current().check_values or torch.jit.is_tracing():
         return
-    if not bool((torch.isfinite(diag) & (diag > 0)).all()):
-        raise ValueError(
-            f"covariance: expected a positive definite operator, but {covariance!r} has non-positive or "
-            "non-finite diagonal entries"
-        )
+    diag = covariance.diagonal()
+    if not value_checks_enabled(diag) or positive_finite(diag):
+        return
+    raise ValueError(
+        f"covariance: expected a positive definite operator, but {covariance!r} has non-positive or "
+        "non-finite diagonal entries"
+    )

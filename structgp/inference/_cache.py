@@ -18,12 +18,13 @@ def cached(op: Operator, key: str, compute: Callable[[], T], *, detached: bool =
     """``compute()``, remembered on ``op`` under ``key`` while its tensors are unchanged.
 
     A result that carries an autograd graph is not cached (a second backward would find the graph
-    freed) unless ``detached`` says the result has none. Nothing is cached under vmap or compile.
+    freed) unless ``detached`` says the result has none. Nothing is cached under vmap or compile, nor for
+    inference tensors (made under ``torch.inference_mode``), which keep no version counter.
     """
     tensors = op._tensors()
-    if not all(value_checks_enabled(t) for t in tensors):
-        return compute()
     if not detached and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return compute()  # asked first: the common case of a training step, and the cheaper question
+    if not all(value_checks_enabled(t) and not t.is_inference() for t in tensors):
         return compute()
     stamp = _stamp(tensors)
     hit = op._cache.get(key)

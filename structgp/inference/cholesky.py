@@ -6,13 +6,14 @@ The dense engine answers any operator by materialising it (within the memory bud
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from structgp import _config
 from structgp.covariance.operator import Operator, guard_dense
-from structgp.covariance.validation import value_checks_enabled
+from structgp.covariance.validation import negligibly_asymmetric, value_checks_enabled
 from structgp.inference import report
 from structgp.inference._cache import cached
 from structgp.inference.plan import Cost, Engine, register, structurally_singular
@@ -30,18 +31,25 @@ def _first_jitter(dtype: torch.dtype) -> float:
     return 1e-8 if dtype == torch.float64 else 1e-6
 
 
-def psd_cholesky(matrix: Tensor, what: str = "matrix") -> Tensor:
-    """Lower Cholesky factor of the symmetric part of ``matrix`` ``(..., n, n)``.
+def psd_cholesky(
+    matrix: Tensor, what: str | Callable[[], str] = "matrix", *, assume_symmetric: bool = False
+) -> Tensor:
+    """Lower Cholesky factor of the symmetric part of ``matrix`` ``(..., n, n)`` (of ``matrix`` itself where
+    the two differ by less than the factorisation's rounding error, see ``negligibly_asymmetric``).
 
     Batch members that are not numerically positive definite get jitter ``r * mean(diag)`` added with
     ``r = 1e-8`` (float64) or ``1e-6`` (float32), raised tenfold up to ``settings(max_jitter=...)``; each
     addition is warned with its size. Raises :class:`NotPositiveDefiniteError` naming ``what`` (and the
-    failing batch entries) when that is not enough.
+    failing batch entries) when that is not enough; ``what`` may be a function that builds the name, so
+    that the common, successful call does not format it. ``assume_symmetric``: the caller knows that
+    ``matrix`` is negligibly asymmetric (then it is factorised as it is, without looking).
     """
-    a = (matrix + matrix.mT) / 2
+    a = matrix if assume_symmetric or _negligibly_asymmetric(matrix) else (matrix + matrix.mT) / 2
     factor, info = torch.linalg.cholesky_ex(a)
-    if not value_checks_enabled(info) or not bool((info > 0).any()):
+    if not value_checks_enabled(info) or not _any_failed(info):
         return factor
+    if callable(what):
+        what = what()
     max_jitter = _config.current().max_jitter
     scale = a.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(a.dtype).tiny)
     failed = info > 0
@@ -69,6 +77,21 @@ def psd_cholesky(matrix: Tensor, what: str = "matrix") -> Tensor:
         f"{what} is not positive definite{where}: Cholesky failed even with jitter {max_jitter:g} times "
         "the mean diagonal; check that the matrix is symmetric positive semidefinite"
     )
+
+
+def _any_failed(info: Tensor) -> bool:
+    """Whether a factorisation failed (``info > 0``), with one host read (of the largest ``info``)."""
+    if info.dim() == 0:
+        return info.item() > 0
+    return info.numel() > 0 and info.max().item() > 0
+
+
+def _negligibly_asymmetric(matrix: Tensor) -> bool:
+    """Whether ``matrix``'s symmetric part equals it up to the factorisation's own rounding error (so the
+    symmetrisation, two more operations in the autograd graph, can be skipped: Cholesky's backward already
+    returns a symmetric gradient). CPU only: on a GPU reading the answer would cost a synchronisation, more
+    than the two kernels it saves."""
+    return matrix.device.type == "cpu" and value_checks_enabled(matrix) and negligibly_asymmetric(matrix)
 
 
 def inverse_from_cholesky(factor: Tensor) -> Tensor:
@@ -102,7 +125,8 @@ class DenseCholesky(Engine):
     def factor(self, op: Operator) -> Tensor:
         def compute() -> Tensor:
             guard_dense(op, "dense Cholesky")
-            return psd_cholesky(op._to_dense(), f"the dense matrix of {op!r}")
+            symmetric = op._dense_is_symmetric()
+            return psd_cholesky(op._to_dense(), lambda: f"the dense matrix of {op!r}", assume_symmetric=symmetric)
 
         return cached(op, "cholesky", compute)
 

@@ -39,6 +39,7 @@ _SELECTABLE = (Dense, Diagonal, ScaledIdentity, LowRank)
 class LiftReduction(Engine):
     name = "lift_reduction"
     structural = True
+    reads_facts = True  # the reason names the reduced structure's engine, which may read cached facts
 
     def why(self, op: Operator) -> str | None:
         lifted = _lifted(op)
