@@ -21,15 +21,15 @@ def empty_memo():
 
 @pytest.fixture
 def applies_calls(monkeypatch):
-    """Counts the calls of the dense Cholesky engine's ``applies`` (asked by every plan of a Dense)."""
+    """Counts the calls of the dense Cholesky engine's ``why`` (asked by every plan of a Dense)."""
     calls = []
-    original = DenseCholesky.applies
+    original = DenseCholesky.why
 
     def counting(self, op):
         calls.append(type(op).__name__)
         return original(self, op)
 
-    monkeypatch.setattr(DenseCholesky, "applies", counting)
+    monkeypatch.setattr(DenseCholesky, "why", counting)
     return calls
 
 
