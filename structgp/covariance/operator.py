@@ -21,7 +21,7 @@ from torch import Tensor
 from structgp import _config
 from structgp.covariance.map import LinearMap
 from structgp.covariance.pytree_node import PyTreeNode
-from structgp.covariance.validation import as_tensor, check_positive
+from structgp.covariance.validation import as_tensor, check_nonnegative, check_positive
 
 
 class DensifyError(RuntimeError):
@@ -92,7 +92,7 @@ class Operator(PyTreeNode):
         raise NotImplementedError
 
     def _scale(self, c: Tensor) -> Operator:
-        """``c * self`` for a positive tensor ``c`` of shape ``()`` or ``(...)``."""
+        """``c * self`` for a non-negative tensor ``c`` of shape ``()`` or ``(...)``."""
         raise NotImplementedError
 
     def _add_diagonal(self, noise: Operator) -> Operator:
@@ -140,7 +140,7 @@ class Operator(PyTreeNode):
         if isinstance(c, Operator):
             return NotImplemented
         c = as_tensor(c, "c (scale)", dtype=self.dtype, device=self.device)
-        check_positive(c, "c (scale)")
+        check_nonnegative(c, "c (scale)")  # 0 * op is the zero matrix: PSD
         return self._scale(c)
 
     __rmul__ = __mul__

@@ -25,6 +25,7 @@ from torch.distributions import constraints
 from torch.distributions.utils import lazy_property
 
 from structgp import _config
+from structgp.covariance.errors import NumericalError
 from structgp.covariance.operator import Operator, as_operator
 from structgp.covariance.validation import broadcast_batch, value_checks_enabled
 from structgp.inference.cholesky import inverse_from_cholesky, psd_cholesky
@@ -196,7 +197,8 @@ def _check_covariance_values(covariance: Operator) -> None:
     if not enabled or torch.jit.is_tracing() or not value_checks_enabled(diag):
         return
     if not bool((torch.isfinite(diag) & (diag > 0)).all()):
-        raise ValueError(
+        error = ValueError if bool((diag < 0).any()) else NumericalError  # NaN, Inf, 0: over/underflow
+        raise error(
             f"covariance: expected a positive definite operator, but {covariance!r} has non-positive or "
             "non-finite diagonal entries"
         )

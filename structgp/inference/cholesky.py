@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from structgp import _config
+from structgp.covariance.errors import NumericalError
 from structgp.covariance.operator import Operator, guard_dense
 from structgp.covariance.validation import value_checks_enabled
 from structgp.inference import report
@@ -18,7 +19,7 @@ from structgp.inference._cache import cached
 from structgp.inference.plan import Cost, Engine, register, structurally_singular
 
 
-class NotPositiveDefiniteError(ValueError):
+class NotPositiveDefiniteError(NumericalError):
     """A matrix that jitter up to ``settings(max_jitter=...)`` could not make positive definite."""
 
 
@@ -26,7 +27,8 @@ class JitterWarning(UserWarning):
     """Jitter was added to a diagonal so that a Cholesky factorisation succeeds."""
 
 
-def _first_jitter(dtype: torch.dtype) -> float:
+def first_jitter(dtype: torch.dtype) -> float:
+    """The first rung of the jitter ladder, relative to the mean diagonal."""
     return 1e-8 if dtype == torch.float64 else 1e-6
 
 
@@ -38,14 +40,15 @@ def psd_cholesky(matrix: Tensor, what: str = "matrix") -> Tensor:
     addition is warned with its size. Raises :class:`NotPositiveDefiniteError` naming ``what`` (and the
     failing batch entries) when that is not enough.
     """
-    a = (matrix + matrix.mT) / 2
+    a = torch.add(matrix * 0.5, matrix.mT, alpha=0.5)  # halves first: (A + A^T) / 2 overflows near the float max
     factor, info = torch.linalg.cholesky_ex(a)
     if not value_checks_enabled(info) or not bool((info > 0).any()):
         return factor
+    check_factorisable(a, what)  # jitter relative to a NaN/Inf diagonal cannot help
     max_jitter = _config.current().max_jitter
     scale = a.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(a.dtype).tiny)
     failed = info > 0
-    rel = _first_jitter(a.dtype)
+    rel = first_jitter(a.dtype)
     while rel <= max_jitter * (1 + 1e-9):
         jitter = torch.where(failed, rel * scale, torch.zeros_like(scale))
         eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
@@ -69,6 +72,16 @@ def psd_cholesky(matrix: Tensor, what: str = "matrix") -> Tensor:
         f"{what} is not positive definite{where}: Cholesky failed even with jitter {max_jitter:g} times "
         "the mean diagonal; check that the matrix is symmetric positive semidefinite"
     )
+
+
+def check_factorisable(a: Tensor, what: str) -> None:
+    """Raise :class:`NumericalError` naming ``what`` when ``a`` has NaN or Inf entries (for failure paths)."""
+    finite = torch.isfinite(a).all()
+    if value_checks_enabled(finite) and not bool(finite):
+        raise NumericalError(
+            f"{what} has non-finite entries (NaN or Inf): a parameter overflowed or is not finite; "
+            "check the scales of the covariance's parameters"
+        )
 
 
 def inverse_from_cholesky(factor: Tensor) -> Tensor:

@@ -6,9 +6,13 @@ what ran (``structgp.last_report()``) and calls the engine.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
+from structgp import _config
+from structgp.covariance.errors import NumericalError
 from structgp.covariance.operator import Operator
+from structgp.covariance.validation import value_checks_enabled
 from structgp.inference import report
 from structgp.inference.plan import plan, settled
 
@@ -20,6 +24,26 @@ def _check_rhs(op: Operator, rhs: Tensor, layout: str) -> None:
         raise TypeError(f"rhs: expected dtype {op.dtype} (the operator's), got {rhs.dtype}")
     if rhs.device != op.device:
         raise ValueError(f"rhs: expected device {op.device} (the operator's), got {rhs.device}")
+
+
+def _check_values(what: str, op: Operator, rhs: Tensor | None, *outs: Tensor) -> None:
+    """Refuse a NaN/Inf right-hand side and a NaN answer (an intermediate over/underflowed), by one host read
+    after the engine ran (none where values cannot be read: vmap, compile, ``check_values=False``)."""
+    if not (_config.current().check_values and value_checks_enabled(outs[0])):
+        return
+    with torch.no_grad():  # one finite sum says all is well; otherwise look closer (an Inf answer may be right)
+        total = sum(out.sum() for out in outs) if rhs is None else rhs.sum() + sum(out.sum() for out in outs)
+        if bool(torch.isfinite(total)):
+            return
+        rhs_finite = rhs is None or bool(rhs.isfinite().all())
+        if rhs_finite and not any(bool(out.isnan().any()) for out in outs):
+            return
+    if not rhs_finite:
+        raise NumericalError(f"rhs: expected finite entries (found NaN or Inf) in {what} with {op!r}")
+    raise NumericalError(
+        f"{what} of {op!r} is NaN: an intermediate value overflowed or underflowed (a scale or noise at the edge "
+        "of the floating-point range, e.g. noise below 1e-300 in float64); rescale the parameters"
+    )
 
 
 def solve(op: Operator, rhs: Tensor) -> Tensor:
@@ -36,6 +60,7 @@ def solve(op: Operator, rhs: Tensor) -> Tensor:
     p = settled(plan(op), op)
     report.start("solve", p.method, p.reason)
     out = p.engine.solve(op, rhs)
+    _check_values("solve", op, rhs, out)
     return out.squeeze(-1) if vector else out
 
 
@@ -43,7 +68,9 @@ def logdet(op: Operator) -> Tensor:
     """``log det op``, shape ``op.batch_shape``."""
     p = settled(plan(op), op)
     report.start("logdet", p.method, p.reason)
-    return p.engine.logdet(op)
+    out = p.engine.logdet(op)
+    _check_values("logdet", op, None, out)
+    return out
 
 
 def inv_quad_logdet(op: Operator, rhs: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,6 +82,7 @@ def inv_quad_logdet(op: Operator, rhs: Tensor) -> tuple[Tensor, Tensor]:
     report.start("inv_quad_logdet", p.method, p.reason)
     columns, unfold = _fold_extra_batch(rhs, len(op.batch_shape))
     inv_quad, logdet = p.engine.inv_quad_logdet(op, columns)
+    _check_values("inv_quad_logdet", op, rhs, inv_quad, logdet)
     return unfold(inv_quad), logdet
 
 

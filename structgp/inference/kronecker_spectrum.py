@@ -44,6 +44,7 @@ class FactorSpectra:
 
     values: list[Tensor]  # l_i (..., n_i)
     vectors: list[Tensor]  # Q_i (..., n_i, n_i)
+    clamped: list[Tensor] | None = None  # the PSD reading's max(0, -min raw l_i) (...): rounding set to 0
 
     def eigenvalues(self) -> Tensor:
         """``l_1 (x) ... (x) l_d`` ``(..., N)``, in the product's row order (not sorted)."""
@@ -51,7 +52,8 @@ class FactorSpectra:
 
     def to(self, dtype: torch.dtype) -> FactorSpectra:
         """Values and vectors in ``dtype`` (e.g. the data's, for products with it)."""
-        return FactorSpectra([v.to(dtype) for v in self.values], [q.to(dtype) for q in self.vectors])
+        clamped = None if self.clamped is None else [c.to(dtype) for c in self.clamped]
+        return FactorSpectra([v.to(dtype) for v in self.values], [q.to(dtype) for q in self.vectors], clamped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,4 +178,5 @@ def _psd_problem(raw: FactorSpectra, dtypes: list[torch.dtype], names: list[str]
 
 
 def _clamped(raw: FactorSpectra) -> FactorSpectra:
-    return FactorSpectra([lam.clamp_min(0) for lam in raw.values], raw.vectors)
+    below = [(-lam.amin(-1)).clamp_min(0) for lam in raw.values]
+    return FactorSpectra([lam.clamp_min(0) for lam in raw.values], raw.vectors, below)
