@@ -6,7 +6,13 @@ import torch
 from torch import Tensor
 
 from structgp.covariance.operator import Operator
-from structgp.covariance.validation import as_tensor, check_ndim, check_positive, value_checks_enabled
+from structgp.covariance.validation import (
+    as_tensor,
+    check_ndim,
+    check_nonempty,
+    check_positive,
+    value_checks_enabled,
+)
 
 
 class Diagonal(Operator):
@@ -18,6 +24,7 @@ class Diagonal(Operator):
         super().__init__()
         diag = as_tensor(diag, "diag")
         check_ndim(diag, "diag", 1, "(..., n)")
+        check_nonempty(diag, "diag", "(..., n)")
         check_positive(diag, "diag")
         self.diag = diag
 

@@ -1,4 +1,4 @@
-"""The numerical error type: a value that floating-point limits made unusable.
+"""structgp's error types: numerical failures, and refusals to densify.
 
 :class:`NumericalError` is a ``ValueError`` (bad input is still a ``ValueError`` naming the argument) raised
 for what arithmetic at the edges of the floating-point range produces rather than what a caller wrote: NaN
@@ -14,3 +14,7 @@ from __future__ import annotations
 
 class NumericalError(ValueError):
     """NaN/Inf entries, an underflow to zero, or a matrix not positive definite to working precision."""
+
+
+class DensifyError(RuntimeError):
+    """Raised instead of allocating a huge dense matrix from a structured operator or map."""

@@ -118,6 +118,13 @@ def check_square(t: Tensor, name: str) -> None:
     check_ndim(t, name, 2, "(..., n, n)")
     if t.shape[-1] != t.shape[-2]:
         raise ValueError(f"{name}: expected a square matrix (..., n, n), got {tuple(t.shape)}")
+    check_nonempty(t, name, "(..., n, n)")
+
+
+def check_nonempty(t: Tensor, name: str, layout: str) -> None:
+    """A covariance of size ``n >= 1`` (the last dim of ``t``): a 0 x 0 one has no questions to answer."""
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name}: expected shape {layout} with n >= 1, got {tuple(t.shape)}")
 
 
 def check_same_kind(tensors: dict[str, Tensor]) -> None:
