@@ -105,8 +105,10 @@ def _jitter(p: _Problem, dtype: torch.dtype, what: str) -> Tensor | None:
     """The warned jitter of ``B`` (see :mod:`.spectral_jitter`), or None where none is added. The smallest
     eigenvalue of ``B`` is ``prod_i min l_i + sigma`` (the ``l_i`` are clamped at 0)."""
     values = p.eig.values
-    low = math.prod((v.amin(-1) for v in values), start=1.0)
-    mean_diag = math.prod((m.detach().diagonal(dim1=-2, dim2=-1).mean(-1).double() for m in p.mats), start=1.0)
+    low, mean_diag = values[0].amin(-1), p.mats[0].detach().diagonal(dim1=-2, dim2=-1).mean(-1).double()
+    for v, m in zip(values[1:], p.mats[1:]):  # a loop, not math.prod over a generator: torch.compile traces it
+        low = low * v.amin(-1)
+        mean_diag = mean_diag * m.detach().diagonal(dim1=-2, dim2=-1).mean(-1).double()
     if p.sigma is not None:
         sigma = p.sigma.detach().double()
         low, mean_diag = low + sigma, mean_diag + sigma

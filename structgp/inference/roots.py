@@ -38,6 +38,7 @@ def root(op: Operator) -> LinearMap:
     """A structured root of ``op``; operators without a rule get a dense Cholesky factor."""
     from structgp.inference.cholesky import DenseCholesky
 
+    _check_budget(op)
     return DenseRoot(DenseCholesky().factor(op))
 
 

@@ -14,7 +14,6 @@ The rung is found in closed form (no loop over tenfold steps), so the arithmetic
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -91,5 +90,8 @@ def kronecker_uncertainty(values: list[Tensor], clamped: list[Tensor] | None, dt
         errors = [e + c for e, c in zip(errors, clamped)]
     total = torch.zeros_like(highs[0])
     for i, e in enumerate(errors):
-        total = total + e * math.prod((h for j, h in enumerate(highs) if j != i), start=1.0)
+        for j, h in enumerate(highs):
+            if j != i:
+                e = e * h
+        total = total + e
     return total
