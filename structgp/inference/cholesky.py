@@ -48,6 +48,8 @@ def psd_cholesky(matrix: Tensor, what: str = "matrix") -> Tensor:
     max_jitter = _config.current().max_jitter
     scale = a.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(a.dtype).tiny)
     failed = info > 0
+    if bool((failed & (scale <= torch.finfo(a.dtype).tiny)).any()):  # e.g. 0 * op: nothing to be relative to
+        raise NotPositiveDefiniteError(f"{what} is singular with a zero diagonal: jitter relative to it cannot help")
     rel = first_jitter(a.dtype)
     while rel <= max_jitter * (1 + 1e-9):
         jitter = torch.where(failed, rel * scale, torch.zeros_like(scale))

@@ -114,7 +114,7 @@ def _jitter(p: _Problem, dtype: torch.dtype, what: str) -> Tensor | None:
         low, mean_diag = low + sigma, mean_diag + sigma
     uncertainty = kronecker_uncertainty(values, p.eig.clamped, dtype)
     jitter = eigenvalue_jitter(low, uncertainty, mean_diag, dtype, what)
-    if host_readable(jitter) and not bool((jitter > 0).any()):
+    if host_readable(jitter) and not bool((low <= uncertainty).any()):
         return None
     return jitter
 

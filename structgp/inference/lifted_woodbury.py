@@ -363,8 +363,9 @@ def _truncation_jitter(op: AddedDiagonal) -> Tensor | None:
     d = noise.diagonal().detach().double()
     mean_diag = lifted.base.diagonal().detach().double().mean(-1) + d.mean(-1)
     what = f"{op!r} (noise against the part of the base its spectral root leaves out)"
-    jitter = eigenvalue_jitter(d.amin(-1), uncertainty, mean_diag, op.dtype, what)
-    return jitter if bool((jitter > 0).any()) else None
+    low = d.amin(-1)
+    jitter = eigenvalue_jitter(low, uncertainty, mean_diag, op.dtype, what)
+    return jitter if bool((low <= uncertainty).any()) else None
 
 
 def _norm_bound(lift: Lift) -> float:

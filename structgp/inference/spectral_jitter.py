@@ -34,24 +34,33 @@ def eigenvalue_jitter(low: Tensor, uncertainty: Tensor, mean_diag: Tensor, dtype
     ``r = first * 10^k``, with ``low + r * mean_diag > uncertainty``.
     """
     low, uncertainty = low.detach().double(), uncertainty.detach().double()
-    scale = mean_diag.detach().double().abs().clamp_min(torch.finfo(torch.float64).tiny)
+    mean_diag = mean_diag.detach().double()
+    scale = mean_diag.abs().clamp_min(torch.finfo(torch.float64).tiny)
     first = first_jitter(dtype)
     need = uncertainty - low
     ratio = (need / (first * scale)).clamp_min(1e-300)
     steps = (torch.floor(torch.log10(ratio)) + 1).clamp_min(0)
     rel = first * torch.pow(10.0, steps)
-    jitter = torch.where(need >= 0, rel * scale, torch.zeros_like(scale))
+    needed = need >= 0
+    jitter = torch.where(needed, rel * scale, torch.zeros_like(scale))
     if host_readable(jitter):
-        _check(low, uncertainty, jitter, rel, scale, dtype, what)
+        _check(needed, low, uncertainty, jitter, rel, mean_diag, dtype, what)
     return jitter
 
 
-def _check(low: Tensor, uncertainty: Tensor, jitter: Tensor, rel: Tensor, scale: Tensor, dtype, what: str) -> None:
-    """Raise where no rung up to ``max_jitter`` lifts the smallest eigenvalue; else warn with the amount."""
-    added = jitter > 0
+def _check(
+    added: Tensor, low: Tensor, uncertainty: Tensor, jitter: Tensor, rel: Tensor, mean_diag: Tensor, dtype, what: str
+) -> None:
+    """Raise where no rung up to ``max_jitter`` lifts the smallest eigenvalue (or there is no scale to be
+    relative to: a zero matrix); else warn with the amount."""
     if not bool(added.any()):
         return
     max_jitter = _config.current().max_jitter
+    if bool((added & ~(mean_diag > 0)).any()):
+        raise NotPositiveDefiniteError(
+            f"{what} is singular with a zero diagonal: jitter relative to it cannot help; add noise "
+            "(op + ScaledIdentity(s, n))"
+        )
     too_much = added & ((rel > max_jitter * (1 + 1e-9)) | ~(low + jitter > uncertainty))
     if bool(too_much.any()):
         bad = too_much.nonzero().tolist() if too_much.dim() else []
@@ -67,7 +76,7 @@ def _check(low: Tensor, uncertainty: Tensor, jitter: Tensor, rel: Tensor, scale:
     warnings.warn(
         f"{what} was not positive definite in {dtype} (smallest eigenvalue {float(low.min()):.3g}, not above "
         f"the eigenvalues' uncertainty {float(uncertainty.max()):.3g}): added jitter {amount:.3g} "
-        f"({step:.0e} of the mean diagonal {float(scale.max()):.3g}) to the diagonal",
+        f"({step:.0e} of the mean diagonal {float(mean_diag.max()):.3g}) to the diagonal",
         JitterWarning,
         stacklevel=4,
     )
