@@ -130,8 +130,22 @@ class MultivariateNormal(TorchDistribution):
         if not isinstance(value, Tensor) or value.dtype != op.dtype:
             what = value.dtype if isinstance(value, Tensor) else type(value).__name__
             raise TypeError(f"value: expected a tensor of dtype {op.dtype} (the covariance's), got {what}")
-        diff = value - self.loc
-        inv_quad, logdet = op.inv_quad_logdet(diff)
+        n = self.event_shape[0]
+        if value.dim() < 1 or value.shape[-1] != n:
+            raise ValueError(f"value: expected shape (..., {n}) (the event shape), got {tuple(value.shape)}")
+        try:
+            diff = value - self.loc
+        except RuntimeError as err:  # batch dims that do not broadcast
+            raise ValueError(
+                f"value: expected shape (..., {n}) broadcastable with the batch shape {tuple(self.batch_shape)}, "
+                f"got {tuple(value.shape)}"
+            ) from err
+        try:
+            inv_quad, logdet = op.inv_quad_logdet(diff)
+        except NumericalError as err:  # the engine's argument is value - loc; the caller's is value
+            if str(err).startswith("rhs:"):
+                raise NumericalError("value: expected finite entries (found NaN or Inf in value - loc)") from err
+            raise
         return -0.5 * (inv_quad + logdet + self.event_shape[0] * _LOG_2PI)
 
     def rsample(self, sample_shape=_NO_SAMPLE) -> Tensor:
