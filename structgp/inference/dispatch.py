@@ -6,6 +6,8 @@ what ran (``structgp.last_report()``) and calls the engine.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -27,19 +29,19 @@ def _check_rhs(op: Operator, rhs: Tensor, layout: str) -> None:
 
 
 def _check_values(what: str, op: Operator, rhs: Tensor | None, *outs: Tensor) -> None:
-    """Refuse a NaN/Inf right-hand side and a NaN answer (an intermediate over/underflowed), by one host read
-    after the engine ran (none where values cannot be read: vmap, compile, ``check_values=False``)."""
+    """Refuse a NaN/Inf right-hand side and a NaN answer (an intermediate over/underflowed), after the engine
+    ran: a NaN/Inf ``rhs`` makes the answer non-finite too, so one finite sum of the answers clears both (one
+    host read; none where values cannot be read: vmap, compile, ``check_values=False``)."""
     if not (_config.current().check_values and value_checks_enabled(outs[0])):
         return
-    with torch.no_grad():  # one finite sum says all is well; otherwise look closer (an Inf answer may be right)
-        total = sum(out.sum() for out in outs) if rhs is None else rhs.sum() + sum(out.sum() for out in outs)
-        if bool(torch.isfinite(total)):
+    with torch.no_grad():
+        total = outs[0].sum() if len(outs) == 1 else outs[0].sum() + outs[1].sum()
+        if math.isfinite(total.item()):
             return
-        rhs_finite = rhs is None or bool(rhs.isfinite().all())
-        if rhs_finite and not any(bool(out.isnan().any()) for out in outs):
-            return
-    if not rhs_finite:
-        raise NumericalError(f"rhs: expected finite entries (found NaN or Inf) in {what} with {op!r}")
+        if rhs is not None and not bool(rhs.isfinite().all()):
+            raise NumericalError(f"rhs: expected finite entries (found NaN or Inf) in {what} with {op!r}")
+        if not any(bool(out.isnan().any()) for out in outs):
+            return  # an answer that overflowed to Inf (or a sum of such) is the float answer
     raise NumericalError(
         f"{what} of {op!r} is NaN: an intermediate value overflowed or underflowed (a scale or noise at the edge "
         "of the floating-point range, e.g. noise below 1e-300 in float64); rescale the parameters"

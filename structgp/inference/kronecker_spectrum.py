@@ -11,7 +11,8 @@ Each factor is decomposed in float64 from its symmetric part. There are two read
 - PSD (``psd=True``, the default), for covariances: an eigenvalue below zero by more than rounding
   (``100 n eps`` of the largest, ``eps`` of the data's precision) raises
   :class:`~structgp.inference.cholesky.NotPositiveDefiniteError` naming the factor; the others are clamped at
-  0 (rounding noise of either sign around a zero eigenvalue).
+  0 (rounding noise of either sign around a zero eigenvalue), and how far below 0 they were is kept
+  (``FactorSpectra.clamped``: jitter added to the product must exceed it).
 - raw (``psd=False``): the eigenvalues as ``eigh`` returns them, for rules defined on any symmetric operator
   (``eigsh``; matrix functions of ``K + s I``, which can be positive definite while a factor is not).
 

@@ -9,9 +9,9 @@ Cost ``n k^2`` flops; memory ``n k`` beyond the inputs. ``C``'s eigenvalues are 
 factorisation never needs jitter.
 
 Overflow. ``V^T V`` overflows once ``|V|`` nears ``sqrt(float max / n)`` (``1e152`` in float64, ``1e18`` in
-float32), while ``A``'s log density stays finite. So ``V`` is first divided by ``s``, the power of two at or
-above ``max |V|`` and at least 1 (detached; exact, so a moderate ``V`` gives bitwise the unscaled answers):
-with ``U = V / s``, ``C = s^2 (U^T U + I / s^2) = s^2 C'`` and
+float32), while ``A``'s log density stays finite. When the plain capacitance's factor is not finite, ``V`` is
+divided by ``s``, the power of two at or above ``max |V|`` and at least 1 (detached, exact): with
+``U = V / s``, ``C = s^2 (U^T U + I / s^2) = s^2 C'`` and
 
     log det C = 2 k log s + log det C',      V C^{-1} V^T = U C'^{-1} U^T.
 """
@@ -23,9 +23,11 @@ import math
 import torch
 from torch import Tensor
 
+from structgp.covariance.errors import NumericalError
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal
+from structgp.covariance.validation import value_checks_enabled
 from structgp.inference.cholesky import cholesky_logdet, psd_cholesky
 from structgp.inference.plan import Cost, Engine, register
 
@@ -40,16 +42,37 @@ def capacitance_cholesky(gram: Tensor, what: str, shift: Tensor | None = None) -
     return psd_cholesky(eye + gram, what)
 
 
-def _whitened(op: AddedDiagonal) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(D^{-1/2} (..., n), U = V / s (..., n, k), chol(C') float64 (..., k, k), 2 k log s float64 (...))``."""
+_WHAT = "the Woodbury capacitance I + W^T D^-1 W"
+
+
+def _whitened(op: AddedDiagonal) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(D^{-1/2} (..., n), U = V / s (..., n, k), chol(C') float64 (..., k, k), 2 k log s float64 (...))``;
+    ``s = 1`` (and None for its log) unless ``V^T V`` overflowed: the common case pays for no scaling."""
     inv_sqrt = op.noise.diagonal().rsqrt()
     v = inv_sqrt.unsqueeze(-1) * op.base.factor
-    with torch.no_grad():  # s = 2^e >= max |V|, e >= 0 (a small V is left as it is): exact, no gradient
+    if value_checks_enabled(v):  # the plain formulas; their factor is non-finite (or refused) on an overflow
+        try:
+            chol = capacitance_cholesky(v.mT @ v, _WHAT)
+        except NumericalError:
+            chol = None
+        if chol is not None and bool(torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all()):
+            return inv_sqrt, v, chol, None
+    return (inv_sqrt, *_rescaled(v))
+
+
+def _rescaled(v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U = V / s, chol(U^T U + I / s^2), 2 k log s)`` for ``s = 2^e >= max |V|``, ``e >= 0`` (exact; no
+    gradient of its own): branch-free, so also what runs where values cannot be read (vmap, compile)."""
+    with torch.no_grad():
         exponent = torch.frexp(v.abs().amax((-2, -1)))[1].clamp_min(0).double()
         inv_scale = torch.exp2(-exponent)
     u = v * inv_scale.to(v.dtype)[..., None, None]
-    chol = capacitance_cholesky(u.mT @ u, "the Woodbury capacitance I + W^T D^-1 W", inv_scale.square())
-    return inv_sqrt, u, chol, exponent * (2 * u.shape[-1] * math.log(2))
+    chol = capacitance_cholesky(u.mT @ u, _WHAT, inv_scale.square())
+    return u, chol, exponent * (2 * u.shape[-1] * math.log(2))
+
+
+def _plus(x: Tensor, log_scale: Tensor | None) -> Tensor:
+    return x if log_scale is None else x + log_scale
 
 
 def _project(chol: Tensor, u: Tensor, x: Tensor) -> Tensor:
@@ -78,12 +101,12 @@ class LowRankWoodbury(Engine):
 
     def logdet(self, op: AddedDiagonal) -> Tensor:
         inv_sqrt, _, chol, log_scale = _whitened(op)
-        return (-2 * inv_sqrt.log().sum(-1) + log_scale + cholesky_logdet(chol)).to(op.dtype)
+        return _plus(-2 * inv_sqrt.log().sum(-1) + cholesky_logdet(chol), log_scale).to(op.dtype)
 
     def inv_quad_logdet(self, op: AddedDiagonal, rhs: Tensor) -> tuple[Tensor, Tensor]:
         inv_sqrt, u, chol, log_scale = _whitened(op)
         white = inv_sqrt.unsqueeze(-1) * rhs
         z = _project(chol, u, white)
         inv_quad = white.square().sum(-2).double() - z.square().sum(-2)
-        logdet = -2 * inv_sqrt.log().sum(-1) + log_scale + cholesky_logdet(chol)
+        logdet = _plus(-2 * inv_sqrt.log().sum(-1) + cholesky_logdet(chol), log_scale)
         return inv_quad.to(op.dtype), logdet.to(op.dtype)
