@@ -17,7 +17,7 @@ from structgp.covariance import Dense, Diagonal, Kronecker, LowRank, ScaledIdent
 from structgp.covariance.errors import NumericalError
 from structgp.distributions import MultivariateNormal
 from structgp.inference import JitterWarning
-from tests.reference import F64, assert_close, positive, spd
+from tests.reference import F64, positive, spd
 
 
 def _rbf(n: int, lengthscale: float) -> torch.Tensor:
@@ -108,7 +108,7 @@ def test_kronecker_prior_without_noise_matches_dense_torch_with_the_same_jitter(
     )
     ref_log_prob = ref.log_prob(x)
     (ref_grad,) = torch.autograd.grad(ref_log_prob, ref_leaf)
-    assert float(log_prob) == pytest.approx(float(ref_log_prob), rel=1e-6)
+    assert float(log_prob.detach()) == pytest.approx(float(ref_log_prob.detach()), rel=1e-6)
     assert float((grad - ref_grad).norm() / ref_grad.norm()) < 1e-4
     with pytest.warns(JitterWarning):
         entropy = MultivariateNormal(torch.zeros(400, dtype=F64), Kronecker(k, k)).entropy()
@@ -160,5 +160,4 @@ def test_log_prob_is_bitwise_the_same_with_and_without_gradients_in_float32():
         with pytest.warns(JitterWarning):
             dist = MultivariateNormal(torch.zeros(400), Kronecker(leaf, k) + ScaledIdentity(1e-8, 400))
             values.append(dist.log_prob(x).detach())
-    assert torch.equal(values[0], values[1])
-    assert_close(values[0], values[1], 0, 0)
+    assert torch.equal(values[0], values[1]) and torch.isfinite(values[0]).all()

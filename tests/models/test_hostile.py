@@ -49,7 +49,7 @@ def test_grid_kernel_inputs_of_the_wrong_dimension_name_x():
     axes = [torch.linspace(0, 1, 5, dtype=F64), torch.linspace(0, 1, 4, dtype=F64)]
     x = torch.cartesian_prod(*axes)
     model = ExactGP(x, torch.sin(x).sum(-1), GridKernel([RBFKernel(), RBFKernel()], axes))
-    with pytest.raises(ValueError, match=r"^x: "):
+    with pytest.raises(ValueError, match=r"^x: expected 2 columns \(one per grid dimension\), got shape \(3, 3\)"):
         model.predict(torch.rand(3, 3, dtype=F64))
 
 
