@@ -130,22 +130,8 @@ class MultivariateNormal(TorchDistribution):
         if not isinstance(value, Tensor) or value.dtype != op.dtype:
             what = value.dtype if isinstance(value, Tensor) else type(value).__name__
             raise TypeError(f"value: expected a tensor of dtype {op.dtype} (the covariance's), got {what}")
-        n = self.event_shape[0]
-        if value.dim() < 1 or value.shape[-1] != n:
-            raise ValueError(f"value: expected shape (..., {n}) (the event shape), got {tuple(value.shape)}")
-        try:
-            diff = value - self.loc
-        except RuntimeError as err:  # batch dims that do not broadcast
-            raise ValueError(
-                f"value: expected shape (..., {n}) broadcastable with the batch shape {tuple(self.batch_shape)}, "
-                f"got {tuple(value.shape)}"
-            ) from err
-        try:
-            inv_quad, logdet = op.inv_quad_logdet(diff)
-        except NumericalError as err:  # the engine's argument is value - loc; the caller's is value
-            if str(err).startswith("rhs:"):
-                raise NumericalError("value: expected finite entries (found NaN or Inf in value - loc)") from err
-            raise
+        diff = _difference(value, self.loc, self.batch_shape)
+        inv_quad, logdet = _inv_quad_logdet(op, diff)
         return -0.5 * (inv_quad + logdet + self.event_shape[0] * _LOG_2PI)
 
     def rsample(self, sample_shape=_NO_SAMPLE) -> Tensor:
@@ -202,6 +188,30 @@ def _check_loc(loc: Tensor, covariance: Operator) -> None:
         raise TypeError(f"loc: expected dtype {covariance.dtype} (the covariance's), got {loc.dtype}")
     if loc.device != covariance.device:
         raise ValueError(f"loc: expected device {covariance.device} (the covariance's), got {loc.device}")
+
+
+def _difference(value: Tensor, loc: Tensor, batch_shape: torch.Size) -> Tensor:
+    """``value - loc``, or a ValueError naming ``value`` when its shape does not fit ``(..., n)``."""
+    n = loc.shape[-1]
+    if value.dim() < 1 or value.shape[-1] != n:
+        raise ValueError(f"value: expected shape (..., {n}) (the event shape), got {tuple(value.shape)}")
+    try:
+        return value - loc
+    except RuntimeError as err:  # batch dims that do not broadcast
+        raise ValueError(
+            f"value: expected shape (..., {n}) broadcastable with the batch shape {tuple(batch_shape)}, "
+            f"got {tuple(value.shape)}"
+        ) from err
+
+
+def _inv_quad_logdet(op: Operator, diff: Tensor) -> tuple[Tensor, Tensor]:
+    """``op.inv_quad_logdet(diff)``; its non-finite ``rhs`` is the caller's ``value`` (``diff = value - loc``)."""
+    try:
+        return op.inv_quad_logdet(diff)
+    except NumericalError as err:
+        if str(err).startswith("rhs:"):
+            raise NumericalError("value: expected finite entries (found NaN or Inf in value - loc)") from err
+        raise
 
 
 def _check_covariance_values(covariance: Operator) -> None:
