@@ -6,6 +6,7 @@ Nothing here is materialised unless asked (``to_dense``, guarded by ``settings(d
 from structgp.covariance.block_diag import BlockDiag, BlockDiagRoot
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.errors import NumericalError
 from structgp.covariance.indexing import DenseIndexWarning
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.linear_map import (
@@ -47,6 +48,7 @@ __all__ = [
     "KroneckerRoot",
     "LiftedRoot",
     "LowRank",
+    "NumericalError",
     "Operator",
     "OperatorMap",
     "Permutation",

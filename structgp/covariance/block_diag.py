@@ -22,7 +22,7 @@ from torch import Tensor
 
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
-from structgp.covariance.map import LinearMap
+from structgp.covariance.map import LinearMap, guard_map_dense
 from structgp.covariance.operator import Operator, as_operator
 from structgp.covariance.validation import (
     as_tensor,
@@ -182,6 +182,7 @@ class BlockDiagRoot(LinearMap):
         return _cat_broadcast(out, -2)
 
     def to_dense(self) -> Tensor:
+        guard_map_dense(self, "to_dense()")
         mats = [p.to_dense() for p in self.parts]
         batch = torch.broadcast_shapes(*(m.shape[:-3] for m in mats))
         n, k = self.shape[-2:]

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from structgp.covariance.operator import Operator
-from structgp.covariance.validation import as_tensor, check_ndim, check_positive, value_checks_enabled
+from structgp.covariance.validation import (
+    as_tensor,
+    check_ndim,
+    check_nonempty,
+    check_positive,
+    value_checks_enabled,
+)
 
 
 class Diagonal(Operator):
@@ -18,6 +26,7 @@ class Diagonal(Operator):
         super().__init__()
         diag = as_tensor(diag, "diag")
         check_ndim(diag, "diag", 1, "(..., n)")
+        check_nonempty(diag, "diag", "(..., n)")
         check_positive(diag, "diag")
         self.diag = diag
 
@@ -60,7 +69,9 @@ class ScaledIdentity(Operator):
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n: expected a positive int, got {n!r}")
         self.weak = None if isinstance(scale, Tensor) else float(scale)  # the Python number, if any
-        scale = as_tensor(scale, "scale")
+        # a number the default dtype cannot hold (1e-300 in float32 rounds to 0) is checked in float64
+        wide = self.weak is not None and _outside(self.weak, torch.get_default_dtype())
+        scale = as_tensor(scale, "scale", dtype=torch.float64 if wide else None)
         check_positive(scale, "scale")
         self.scale = scale
         self.size = n
@@ -91,3 +102,9 @@ class ScaledIdentity(Operator):
 
     def _expand(self, batch_shape: torch.Size) -> ScaledIdentity:
         return self._replace(scale=self.scale.expand(batch_shape))
+
+
+def _outside(value: float, dtype: torch.dtype) -> bool:
+    """Whether a finite non-zero ``value`` underflows or overflows ``dtype``."""
+    info = torch.finfo(dtype)
+    return value != 0 and math.isfinite(value) and not info.tiny <= abs(value) <= info.max

@@ -28,6 +28,9 @@ class Kronecker(Operator):
         if len(factors) < 1:
             raise ValueError("factors: expected at least one factor")
         ops = [as_operator(f, f"factors[{i}]") for i, f in enumerate(factors)]
+        for i, f in enumerate(ops):
+            if f.n == 0:  # a 0 x 0 factor makes the product 0 x 0
+                raise ValueError(f"factors[{i}]: expected a factor of size n_i >= 1, got {tuple(f.shape)}")
         broadcast_batch(*(f.batch_shape for f in ops), names=tuple(f"factors[{i}]" for i in range(len(ops))))
         check_same_kind({f"factors[{i}]": f._first_float() for i, f in enumerate(ops)})
         self.factors = ops

@@ -15,16 +15,14 @@ and multiplies ``(n, c)`` in ``2 b m^2 c`` flops.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from structgp import _config
 from structgp.covariance.kron import kron_dense
-from structgp.covariance.map import LinearMap
-from structgp.covariance.operator import DensifyError, Operator
+from structgp.covariance.map import LinearMap, guard_map_dense
+from structgp.covariance.operator import Operator
 from structgp.covariance.root import DenseRoot, DiagonalRoot, KroneckerRoot
 from structgp.covariance.validation import as_tensor, broadcast_batch, check_ndim, check_same_kind
 
@@ -51,17 +49,6 @@ def transpose(m: LinearMap) -> LinearMap:
         return m
     own = getattr(m, "_transpose", None)
     return own() if own is not None else Transpose(m)
-
-
-def guard_map_dense(m: LinearMap, what: str) -> None:
-    """Refuse to materialise a map whose dense form exceeds ``settings(dense_limit=...)``."""
-    nbytes = math.prod(m.shape) * m.dtype.itemsize
-    limit = _config.current().dense_limit
-    if nbytes > limit:
-        raise DensifyError(
-            f"{what}: the dense form of {m!r} would take {nbytes / 2**30:.1f} GiB, over the limit of "
-            f"{limit / 2**30:.1f} GiB; use M @ x and M.mT @ y, or raise structgp.settings(dense_limit=...)"
-        )
 
 
 def _dense_by_identity(m: LinearMap) -> Tensor:

@@ -18,6 +18,8 @@ class LowRank(Operator):
         super().__init__()
         factor = as_tensor(factor, "factor")
         check_ndim(factor, "factor", 2, "(..., n, k)")
+        if factor.shape[-2] == 0:
+            raise ValueError(f"factor: expected shape (..., n, k) with n >= 1, got {tuple(factor.shape)}")
         check_finite(factor, "factor")
         self.factor = factor
 

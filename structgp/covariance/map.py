@@ -7,10 +7,26 @@ draw samples ``R eps``); :mod:`structgp.covariance.linear_map` has the general m
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from structgp import _config
+from structgp.covariance.errors import DensifyError
 from structgp.covariance.pytree_node import PyTreeNode
+
+
+def guard_map_dense(m: LinearMap, what: str) -> None:
+    """Refuse to materialise a map whose dense form exceeds ``settings(dense_limit=...)``."""
+    nbytes = math.prod(m.shape) * m.dtype.itemsize
+    limit = _config.current().dense_limit
+    if nbytes > limit:
+        raise DensifyError(
+            f"{what}: the dense form of {m!r} would take {nbytes / 2**30:.1f} GiB, over the limit of "
+            f"{limit / 2**30:.1f} GiB; use M @ x and M.mT @ y (e.g. R @ eps to sample), or raise "
+            "structgp.settings(dense_limit=...)"
+        )
 
 
 class LinearMap(PyTreeNode):
@@ -68,6 +84,22 @@ class LinearMap(PyTreeNode):
         if x.shape[-2] != k:
             raise ValueError(f"x: expected shape (..., {k}, c), got {tuple(x.shape)}")
         return self._matmul(x)
+
+    def __getitem__(self, index):
+        raise TypeError(
+            f"{self!r} is a structured linear map (e.g. op[rows], a root), not a tensor: it cannot be indexed. "
+            "Index the operator once with rows and columns together (op[rows[:, None], cols], a structured "
+            "submatrix), or index M.to_dense()"
+        )
+
+    def __len__(self) -> int:
+        raise TypeError(f"{self!r} has no len() and is not a sequence: use M.shape, or M.to_dense() for a tensor")
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(f"np.asarray({self!r}): a structured map is not an array; use M.to_dense().numpy()")
+
+    def __bool__(self) -> bool:
+        return True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({'x'.join(map(str, self.shape))})"

@@ -19,13 +19,10 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from structgp import _config
+from structgp.covariance.errors import DensifyError
 from structgp.covariance.map import LinearMap
 from structgp.covariance.pytree_node import PyTreeNode
-from structgp.covariance.validation import as_tensor, check_positive
-
-
-class DensifyError(RuntimeError):
-    """Raised instead of allocating a huge dense matrix from a structured operator."""
+from structgp.covariance.validation import as_tensor, check_nonnegative, check_positive
 
 
 class Operator(PyTreeNode):
@@ -113,7 +110,7 @@ class Operator(PyTreeNode):
         return False
 
     def _scale(self, c: Tensor) -> Operator:
-        """``c * self`` for a positive tensor ``c`` of shape ``()`` or ``(...)``."""
+        """``c * self`` for a non-negative tensor ``c`` of shape ``()`` or ``(...)``."""
         raise NotImplementedError
 
     def _add_diagonal(self, noise: Operator) -> Operator:
@@ -133,9 +130,15 @@ class Operator(PyTreeNode):
             raise TypeError(f"rhs: expected a torch.Tensor, got {type(rhs).__name__}")
         if rhs.dim() == 0 or rhs.shape[-2 if rhs.dim() > 1 else -1] != self.n:
             raise ValueError(f"rhs: expected shape (n,) or (..., n, c) with n={self.n}, got {tuple(rhs.shape)}")
-        if rhs.dim() == 1:
-            return self._matmul(rhs.unsqueeze(-1)).squeeze(-1)
-        return self._matmul(rhs)
+        if not rhs.is_floating_point():
+            raise TypeError(f"rhs: expected a floating-point tensor of the operator's dtype, got {rhs.dtype}")
+        try:
+            if rhs.dim() == 1:
+                return self._matmul(rhs.unsqueeze(-1)).squeeze(-1)
+            return self._matmul(rhs)
+        except RuntimeError as err:  # torch's dtype/device message does not say which argument is wrong
+            _explain_mismatch(self, rhs, err)
+            raise
 
     def __matmul__(self, rhs: Tensor) -> Tensor:
         if isinstance(rhs, (Operator, LinearMap)):
@@ -161,7 +164,7 @@ class Operator(PyTreeNode):
         if isinstance(c, Operator):
             return NotImplemented
         c = as_tensor(c, "c (scale)", dtype=self.dtype, device=self.device)
-        check_positive(c, "c (scale)")
+        check_nonnegative(c, "c (scale)")  # 0 * op is the zero matrix: PSD
         return self._scale(c)
 
     __rmul__ = __mul__
@@ -184,6 +187,26 @@ class Operator(PyTreeNode):
         from structgp.covariance.indexing import getitem
 
         return getitem(self, index)
+
+    def __iter__(self):
+        """Iterate as over a tensor of shape ``op.shape``: the batch members, or the rows of an unbatched
+        operator (its dense matrix, refused above ``settings(dense_limit=...)``)."""
+        if self.batch_shape:
+            return (self[i] for i in range(self.batch_shape[0]))
+        guard_dense(self, "iterating over an operator (list(op), for row in op)")
+        return iter(self._to_dense())
+
+    def __len__(self) -> int:
+        # also what torch.as_tensor / torch.tensor ask first, so they get this message
+        raise TypeError(
+            f"{self!r} has no len() and is not a sequence: use op.shape[0], or op.to_dense() for the dense tensor"
+        )
+
+    def __bool__(self) -> bool:
+        return True  # an object, not a tensor: __len__ must not decide truth
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"np.asarray({self!r}): an operator is not an array; use op.to_dense().numpy()")
 
     @property
     def mT(self) -> Operator:
@@ -240,6 +263,14 @@ def _collect_tensors(x: Any, found: list[Tensor]) -> None:
             _collect_tensors(item, found)
     elif x is not None:
         found.extend(leaf for leaf in pytree.tree_leaves(x) if isinstance(leaf, Tensor))
+
+
+def _explain_mismatch(op: Operator, rhs: Tensor, err: RuntimeError) -> None:
+    """Re-raise a failed product as an error naming ``rhs`` when its dtype or device is not the operator's."""
+    if rhs.dtype != op.dtype:
+        raise TypeError(f"rhs: expected dtype {op.dtype} (the operator's), got {rhs.dtype}") from err
+    if rhs.device != op.device:
+        raise ValueError(f"rhs: expected device {op.device} (the operator's), got {rhs.device}") from err
 
 
 def guard_dense(op: Operator, what: str) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from structgp.covariance.kron import kron_dense, kron_matmul
-from structgp.covariance.map import LinearMap
+from structgp.covariance.map import LinearMap, guard_map_dense
 
 
 class DenseRoot(LinearMap):
@@ -57,6 +57,7 @@ class DiagonalRoot(LinearMap):
     tmatmul = _matmul
 
     def to_dense(self) -> Tensor:
+        guard_map_dense(self, "to_dense()")
         return torch.diag_embed(self.diag)
 
 
@@ -81,6 +82,7 @@ class KroneckerRoot(LinearMap):
         return kron_matmul([f.mT for f in self.factors], y)
 
     def to_dense(self) -> Tensor:
+        guard_map_dense(self, "to_dense()")
         return kron_dense(self.factors)
 
 
@@ -108,6 +110,7 @@ class ConcatRoot(LinearMap):
         return torch.cat([o.expand(*batch, *o.shape[-2:]) for o in outs], dim=-2)
 
     def to_dense(self) -> Tensor:
+        guard_map_dense(self, "to_dense()")
         mats = [p.to_dense() for p in self.parts]
         batch = torch.broadcast_shapes(*(m.shape[:-2] for m in mats))
         return torch.cat([m.expand(*batch, *m.shape[-2:]) for m in mats], dim=-1)

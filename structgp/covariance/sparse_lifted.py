@@ -146,7 +146,10 @@ class Lift(PyTreeNode):
 
 
 class _LiftProduct(torch.autograd.Function):
-    """``L x`` (or ``L^T x``) for a 2-D dense ``x``; differentiable in ``values`` and ``x``."""
+    """``L x`` (or ``L^T x``) for a 2-D dense ``x``; differentiable in ``values`` and ``x``, forward mode
+    (``jvp``: ``d(L x) = L dx + L(dvalues) x``, linear in each) and under ``torch.func.vmap`` (a batched ``x``
+    becomes more columns of one sparse product; batched values, one product per member), so ``jacfwd``,
+    ``jacrev`` and ``vmap`` see through the lift."""
 
     @staticmethod
     def forward(values: Tensor, x: Tensor, lift: Lift, transpose: bool) -> Tensor:
@@ -156,6 +159,29 @@ class _LiftProduct(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         values, x, ctx.lift, ctx.transpose = inputs
         ctx.save_for_backward(values, x)
+        ctx.save_for_forward(values, x)
+
+    @staticmethod
+    def jvp(ctx, dvalues: Tensor | None, dx: Tensor | None, _lift, _transpose) -> Tensor:
+        values, x = ctx.saved_tensors
+        out = None
+        if dx is not None:
+            out = _LiftProduct.apply(values, dx, ctx.lift, ctx.transpose)
+        if dvalues is not None:
+            term = _LiftProduct.apply(dvalues, x, ctx.lift, ctx.transpose)
+            out = term if out is None else out + term
+        return out
+
+    @staticmethod
+    def vmap(info, in_dims, values: Tensor, x: Tensor, lift: Lift, transpose: bool) -> tuple[Tensor, int]:
+        v_dim, x_dim = in_dims[0], in_dims[1]
+        if v_dim is not None:  # per-member values: one sparse product each
+            xs = x.movedim(x_dim, 0) if x_dim is not None else x.expand(info.batch_size, *x.shape)
+            outs = [_LiftProduct.apply(v, xi, lift, transpose) for v, xi in zip(values.movedim(v_dim, 0), xs)]
+            return torch.stack(outs), 0
+        xb = x.movedim(x_dim, -1)  # (rows, c, B): the members become columns
+        out = _LiftProduct.apply(values, xb.reshape(xb.shape[0], -1), lift, transpose)
+        return out.reshape(out.shape[0], *xb.shape[1:]), -1
 
     @staticmethod
     def backward(ctx, grad: Tensor):

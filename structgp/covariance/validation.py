@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from structgp.covariance.errors import NumericalError
+
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -46,7 +48,7 @@ def _values_checked(t: Tensor) -> bool:
     return _config.current().check_values and value_checks_enabled(t)
 
 
-def _check_values(t: Tensor, ok: Tensor, name: str, what: str) -> None:
+def _check_values(t: Tensor, ok: Tensor, name: str, what: str, error: type[ValueError] = ValueError) -> None:
     if not _values_checked(t):
         return
     try:
@@ -54,7 +56,7 @@ def _check_values(t: Tensor, ok: Tensor, name: str, what: str) -> None:
     except RuntimeError:  # a transform we do not know refuses host reads: skip the value check
         return
     if not good:
-        raise ValueError(f"{name}: expected {what}")
+        raise error(f"{name}: expected {what}")
 
 
 def as_tensor(x, name: str, *, dtype: torch.dtype | None = None, device=None) -> Tensor:
@@ -80,7 +82,7 @@ def check_finite(t: Tensor, name: str) -> None:
         # look entry by entry. The sum is in t's dtype: sum(dtype=float64) would first copy t to float64
         if t.numel() and math.isfinite(t.sum().item()):
             return
-        _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)")
+        _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)", NumericalError)
 
 
 def check_positive(t: Tensor, name: str) -> None:
@@ -89,8 +91,22 @@ def check_positive(t: Tensor, name: str) -> None:
     with torch.no_grad():
         if positive_finite(t):
             return
-        _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)")
-        _check_values(t, t > 0, name, "strictly positive entries")
+        # NaN/Inf, and zeros (a positive value that underflowed), are numerical; a negative entry is a mistake
+        _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)", NumericalError)
+        _check_values(t, t >= 0, name, "strictly positive entries (found a negative entry)")
+        _check_values(t, t > 0, name, "strictly positive entries (found 0)", NumericalError)
+
+
+def check_nonnegative(t: Tensor, name: str) -> None:
+    """Finite entries ``>= 0`` (a scale of a PSD operator: zero keeps it PSD)."""
+    if not _values_checked(t):
+        return
+    with torch.no_grad():
+        lo, hi = t.aminmax() if t.numel() else (t.new_zeros(()), t.new_zeros(()))
+        if bool((lo >= 0) & (hi < float("inf"))):
+            return
+        _check_values(t, torch.isfinite(t), name, "finite entries (found NaN or Inf)", NumericalError)
+        _check_values(t, t >= 0, name, "strictly positive or zero entries (found a negative entry)")
 
 
 def positive_finite(t: Tensor) -> bool:
@@ -114,6 +130,13 @@ def check_square(t: Tensor, name: str) -> None:
     check_ndim(t, name, 2, "(..., n, n)")
     if t.shape[-1] != t.shape[-2]:
         raise ValueError(f"{name}: expected a square matrix (..., n, n), got {tuple(t.shape)}")
+    check_nonempty(t, name, "(..., n, n)")
+
+
+def check_nonempty(t: Tensor, name: str, layout: str) -> None:
+    """A covariance of size ``n >= 1`` (the last dim of ``t``): a 0 x 0 one has no questions to answer."""
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name}: expected shape {layout} with n >= 1, got {tuple(t.shape)}")
 
 
 def check_same_kind(tensors: dict[str, Tensor]) -> None:

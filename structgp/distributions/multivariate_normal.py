@@ -25,6 +25,7 @@ from torch.distributions import constraints
 from torch.distributions.utils import lazy_property
 
 from structgp import _config
+from structgp.covariance.errors import NumericalError
 from structgp.covariance.operator import Operator, as_operator
 from structgp.covariance.validation import broadcast_batch, host_readable, positive_finite, value_checks_enabled
 from structgp.inference.cholesky import inverse_from_cholesky, psd_cholesky
@@ -158,8 +159,8 @@ class MultivariateNormal(TorchDistribution):
         if not isinstance(value, Tensor) or value.dtype != op.dtype:
             what = value.dtype if isinstance(value, Tensor) else type(value).__name__
             raise TypeError(f"value: expected a tensor of dtype {op.dtype} (the covariance's), got {what}")
-        diff = value - self.loc
-        inv_quad, logdet = op.inv_quad_logdet(diff)
+        diff = _difference(value, self.loc, self.batch_shape)
+        inv_quad, logdet = _inv_quad_logdet(op, diff)
         return -0.5 * (inv_quad + logdet + self.event_shape[0] * _LOG_2PI)
 
     def rsample(self, sample_shape=_NO_SAMPLE) -> Tensor:
@@ -240,6 +241,30 @@ def _check_no_nan(t: Tensor, name: str) -> None:
     raise ValueError(f"{name}: expected real values (constraint real_vector), found NaN in {tuple(t.shape)} values")
 
 
+def _difference(value: Tensor, loc: Tensor, batch_shape: torch.Size) -> Tensor:
+    """``value - loc``, or a ValueError naming ``value`` when its shape does not fit ``(..., n)``."""
+    n = loc.shape[-1]
+    if value.dim() < 1 or value.shape[-1] != n:
+        raise ValueError(f"value: expected shape (..., {n}) (the event shape), got {tuple(value.shape)}")
+    try:
+        return value - loc
+    except RuntimeError as err:  # batch dims that do not broadcast
+        raise ValueError(
+            f"value: expected shape (..., {n}) broadcastable with the batch shape {tuple(batch_shape)}, "
+            f"got {tuple(value.shape)}"
+        ) from err
+
+
+def _inv_quad_logdet(op: Operator, diff: Tensor) -> tuple[Tensor, Tensor]:
+    """``op.inv_quad_logdet(diff)``; its non-finite ``rhs`` is the caller's ``value`` (``diff = value - loc``)."""
+    try:
+        return op.inv_quad_logdet(diff)
+    except NumericalError as err:
+        if str(err).startswith("rhs:"):
+            raise NumericalError("value: expected finite entries (found NaN or Inf in value - loc)") from err
+        raise
+
+
 def _check_covariance_values(covariance: Operator) -> None:
     """A cheap necessary condition of positive definiteness: a finite, positive diagonal (``n`` values)."""
     if not _config.current().check_values or torch.jit.is_tracing():
@@ -247,7 +272,8 @@ def _check_covariance_values(covariance: Operator) -> None:
     diag = covariance.diagonal()
     if not value_checks_enabled(diag) or positive_finite(diag):
         return
-    raise ValueError(
+    error = ValueError if bool((diag < 0).any()) else NumericalError  # NaN, Inf, 0: over/underflow
+    raise error(
         f"covariance: expected a positive definite operator, but {covariance!r} has non-positive or "
         "non-finite diagonal entries"
     )

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from structgp import _config
+from structgp.covariance.errors import NumericalError
 from structgp.covariance.operator import Operator, guard_dense
 from structgp.covariance.validation import negligibly_asymmetric, value_checks_enabled
 from structgp.inference import report
@@ -19,7 +20,7 @@ from structgp.inference._cache import cached
 from structgp.inference.plan import Cost, Engine, register, structurally_singular
 
 
-class NotPositiveDefiniteError(ValueError):
+class NotPositiveDefiniteError(NumericalError):
     """A matrix that jitter up to ``settings(max_jitter=...)`` could not make positive definite."""
 
 
@@ -27,7 +28,8 @@ class JitterWarning(UserWarning):
     """Jitter was added to a diagonal so that a Cholesky factorisation succeeds."""
 
 
-def _first_jitter(dtype: torch.dtype) -> float:
+def first_jitter(dtype: torch.dtype) -> float:
+    """The first rung of the jitter ladder, relative to the mean diagonal."""
     return 1e-8 if dtype == torch.float64 else 1e-6
 
 
@@ -44,16 +46,22 @@ def psd_cholesky(
     that the common, successful call does not format it. ``assume_symmetric``: the caller knows that
     ``matrix`` is negligibly asymmetric (then it is factorised as it is, without looking).
     """
-    a = matrix if assume_symmetric or _negligibly_asymmetric(matrix) else (matrix + matrix.mT) / 2
+    if assume_symmetric or _negligibly_asymmetric(matrix):
+        a = matrix
+    else:  # halves first: (A + A^T) / 2 overflows near the float max
+        a = torch.add(matrix * 0.5, matrix.mT, alpha=0.5)
     factor, info = torch.linalg.cholesky_ex(a)
     if not value_checks_enabled(info) or not _any_failed(info):
         return factor
     if callable(what):
         what = what()
+    check_factorisable(a, what)  # jitter relative to a NaN/Inf diagonal cannot help
     max_jitter = _config.current().max_jitter
     scale = a.diagonal(dim1=-2, dim2=-1).mean(-1).abs().clamp_min(torch.finfo(a.dtype).tiny)
     failed = info > 0
-    rel = _first_jitter(a.dtype)
+    if bool((failed & (scale <= torch.finfo(a.dtype).tiny)).any()):  # e.g. 0 * op: nothing to be relative to
+        raise NotPositiveDefiniteError(f"{what} is singular with a zero diagonal: jitter relative to it cannot help")
+    rel = first_jitter(a.dtype)
     while rel <= max_jitter * (1 + 1e-9):
         jitter = torch.where(failed, rel * scale, torch.zeros_like(scale))
         eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
@@ -92,6 +100,16 @@ def _negligibly_asymmetric(matrix: Tensor) -> bool:
     returns a symmetric gradient). CPU only: on a GPU reading the answer would cost a synchronisation, more
     than the two kernels it saves."""
     return matrix.device.type == "cpu" and value_checks_enabled(matrix) and negligibly_asymmetric(matrix)
+
+
+def check_factorisable(a: Tensor, what: str) -> None:
+    """Raise :class:`NumericalError` naming ``what`` when ``a`` has NaN or Inf entries (for failure paths)."""
+    finite = torch.isfinite(a).all()
+    if value_checks_enabled(finite) and not bool(finite):
+        raise NumericalError(
+            f"{what} has non-finite entries (NaN or Inf): a parameter overflowed or is not finite; "
+            "check the scales of the covariance's parameters"
+        )
 
 
 def inverse_from_cholesky(factor: Tensor) -> Tensor:

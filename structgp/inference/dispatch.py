@@ -7,9 +7,15 @@ the engine.
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
+from structgp import _config
+from structgp.covariance.errors import NumericalError
 from structgp.covariance.operator import Operator
+from structgp.covariance.validation import value_checks_enabled
 from structgp.inference import report
 from structgp.inference.plan import settled
 from structgp.inference.plan_memo import planned
@@ -26,6 +32,26 @@ def _check_rhs(op: Operator, rhs: Tensor, layout: str) -> None:
         raise ValueError(f"rhs: expected device {device} (the operator's), got {rhs.device}")
 
 
+def _check_values(what: str, op: Operator, rhs: Tensor | None, *outs: Tensor) -> None:
+    """Refuse a NaN/Inf right-hand side and a NaN answer (an intermediate over/underflowed), after the engine
+    ran: a NaN/Inf ``rhs`` makes the answer non-finite too, so one finite sum of the answers clears both (one
+    host read; none where values cannot be read: vmap, compile, ``check_values=False``)."""
+    if not (_config.current().check_values and value_checks_enabled(outs[0])):
+        return
+    with torch.no_grad():
+        total = outs[0].sum() if len(outs) == 1 else outs[0].sum() + outs[1].sum()
+        if math.isfinite(total.item()):
+            return
+        if rhs is not None and not bool(rhs.isfinite().all()):
+            raise NumericalError(f"rhs: expected finite entries (found NaN or Inf) in {what} with {op!r}")
+        if not any(bool(out.isnan().any()) for out in outs):
+            return  # an answer that overflowed to Inf (or a sum of such) is the float answer
+    raise NumericalError(
+        f"{what} of {op!r} is NaN: an intermediate value overflowed or underflowed (a scale or noise at the edge "
+        "of the floating-point range, e.g. noise below 1e-300 in float64); rescale the parameters"
+    )
+
+
 def solve(op: Operator, rhs: Tensor) -> Tensor:
     """``op^{-1} rhs``; ``rhs`` is ``(..., n)`` when its leading dims equal ``op.batch_shape`` or it is 1-D
     (as in ``torch.linalg.solve``), else ``(..., n, c)``."""
@@ -40,6 +66,7 @@ def solve(op: Operator, rhs: Tensor) -> Tensor:
     p = settled(planned(op), op)
     report.start("solve", p.method, p.reason)
     out = p.engine.solve(op, rhs)
+    _check_values("solve", op, rhs, out)
     return out.squeeze(-1) if vector else out
 
 
@@ -47,7 +74,9 @@ def logdet(op: Operator) -> Tensor:
     """``log det op``, shape ``op.batch_shape``."""
     p = settled(planned(op), op)
     report.start("logdet", p.method, p.reason)
-    return p.engine.logdet(op)
+    out = p.engine.logdet(op)
+    _check_values("logdet", op, None, out)
+    return out
 
 
 def inv_quad_logdet(op: Operator, rhs: Tensor) -> tuple[Tensor, Tensor]:
@@ -59,6 +88,7 @@ def inv_quad_logdet(op: Operator, rhs: Tensor) -> tuple[Tensor, Tensor]:
     report.start("inv_quad_logdet", p.method, p.reason)
     columns, unfold = _fold_extra_batch(rhs, len(op.batch_shape))
     inv_quad, logdet = p.engine.inv_quad_logdet(op, columns)
+    _check_values("inv_quad_logdet", op, rhs, inv_quad, logdet)
     return unfold(inv_quad), logdet
 
 

@@ -11,8 +11,9 @@ Gradients. The solves run without autograd on a detached copy of the operator; t
 through first-order surrogates made of plain torch operations, whose values equal the estimates and whose
 gradients are the right ones (with ``x``, ``u``, ``v_i = P^{-1} z_i`` detached):
 
-    inv_quad:  2 b.x - x^T A x               value b^T A^{-1} b up to r^T A^{-1} r (r the CG residual);
-                                             d = 2 x.db - x^T dA x, the exact derivative at x
+    inv_quad:  b.x + g - g.detach(),         g = 2 b.x - x^T A x: value b^T A^{-1} b up to x.r (r the CG
+                                             residual; g's own value would cancel catastrophically in
+                                             float32); d = 2 x.db - x^T dA x, the exact derivative at x
     logdet:    est + g - g.detach(),         g = mean_i u_i^T A v_i;  d = mean_i u_i^T dA v_i, an unbiased
                                              Hutchinson estimate of tr(A^{-1} dA), as E[z z^T] = P
     solve:     x + S(b - A x),               S a custom autograd function (setup_context) with value 0 and
@@ -268,10 +269,14 @@ class ConjugateGradients(Engine):
     def inv_quad_logdet(self, op: Operator, rhs: Tensor) -> tuple[Tensor, Tensor]:
         run = _run(op, rhs, probes=True)
         c = rhs.shape[-1]
-        grad = _needs_grad(op)
-        a_w = op._matmul(torch.cat([run.x, run.v], dim=-1) if grad else run.x)  # one differentiable product
-        inv_quad = 2 * (rhs * run.x).sum(-2) - (run.x * a_w[..., :c]).sum(-2)
-        return inv_quad, _logdet_surrogate(op, run, a_w[..., c:] if grad else None).to(op.dtype)
+        inv_quad = (rhs.detach() * run.x).sum(-2)
+        a_v = None
+        if _needs_grad(op, rhs):  # the gradient only, by a term of value 0 (2 b.x - x^T A x cancels in float32)
+            a_w = op._matmul(torch.cat([run.x, run.v], dim=-1))  # one differentiable product
+            g = 2 * (rhs * run.x).sum(-2) - (run.x * a_w[..., :c]).sum(-2)
+            inv_quad = inv_quad + (g - g.detach())
+            a_v = a_w[..., c:]
+        return inv_quad, _logdet_surrogate(op, run, a_v).to(op.dtype)
 
 
 def _logdet_surrogate(op: Operator, run: _Run, a_v: Tensor | None) -> Tensor:

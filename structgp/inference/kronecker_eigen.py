@@ -18,12 +18,18 @@ tiny eigenvalues of a grid RBF kernel). They are delivered by first-order surrog
 operations, so they compose with ``torch.func.grad``/``vmap``: with ``S`` the detached inverse,
 
     logdet:    sum log lambda + <w, m> - <w, m>.detach(),  w = 1/lambda, m = (x)_i diag(Q_i^T M_i Q_i) + sigma
-    solve:     x0 + S (r - B x0),  x0 = S r detached           (also one step of iterative refinement)
-    inv_quad:  2 r.x0 - x0^T B x0
+    solve:     x0 + (c - c.detach()),  c = S (r - B x0),  x0 = S r detached
+    inv_quad:  r.x0 + (g - g.detach()),  g = 2 r.x0 - x0^T B x0
 
-whose values equal the exact ones and whose first derivatives are exact (``tr(B^{-1} dB)`` only needs the
-diagonal of ``Q^T dB Q``). Second derivatives of these paths are not supported: ``create_graph=True``
-raises (see :mod:`structgp.inference.first_order`) rather than returning wrong Hessians.
+Each surrogate's value is exactly 0, so the value is the same with and without gradients (``g`` itself
+cancels catastrophically in float32 where ``B`` is ill-conditioned), and the first derivatives are exact
+(``tr(B^{-1} dB)`` only needs the diagonal of ``Q^T dB Q``).
+
+Singular ``B`` (a Kronecker product without noise, or with noise below what the data's precision resolves)
+gets the dense path's warned jitter (:mod:`.spectral_jitter`), never a division by a zero eigenvalue.
+
+Second derivatives of these paths are not supported: ``create_graph=True`` raises (see
+:mod:`structgp.inference.first_order`) rather than returning wrong Hessians.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from structgp.covariance.kron import kron_matmul, kron_vector
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal
+from structgp.covariance.validation import host_readable
 from structgp.inference._cache import cached
 from structgp.inference.first_order import first_order_only
 from structgp.inference.kronecker_spectrum import (
@@ -49,18 +56,21 @@ from structgp.inference.kronecker_spectrum import (
     to_eigenbasis,
 )
 from structgp.inference.plan import Cost, Engine, register
+from structgp.inference.spectral_jitter import eigenvalue_jitter, kronecker_uncertainty
 
 _WHAT = "the Kronecker eigen path"
 
 
 @dataclasses.dataclass
 class _Problem:
-    """``A = diag(outer) (M_1 (x) ... + sigma I) diag(outer)``, all differentiable."""
+    """``A = diag(outer) (M_1 (x) ... + sigma I) diag(outer)``, all differentiable; ``B`` gets the warned
+    ``jitter`` when its smallest eigenvalue is not above the eigenvalues' uncertainty."""
 
     mats: list[Tensor]  # M_i (..., n_i, n_i)
     sigma: Tensor | None  # (...) or None for no shift
     outer: list[Tensor] | None  # D_i^{-1/2} (..., n_i), or None when D = s I / absent
     eig: FactorSpectra  # of the M_i: float64, detached, PSD-checked
+    jitter: Tensor | None = None  # (...) float64, detached: added to B's diagonal
 
 
 def _kron_diag_noise(op: AddedDiagonal) -> list[Tensor] | None:
@@ -75,15 +85,38 @@ def _kron_diag_noise(op: AddedDiagonal) -> list[Tensor] | None:
 
 def _problem(op: Operator) -> _Problem:
     if isinstance(op, Kronecker):
-        return _Problem(op.factor_matrices(), None, None, kronecker_spectra(op))
-    base = op.base
-    if isinstance(op.noise, ScaledIdentity):
-        return _Problem(base.factor_matrices(), op.noise.scale, None, kronecker_spectra(base))
-    # the symmetrised factors D_i^{-1/2} K_i D_i^{-1/2} belong to this sum, so their spectra are cached on it
-    outer = [d.rsqrt() for d in _kron_diag_noise(op)]
-    mats = [t.unsqueeze(-1) * m * t.unsqueeze(-2) for t, m in zip(outer, base.factor_matrices())]
-    eig = cached(op, "eigh", lambda: factor_spectra(mats), detached=True)
-    return _Problem(mats, torch.ones((), dtype=op.dtype, device=op.device), outer, eig)
+        p = _Problem(op.factor_matrices(), None, None, kronecker_spectra(op))
+        what = f"the Kronecker product {op!r}"
+    elif isinstance(op.noise, ScaledIdentity):
+        p = _Problem(op.base.factor_matrices(), op.noise.scale, None, kronecker_spectra(op.base))
+        what = f"the Kronecker product plus noise {op!r}"
+    else:
+        # the symmetrised factors D_i^{-1/2} K_i D_i^{-1/2} belong to this sum, so their spectra are cached on it
+        outer = [d.rsqrt() for d in _kron_diag_noise(op)]
+        mats = [t.unsqueeze(-1) * m * t.unsqueeze(-2) for t, m in zip(outer, op.base.factor_matrices())]
+        eig = cached(op, "eigh", lambda: factor_spectra(mats), detached=True)
+        p = _Problem(mats, torch.ones((), dtype=op.dtype, device=op.device), outer, eig)
+        what = f"the symmetrised D^-1/2 K D^-1/2 + I of {op!r}"
+    p.jitter = _jitter(p, op.dtype, what)
+    return p
+
+
+def _jitter(p: _Problem, dtype: torch.dtype, what: str) -> Tensor | None:
+    """The warned jitter of ``B`` (see :mod:`.spectral_jitter`), or None where none is added. The smallest
+    eigenvalue of ``B`` is ``prod_i min l_i + sigma`` (the ``l_i`` are clamped at 0)."""
+    values = p.eig.values
+    low, mean_diag = values[0].amin(-1), p.mats[0].detach().diagonal(dim1=-2, dim2=-1).mean(-1).double()
+    for v, m in zip(values[1:], p.mats[1:]):  # a loop, not math.prod over a generator: torch.compile traces it
+        low = low * v.amin(-1)
+        mean_diag = mean_diag * m.detach().diagonal(dim1=-2, dim2=-1).mean(-1).double()
+    if p.sigma is not None:
+        sigma = p.sigma.detach().double()
+        low, mean_diag = low + sigma, mean_diag + sigma
+    uncertainty = kronecker_uncertainty(values, p.eig.clamped, dtype)
+    jitter = eigenvalue_jitter(low, uncertainty, mean_diag, dtype, what)
+    if host_readable(jitter) and not bool((low <= uncertainty).any()):
+        return None
+    return jitter
 
 
 def _eigenvalues(p: _Problem) -> Tensor:
@@ -91,6 +124,8 @@ def _eigenvalues(p: _Problem) -> Tensor:
     lam = p.eig.eigenvalues()
     if p.sigma is not None:
         lam = lam + p.sigma.detach().double().unsqueeze(-1)
+    if p.jitter is not None:
+        lam = lam + p.jitter.unsqueeze(-1)
     return lam
 
 
@@ -105,6 +140,8 @@ def _apply_b(p: _Problem, x: Tensor) -> Tensor:
     out = kron_matmul(p.mats, x)
     if p.sigma is not None:
         out = out + p.sigma[..., None, None] * x
+    if p.jitter is not None:
+        out = out + p.jitter.to(x.dtype)[..., None, None] * x
     return out
 
 
@@ -119,7 +156,9 @@ def _solve_b(p: _Problem, rhs: Tensor) -> Tensor:
     x0 = _inverse(p, rhs)
     if not _needs_grad(p, rhs):
         return x0
-    return first_order_only(x0 + _inverse_differentiable_rhs(p, rhs - _apply_b(p, x0)), _WHAT)
+    # the gradient only: the correction's value (a residual formed in the data's precision) is dropped
+    correction = _inverse_differentiable_rhs(p, rhs - _apply_b(p, x0))
+    return first_order_only(x0 + (correction - correction.detach()), _WHAT)
 
 
 def _inverse_differentiable_rhs(p: _Problem, r: Tensor) -> Tensor:
@@ -199,10 +238,10 @@ class KroneckerEigen(Engine):
         outer = _outer(p)
         r = rhs if outer is None else outer.to(rhs.dtype).unsqueeze(-1) * rhs
         x0 = _inverse(p, r)
-        if _needs_grad(p, r):
-            inv_quad = first_order_only(2 * (r * x0).sum(-2) - (x0 * _apply_b(p, x0)).sum(-2), _WHAT)
-        else:
-            inv_quad = (r * x0).sum(-2)
+        inv_quad = (r.detach() * x0).sum(-2)
+        if _needs_grad(p, r):  # the gradient only, by a term of value 0 (its value cancels catastrophically)
+            g = 2 * (r * x0).sum(-2) - (x0 * _apply_b(p, x0)).sum(-2)
+            inv_quad = first_order_only(inv_quad + (g - g.detach()), _WHAT)
         return inv_quad, _logdet(op, p)
 
 

@@ -11,7 +11,8 @@ Each factor is decomposed in float64 from its symmetric part. There are two read
 - PSD (``psd=True``, the default), for covariances: an eigenvalue below zero by more than rounding
   (``100 n eps`` of the largest, ``eps`` of the data's precision) raises
   :class:`~structgp.inference.cholesky.NotPositiveDefiniteError` naming the factor; the others are clamped at
-  0 (rounding noise of either sign around a zero eigenvalue).
+  0 (rounding noise of either sign around a zero eigenvalue), and how far below 0 they were is kept
+  (``FactorSpectra.clamped``: jitter added to the product must exceed it).
 - raw (``psd=False``): the eigenvalues as ``eigh`` returns them, for rules defined on any symmetric operator
   (``eigsh``; matrix functions of ``K + s I``, which can be positive definite while a factor is not).
 
@@ -44,6 +45,7 @@ class FactorSpectra:
 
     values: list[Tensor]  # l_i (..., n_i)
     vectors: list[Tensor]  # Q_i (..., n_i, n_i)
+    clamped: list[Tensor] | None = None  # the PSD reading's max(0, -min raw l_i) (...): rounding set to 0
 
     def eigenvalues(self) -> Tensor:
         """``l_1 (x) ... (x) l_d`` ``(..., N)``, in the product's row order (not sorted)."""
@@ -51,7 +53,8 @@ class FactorSpectra:
 
     def to(self, dtype: torch.dtype) -> FactorSpectra:
         """Values and vectors in ``dtype`` (e.g. the data's, for products with it)."""
-        return FactorSpectra([v.to(dtype) for v in self.values], [q.to(dtype) for q in self.vectors])
+        clamped = None if self.clamped is None else [c.to(dtype) for c in self.clamped]
+        return FactorSpectra([v.to(dtype) for v in self.values], [q.to(dtype) for q in self.vectors], clamped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,4 +179,5 @@ def _psd_problem(raw: FactorSpectra, dtypes: list[torch.dtype], names: list[str]
 
 
 def _clamped(raw: FactorSpectra) -> FactorSpectra:
-    return FactorSpectra([lam.clamp_min(0) for lam in raw.values], raw.vectors)
+    below = [(-lam.amin(-1)).clamp_min(0) for lam in raw.values]
+    return FactorSpectra([lam.clamp_min(0) for lam in raw.values], raw.vectors, below)

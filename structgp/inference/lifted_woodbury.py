@@ -60,7 +60,8 @@ from structgp.inference.cholesky import cholesky_logdet, inverse_from_cholesky, 
 from structgp.inference.first_order import first_order_only
 from structgp.inference.plan import Cost, Engine, describe, register
 from structgp.inference.roots import root
-from structgp.inference.spectral_root import exact_root, known_root_rank, spectral_matrices
+from structgp.inference.spectral_jitter import eigenvalue_jitter
+from structgp.inference.spectral_root import exact_root, known_root_rank, spectral_matrices, spectral_uncertainty
 
 
 def lift_gram(lift: Lift, values: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -317,14 +318,15 @@ def _factor(op: AddedDiagonal) -> _Factor:
         lifted, noise = op.base, op.noise
         lift = lifted.lift
         values = lift.values.double()
+        r, spectral, base = _latent_root(lifted.base)
+        jitter = _truncation_jitter(op) if spectral else None
         scaled = isinstance(noise, ScaledIdentity)
         if scaled:
-            scale = noise.scale.double()
+            scale = noise.scale.double() if jitter is None else noise.scale.double() + jitter
             inv_noise, noise_logdet = 1 / scale[..., None], lift.n_out * scale.log()
         else:
-            d = noise.diagonal().double()
+            d = noise.diagonal().double() if jitter is None else noise.diagonal().double() + jitter[..., None]
             inv_noise, noise_logdet = 1 / d, d.log().sum(-1)
-        r, spectral, base = _latent_root(lifted.base)
         rows = m = mr = None
         if _row_form(lift, r.shape[-1]):
             rows = lift.matmul(r.to_dense(), values)  # F = L R
@@ -349,6 +351,35 @@ def _factor(op: AddedDiagonal) -> _Factor:
             rep.notes.append(f"spectral root of rank {f.root.shape[-1]} (the base is singular in float64; no jitter)")
         rep.notes.append("row form F = L R" if f.rows is not None else "gram form M = L^T D^-1 L")
     return f
+
+
+def _truncation_jitter(op: AddedDiagonal) -> Tensor | None:
+    """Warned jitter ``(...)`` for the noise where it does not dominate what the base's spectral root leaves
+    out (:func:`spectral_uncertainty`, times ``||L||_2^2 <= ||L||_1 ||L||_inf``): there the answer would be
+    set by the truncation (in float32, by the data's rounding), not by the covariance, and the dense path
+    would need jitter too (:mod:`.spectral_jitter`). None where the noise dominates."""
+    lifted, noise = op.base, op.noise
+    uncertainty = spectral_uncertainty(lifted.base) * _norm_bound(lifted.lift)
+    d = noise.diagonal().detach().double()
+    mean_diag = lifted.base.diagonal().detach().double().mean(-1) + d.mean(-1)
+    what = f"{op!r} (noise against the part of the base its spectral root leaves out)"
+    low = d.amin(-1)
+    jitter = eigenvalue_jitter(low, uncertainty, mean_diag, op.dtype, what)
+    return jitter if bool((low <= uncertainty).any()) else None
+
+
+def _norm_bound(lift: Lift) -> float:
+    """``||L||_1 ||L||_inf`` (largest absolute column sum times largest absolute row sum), a bound on
+    ``||L||_2^2``, cached on the lift."""
+
+    def compute() -> float:
+        with torch.no_grad():
+            mags = lift.values.abs().double()
+            rows = mags.new_zeros(lift.n_out).index_add(0, lift.row, mags)
+            cols = mags.new_zeros(lift.n_in).index_add(0, lift.col, mags)
+            return float(rows.max() * cols.max()) if lift.nnz else 0.0
+
+    return cached(lift, "norm_bound", compute, detached=True)
 
 
 def _latent_root(base: Operator) -> tuple[LinearMap, bool, Operator | None]:

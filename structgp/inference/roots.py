@@ -15,6 +15,7 @@ import functools
 
 import torch
 
+from structgp import _config
 from structgp.covariance.block_diag import BlockDiag, BlockDiagRoot
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
@@ -37,11 +38,48 @@ def root(op: Operator) -> LinearMap:
     """A structured root of ``op``; operators without a rule get a dense Cholesky factor."""
     from structgp.inference.cholesky import DenseCholesky
 
+    _check_budget(op)
     return DenseRoot(DenseCholesky().factor(op))
+
+
+def root_nbytes(op: Operator) -> int:
+    """Bytes the root of ``op`` allocates (a Cholesky factor and the symmetrised copy it is taken from, as the
+    dense engine's cost counts; 0 for a LowRank factor, which is reused), from shapes only: the check of
+    ``settings(memory_budget=...)`` before anything is factorised."""
+    batch, n, size = op.batch_shape.numel(), op.n, op.dtype.itemsize
+    if isinstance(op, LowRank):
+        return 0
+    if op.is_diagonal:
+        return batch * n * size
+    if isinstance(op, Kronecker):
+        return 2 * batch * sum(f.n * f.n for f in op.factors) * size
+    if isinstance(op, (AddedDiagonal, Sum)):
+        return sum(root_nbytes(t) for t in ((op.base, op.noise) if isinstance(op, AddedDiagonal) else op.terms))
+    if isinstance(op, BlockDiag):
+        return sum(root_nbytes(g) for g in op.groups)
+    if isinstance(op, (SparseLifted, Permuted)):
+        return root_nbytes(op.base)
+    return 2 * batch * n * n * size
+
+
+def _check_budget(op: Operator) -> None:
+    """Refuse a root over ``settings(memory_budget=...)`` before factorising (a ``MemoryError`` saying what to do)."""
+    nbytes, budget = root_nbytes(op), _config.current().memory_budget
+    if nbytes > budget:
+        raise MemoryError(
+            f"root(): the Cholesky factors of {op!r} would take {_size(nbytes)}, over the memory budget of "
+            f"{_size(budget)}; sample through a structure whose root is small (Kronecker, LowRank, "
+            "SparseLifted), use fewer or smaller blocks, or raise structgp.settings(memory_budget=...)"
+        )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
 
 @root.register
 def _(op: Dense) -> LinearMap:
+    _check_budget(op)
     return DenseRoot(psd_cholesky(op.matrix, "the Dense matrix"))
 
 
@@ -89,6 +127,7 @@ def _(op: Sum) -> LinearMap:
 
 @root.register
 def _(op: BlockDiag) -> LinearMap:
+    _check_budget(op)  # all blocks together, before the first is factorised
     parts = []
     for j, group in enumerate(op.groups):
         try:

@@ -30,6 +30,7 @@ from structgp.covariance.validation import host_readable
 from structgp.inference._cache import cached, lookup
 from structgp.inference.cholesky import NotPositiveDefiniteError
 from structgp.inference.kronecker_spectrum import factor_names, factor_spectra, kronecker_spectra
+from structgp.inference.spectral_jitter import kronecker_uncertainty
 
 
 def spectral_matrices(op: Operator) -> tuple[list[Tensor], list[str]] | None:
@@ -80,9 +81,23 @@ def spectral_root(op: Operator) -> LinearMap:
         # a Kronecker product's factor spectra are cached on it, shared with the eigen engine
         eig = kronecker_spectra(op) if isinstance(op, Kronecker) else factor_spectra(mats, names)
         factors = [_truncated(lam, q, m.dtype) for lam, q, m in zip(eig.values, eig.vectors, mats)]
+        uncertainty = kronecker_uncertainty(eig.values, eig.clamped, op.dtype)
+        cached(op, "spectral_uncertainty", lambda: uncertainty, detached=True)
         return KroneckerRoot(factors) if isinstance(op, Kronecker) else DenseRoot(factors[0])
 
     return cached(op, "spectral_root", compute, detached=True)
+
+
+def spectral_uncertainty(op: Operator) -> Tensor:
+    """How far ``R R^T`` of :func:`spectral_root` may be off ``op`` ``(...)`` (float64): the eigenvalues it
+    dropped or clamped at 0, and the accuracy of ``eigh`` and of the data's rounding (computed with the root)."""
+    spectral_root(op)
+    found = lookup(op, "spectral_uncertainty")
+    if found is not None:
+        return found
+    mats, _ = spectral_matrices(op)  # nothing cached (e.g. torch.func transforms): from the spectra again
+    eig = kronecker_spectra(op) if isinstance(op, Kronecker) else factor_spectra(mats)
+    return kronecker_uncertainty(eig.values, eig.clamped, op.dtype)
 
 
 def exact_root(op: Operator) -> tuple[LinearMap, bool] | None:

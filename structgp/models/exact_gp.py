@@ -345,6 +345,11 @@ class ExactGP(gpytorch.models.GP):
     # -- helpers --------------------------------------------------------------------------------------
     def _check_test_inputs(self, x: Tensor) -> Tensor:
         x = self.kernel.check_test_inputs(x, "x")
+        if x.shape[-1] != self.train_x.shape[-1]:
+            raise ValueError(
+                f"x: expected {self.train_x.shape[-1]} input dimensions (the training inputs' last dim), got shape "
+                f"{tuple(x.shape)}"
+            )
         if x.dtype != self.train_x.dtype:
             raise TypeError(f"x: expected dtype {self.train_x.dtype} (the training inputs'), got {x.dtype}")
         if x.device != self.train_x.device:
