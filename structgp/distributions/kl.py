@@ -53,8 +53,9 @@ def _root_columns(op: Operator) -> Tensor:
     """Dense columns ``R`` ``(..., n, k)`` with ``R R^T = op``: the structured root when ``k <= n``, else the
     dense Cholesky factor (``n`` columns)."""
     root = op.root()
-    if root.shape[-1] <= op.n:
-        return root.to_dense()
+    k = root.shape[-1]
+    if k <= op.n:  # the columns through the map's own product (no larger than the n x k the trace needs)
+        return root @ torch.eye(k, dtype=op.dtype, device=op.device)
     return psd_cholesky(op.to_dense(), f"the covariance {op!r}")
 
 

@@ -280,7 +280,8 @@ def test_nuts_completes_on_every_seed_with_torchs_posterior_means(case, monkeypa
                     warnings.simplefilter("ignore")
                     mcmc.run()
                 means[backend] = float(mcmc.get_samples()["a"].mean())
-            assert means["structgp"] == pytest.approx(means["torch"], rel=1e-6), f"seed {seed}"
+            # the same proposals: rounding-level differences of the log density grow along a chain
+            assert means["structgp"] == pytest.approx(means["torch"], rel=1e-5), f"seed {seed}"
     finally:
         torch.set_num_threads(threads)
     if case in REACHES_THE_EDGE:
