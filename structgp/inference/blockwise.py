@@ -21,7 +21,7 @@ from structgp.covariance.operator import Operator
 from structgp.inference import report
 from structgp.inference.block_failures import blocks_in, describe_group, not_positive_definite
 from structgp.inference.cholesky import NotPositiveDefiniteError
-from structgp.inference.plan import Cost, Engine, Plan, plan, register, settled
+from structgp.inference.plan import Cost, Engine, Plan, plan_part, register
 
 T = TypeVar("T")
 _MAX_NOTES = 8
@@ -58,25 +58,19 @@ class Blockwise(Engine):
         return sum(inv_quad[1:], inv_quad[0]), sum(logdet[1:], logdet[0]).expand(op.batch_shape)
 
 
-def group_plan(op: BlockDiag, j: int) -> Plan:
-    """The plan of group ``j``; ``method="blockwise"`` means "block by block", so the groups plan freely."""
-    group = op.groups[j]
-    try:
-        if _config.current().method == "blockwise":
-            with _config.settings(method="auto"):
-                return settled(plan(group), group)
-        return settled(plan(group), group)
-    except (ValueError, MemoryError) as err:
-        try:
-            wrapped = type(err)(f"block group {j} ({describe_group(op, j)}) of {op!r}: {err}")
-        except Exception:  # an error type with another signature: keep it as it is
-            raise err from None
-        raise wrapped from err
+def group_plan(op: BlockDiag, j: int, settle: bool = False) -> Plan:
+    """The plan of group ``j`` (settled when it is about to run); ``method="blockwise"`` means "block by
+    block", so the groups plan freely."""
+    context = f"block group {j} ({describe_group(op, j)}) of {op!r}"
+    if _config.current().method == "blockwise":
+        with _config.settings(method="auto"):
+            return plan_part(op.groups[j], context, settle=settle)
+    return plan_part(op.groups[j], context, settle=settle)
 
 
 def _run(op: BlockDiag, j: int, question: Callable[[Engine, Operator], T]) -> T:
     """Answer ``question`` for group ``j`` with its planned engine; a non-PSD block is named."""
-    p = group_plan(op, j)
+    p = group_plan(op, j, settle=True)
     _note(f"group {j} ({describe_group(op, j)}): {p.method}", j)
     try:
         return question(p.engine, op.groups[j])

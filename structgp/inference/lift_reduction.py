@@ -29,7 +29,7 @@ from structgp.covariance.permuted import Permuted
 from structgp.covariance.sparse_lifted import SparseLifted
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.inference import report
-from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register, settled
+from structgp.inference.plan import Cost, Engine, Plan, describe, plan_part, register
 
 _SELECTABLE = (Dense, Diagonal, ScaledIdentity, LowRank)
 
@@ -96,19 +96,12 @@ def reduce(op: Operator) -> Operator:
     return out + op.noise if isinstance(op, AddedDiagonal) else out
 
 
-def _plan(reduced: Operator) -> Plan:
-    try:
-        return plan(reduced)
-    except (ValueError, MemoryError) as err:
-        try:
-            wrapped = type(err)(f"the lift's reduced form {describe(reduced)}: {err}")
-        except Exception:  # an error type with another signature: keep it as it is
-            raise err from None
-        raise wrapped from err
+def _plan(reduced: Operator, settle: bool = False) -> Plan:
+    return plan_part(reduced, f"the lift's reduced form {describe(reduced)}", settle=settle)
 
 
 def _engine(reduced: Operator) -> Engine:
-    p = settled(_plan(reduced), reduced)
+    p = _plan(reduced, settle=True)
     rep = report.current_report()
     note = f"reduced to {describe(reduced)}: {p.engine.name}"
     if rep is not None and note not in rep.notes:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from structgp.covariance.permuted import Permuted
 from structgp.inference import report
-from structgp.inference.plan import Cost, Engine, Plan, describe, plan, register, settled
+from structgp.inference.plan import Cost, Engine, Plan, describe, plan_part, register
 
 
 @register(Permuted)
@@ -40,20 +40,13 @@ class PermutedEngine(Engine):
         return _engine(op).inv_quad_logdet(op.base, op.to_base_order(rhs))
 
 
-def base_plan(op: Permuted) -> Plan:
-    """The plan of the base; an error there names the permuted operator it belongs to."""
-    try:
-        return settled(plan(op.base), op.base)
-    except (ValueError, MemoryError) as err:
-        try:
-            wrapped = type(err)(f"the base of {op!r}: {err}")
-        except Exception:  # an error type with another signature: keep it as it is
-            raise err from None
-        raise wrapped from err
+def base_plan(op: Permuted, settle: bool = False) -> Plan:
+    """The plan of the base (settled when it is about to run); an error there names the permuted operator."""
+    return plan_part(op.base, f"the base of {op!r}", settle=settle)
 
 
 def _engine(op: Permuted) -> Engine:
-    p = base_plan(op)
+    p = base_plan(op, settle=True)
     rep = report.current_report()
     note = f"base {describe(op.base)}: {p.method}"
     if rep is not None and note not in rep.notes:

@@ -249,6 +249,21 @@ def structurally_singular(op: Operator) -> str | None:
     return None
 
 
+def plan_part(part: Operator, context: str, *, settle: bool) -> Plan:
+    """The plan of ``part``, a piece of a structural operator (a block group, a permuted base, a reduced lift),
+    settled (:func:`settled`) when the piece is about to run; an error there names ``context``, the whole
+    it belongs to. Planning a whole plans its parts with ``settle=False``: metadata only."""
+    try:
+        p = plan(part)
+        return settled(p, part) if settle else p
+    except (ValueError, MemoryError) as err:
+        try:
+            wrapped = type(err)(f"{context}: {err}")
+        except Exception:  # an error type with another signature: keep it as it is
+            raise err from None
+        raise wrapped from err
+
+
 def settled(p: Plan, op: Operator) -> Plan:
     """``p`` when its engine's premise holds for ``op`` (:meth:`Engine.settle`), else a new plan, made now that
     the engine has cached the fact that refuted it."""

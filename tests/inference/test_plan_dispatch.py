@@ -67,6 +67,15 @@ def structures():
         "BlockDiag + Diagonal": blocks + Diagonal(positive(15)),
         "Permuted(BlockDiag)": Permuted(blocks, torch.randperm(15)),
         "Dense + LowRank (Sum)": Dense(spd(10)) + LowRank(torch.randn(10, 2, dtype=F64)),
+        "Permuted(Kronecker + Diagonal (smooth))": Permuted(
+            Kronecker(rbf(8, 0.5), rbf(6, 0.5)) + Diagonal(positive(48)), torch.randperm(48)
+        ),
+        "BlockDiag[Kronecker + Diagonal (smooth), Dense]": BlockDiag(
+            [Kronecker(rbf(8, 0.5), rbf(6, 0.5)) + Diagonal(positive(48)), Dense(spd(5))]
+        ),
+        "SparseLifted(identity, Kronecker) + Diagonal": SparseLifted(
+            torch.eye(48, dtype=F64).to_sparse(), Kronecker(rbf(8, 0.5), rbf(6, 0.5))
+        ) + Diagonal(positive(48)),
     }
 
 
