@@ -387,8 +387,8 @@ class SparseLifted(Operator):
             c = self.lift.col
             return entries(self.base, c.unsqueeze(-1), c.unsqueeze(-2))
         b = self.base._to_dense()
-        lb = self.lift.matmul(b)  # (..., n_out, n_in) = L B
-        return self.lift.matmul(lb.mT)  # L (L B)^T = L B L^T
+        lbt = self.lift.matmul(b.mT)  # (..., n_out, n_in) = L B^T
+        return self.lift.matmul(lbt.mT)  # L (L B^T)^T = L B L^T (B's gradient in B's own layout)
 
     def _scale(self, c: Tensor) -> SparseLifted:
         return self._replace(base=self.base._scale(c))
