@@ -79,10 +79,6 @@ def _run(op: BlockDiag, j: int, question: Callable[[Engine, Operator], T]) -> T:
 
 
 def _note(text: str, j: int) -> None:
-    rep = report.current_report()
-    if rep is None or j > _MAX_NOTES:
-        return
-    if j == _MAX_NOTES:
-        text = "(more groups not listed)"
-    if text not in rep.notes:
-        rep.notes.append(text)
+    """Note group ``j``'s method in the report; past ``_MAX_NOTES`` groups one line says more were not listed."""
+    if j <= _MAX_NOTES:
+        report.note(text if j < _MAX_NOTES else "(more groups not listed)")

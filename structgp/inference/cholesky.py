@@ -74,9 +74,7 @@ def psd_cholesky(
                 JitterWarning,
                 stacklevel=3,
             )
-            rep = report.current_report()
-            if rep is not None:
-                rep.jitter = max(rep.jitter, amount)
+            report.record_jitter(amount)
             return factor
         rel *= 10
     bad = failed.nonzero().tolist() if failed.dim() else []

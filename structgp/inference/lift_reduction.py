@@ -102,8 +102,5 @@ def _plan(reduced: Operator, settle: bool = False) -> Plan:
 
 def _engine(reduced: Operator) -> Engine:
     p = _plan(reduced, settle=True)
-    rep = report.current_report()
-    note = f"reduced to {describe(reduced)}: {p.engine.name}"
-    if rep is not None and note not in rep.notes:
-        rep.notes.append(note)
+    report.note(f"reduced to {describe(reduced)}: {p.engine.name}")
     return p.engine

@@ -47,8 +47,5 @@ def base_plan(op: Permuted, settle: bool = False) -> Plan:
 
 def _engine(op: Permuted) -> Engine:
     p = base_plan(op, settle=True)
-    rep = report.current_report()
-    note = f"base {describe(op.base)}: {p.method}"
-    if rep is not None and note not in rep.notes:
-        rep.notes.append(note)
+    report.note(f"base {describe(op.base)}: {p.method}")
     return p.engine

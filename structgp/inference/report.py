@@ -55,3 +55,17 @@ def current_report() -> Report | None:
     if torch.compiler.is_compiling():
         return None
     return _LAST.get()
+
+
+def note(text: str) -> None:
+    """Add ``text`` to the current report's notes (once; nothing outside a reported call)."""
+    rep = current_report()
+    if rep is not None and text not in rep.notes:
+        rep.notes.append(text)
+
+
+def record_jitter(amount: float) -> None:
+    """Record jitter added to a diagonal in the current report (the largest amount of the call)."""
+    rep = current_report()
+    if rep is not None:
+        rep.jitter = max(rep.jitter, amount)

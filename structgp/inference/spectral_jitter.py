@@ -80,9 +80,7 @@ def _check(
         JitterWarning,
         stacklevel=4,
     )
-    rep = report.current_report()
-    if rep is not None:
-        rep.jitter = max(rep.jitter, amount)
+    report.record_jitter(amount)
 
 
 def kronecker_uncertainty(values: list[Tensor], clamped: list[Tensor] | None, dtype: torch.dtype) -> Tensor:
