@@ -6,7 +6,7 @@ Nothing here is materialised unless asked (``to_dense``, guarded by ``settings(d
 from structgp.covariance.block_diag import BlockDiag, BlockDiagRoot
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
-from structgp.covariance.errors import NumericalError
+from structgp.covariance.errors import DensifyError, NumericalError
 from structgp.covariance.indexing import DenseIndexWarning
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.linear_map import (
@@ -22,7 +22,7 @@ from structgp.covariance.linear_map import (
 )
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.map import LinearMap
-from structgp.covariance.operator import DensifyError, Operator, as_operator
+from structgp.covariance.operator import Operator, as_operator
 from structgp.covariance.permuted import Permuted
 from structgp.covariance.root import ConcatRoot, DenseRoot, DiagonalRoot, KroneckerRoot
 from structgp.covariance.sparse_lifted import LiftedRoot, SparseLifted

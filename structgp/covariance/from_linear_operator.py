@@ -24,19 +24,18 @@ linear_operator is imported only when such an object is given (it is then alread
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Any
 
 import torch
 
-from structgp import _config
 from structgp.covariance.block_diag import BlockDiag
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
-from structgp.covariance.operator import DensifyError, Operator
+from structgp.covariance.operator import Operator
+from structgp.covariance.validation import check_dense_size
 
 
 def is_linear_operator(x: Any) -> bool:
@@ -135,12 +134,9 @@ _RULES = (_wrapped, _lazy_kernel, _diagonal, _dense_tensor, _kronecker, _sum, _r
 
 def _dense(x: Any, name: str) -> Dense:
     """``Dense(x.to_dense())``, refused before materialising above ``settings(dense_limit=...)``."""
-    nbytes = math.prod(x.shape) * x.dtype.itemsize
-    limit = _config.current().dense_limit
-    if nbytes > limit:
-        raise DensifyError(
-            f"{name}: a {type(x).__name__} of shape {tuple(x.shape)} has no structgp structure and its dense "
-            f"form would take {nbytes / 2**30:.1f} GiB, over the limit of {limit / 2**30:.1f} GiB; build the "
-            "covariance from structgp operators or raise structgp.settings(dense_limit=...)"
-        )
+    check_dense_size(
+        tuple(x.shape), x.dtype,
+        f"{name}: a {type(x).__name__} of shape {tuple(x.shape)} has no structgp structure and its dense form",
+        "; build the covariance from structgp operators or raise structgp.settings(dense_limit=...)",
+    )
     return Dense(x.to_dense(), name=name)

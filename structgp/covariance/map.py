@@ -7,26 +7,19 @@ draw samples ``R eps``); :mod:`structgp.covariance.linear_map` has the general m
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from structgp import _config
-from structgp.covariance.errors import DensifyError
 from structgp.covariance.pytree_node import PyTreeNode
+from structgp.covariance.validation import check_dense_size
 
 
 def guard_map_dense(m: LinearMap, what: str) -> None:
     """Refuse to materialise a map whose dense form exceeds ``settings(dense_limit=...)``."""
-    nbytes = math.prod(m.shape) * m.dtype.itemsize
-    limit = _config.current().dense_limit
-    if nbytes > limit:
-        raise DensifyError(
-            f"{what}: the dense form of {m!r} would take {nbytes / 2**30:.1f} GiB, over the limit of "
-            f"{limit / 2**30:.1f} GiB; use M @ x and M.mT @ y (e.g. R @ eps to sample), or raise "
-            "structgp.settings(dense_limit=...)"
-        )
+    check_dense_size(
+        m.shape, m.dtype, f"{what}: the dense form of {m!r}",
+        "; use M @ x and M.mT @ y (e.g. R @ eps to sample), or raise structgp.settings(dense_limit=...)",
+    )
 
 
 class LinearMap(PyTreeNode):

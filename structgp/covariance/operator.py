@@ -11,18 +11,15 @@ Operators are registered pytrees (see ``pytree_node``), so ``torch.func.vmap``/`
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from structgp import _config
-from structgp.covariance.errors import DensifyError
 from structgp.covariance.map import LinearMap
 from structgp.covariance.pytree_node import PyTreeNode
-from structgp.covariance.validation import as_tensor, check_nonnegative, check_positive
+from structgp.covariance.validation import as_tensor, check_dense_size, check_nonnegative, check_positive
 
 
 class Operator(PyTreeNode):
@@ -275,15 +272,11 @@ def _explain_mismatch(op: Operator, rhs: Tensor, err: RuntimeError) -> None:
 
 def guard_dense(op: Operator, what: str) -> None:
     """Refuse to materialise ``op`` when its dense form would exceed ``settings(dense_limit=...)``."""
-    n = op.shape[-1]
-    nbytes = math.prod(op.batch_shape) * n * n * op.dtype.itemsize
-    limit = _config.current().dense_limit
-    if nbytes > limit:
-        raise DensifyError(
-            f"{what}: the dense form of {op!r} would take {nbytes / 2**30:.1f} GiB, over the limit of "
-            f"{limit / 2**30:.1f} GiB. Use its structured methods (solve, logdet, root, @) or the iterative "
-            f"engine (structgp.settings(method='cg')), or raise structgp.settings(dense_limit=...)."
-        )
+    check_dense_size(
+        op.shape, op.dtype, f"{what}: the dense form of {op!r}",
+        ". Use its structured methods (solve, logdet, root, @) or the iterative engine "
+        "(structgp.settings(method='cg')), or raise structgp.settings(dense_limit=...).",
+    )
 
 
 def as_operator(x: Any, name: str) -> Operator:

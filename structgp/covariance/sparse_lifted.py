@@ -14,7 +14,6 @@ magnitude slower and returns wrong gradients for CSR tensors whose columns are n
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -22,11 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from structgp import _config
 from structgp.covariance.map import LinearMap
-from structgp.covariance.operator import DensifyError, Operator, as_operator
+from structgp.covariance.operator import Operator, as_operator
 from structgp.covariance.pytree_node import PyTreeNode
-from structgp.covariance.validation import check_finite, value_checks_enabled
+from structgp.covariance.validation import check_dense_size, check_finite, value_checks_enabled
 
 DENSE_LIFT_LIMIT = 2**26  # entries of a dense ``lift`` tensor above which a sparse one is required
 _FLOATS = (torch.float32, torch.float64)
@@ -421,11 +419,8 @@ class LiftedRoot(LinearMap):
         return self.inner.tmatmul(self.lift.tmatmul(y))
 
     def to_dense(self) -> Tensor:
-        nbytes = math.prod(self.shape) * self.dtype.itemsize
-        limit = _config.current().dense_limit
-        if nbytes > limit:
-            raise DensifyError(
-                f"LiftedRoot.to_dense(): {tuple(self.shape)} would take {nbytes / 2**30:.1f} GiB, over the "
-                f"limit of {limit / 2**30:.1f} GiB; use R @ x and R.tmatmul(y) instead"
-            )
+        check_dense_size(
+            self.shape, self.dtype, f"LiftedRoot.to_dense(): {tuple(self.shape)}",
+            "; use R @ x and R.tmatmul(y) instead",
+        )
         return self.lift.matmul(self.inner.to_dense())

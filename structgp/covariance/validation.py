@@ -201,3 +201,17 @@ def negligibly_asymmetric(t: Tensor) -> bool:
     gap = (t - t.mT).abs_().amax(dim=(-2, -1))
     bound = (n * torch.finfo(t.dtype).eps) * t.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
     return bool((gap <= bound).all())
+
+
+def check_dense_size(shape: tuple[int, ...], dtype: torch.dtype, subject: str, advice: str) -> None:
+    """Raise ``DensifyError`` when a dense tensor of ``shape`` and ``dtype`` would exceed
+    ``settings(dense_limit=...)``: "``subject`` would take X GiB, over the limit of Y GiB``advice``"."""
+    from structgp import _config
+    from structgp.covariance.errors import DensifyError
+
+    nbytes = math.prod(shape) * dtype.itemsize
+    limit = _config.current().dense_limit
+    if nbytes > limit:
+        raise DensifyError(
+            f"{subject} would take {nbytes / 2**30:.1f} GiB, over the limit of {limit / 2**30:.1f} GiB{advice}"
+        )

@@ -11,7 +11,8 @@ import torch
 
 from structgp import _config
 from structgp.covariance.block_diag import BlockDiag
-from structgp.covariance.operator import DensifyError, Operator
+from structgp.covariance.errors import DensifyError
+from structgp.covariance.operator import Operator
 from structgp.inference.cholesky import NotPositiveDefiniteError
 from structgp.inference.plan import describe
 
