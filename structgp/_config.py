@@ -18,6 +18,8 @@ METHODS = (
     "auto", "cholesky", "woodbury", "low_rank_woodbury", "lifted_woodbury", "spectral_woodbury", "eigen",
     "blockwise", "diagonal", "permuted", "lift_reduction", "cg",
 )
+# when method="auto" may take an inexact (iterative) engine; see the Settings docstring
+ITERATIVE = ("auto", "fallback", "never")
 PRECONDITIONERS = (
     "auto", "none", "jacobi", "pivoted_cholesky", "kronecker_eigen", "kronecker_deflated", "lifted_eigen"
 )
@@ -29,6 +31,11 @@ class Settings:
 
     method: ``"auto"`` lets :func:`structgp.plan` choose; any other name forces that method and raises
         a clear error where it does not apply to the structure.
+    iterative: when ``method="auto"`` may answer with an inexact (iterative: ``"cg"``) engine, one of
+        ``ITERATIVE``: ``"auto"`` when no exact method fits ``memory_budget`` or when the iterative engine is
+        expected to be several times faster on a large problem (``ITERATIVE_SPEEDUP``, ``ITERATIVE_MIN_SIZE``
+        in ``structgp.inference.plan``); ``"fallback"`` only when no exact method fits; ``"never"``: exact
+        methods only (a ``MemoryError`` when none fits). A forced ``method="cg"`` is not affected.
     cg_tol: relative residual tolerance of conjugate gradients (per right-hand side).
     max_iter: iteration cap of conjugate gradients / Lanczos.
     num_probes: number of Rademacher probes of stochastic trace and log-determinant estimates.
@@ -48,6 +55,7 @@ class Settings:
     """
 
     method: str = "auto"
+    iterative: str = "auto"
     cg_tol: float = 1e-6
     max_iter: int = 1000
     num_probes: int = 32
@@ -63,6 +71,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.iterative not in ITERATIVE:
+            raise ValueError(f"iterative: expected one of {ITERATIVE}, got {self.iterative!r}")
         if self.preconditioner not in PRECONDITIONERS:
             raise ValueError(f"preconditioner: expected one of {PRECONDITIONERS}, got {self.preconditioner!r}")
         for name in ("cg_tol", "max_jitter"):

@@ -1,6 +1,7 @@
 """Cholesky factorisation with warned jitter escalation, and the dense Cholesky engine.
 
-The dense engine answers any operator by materialising it (within the memory budget): ``n^3 / 3`` flops.
+The dense engine answers any operator by materialising it (within the memory budget): ``n^3 / 3`` flops,
+and ``2 n^3`` more in the backward (torch's Cholesky backward: two triangular solves with ``n`` columns).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from structgp.covariance.operator import Operator, guard_dense
 from structgp.covariance.validation import negligibly_asymmetric, value_checks_enabled
 from structgp.inference import report
 from structgp.inference._cache import cached
+from structgp.inference.cost_model import Work, seconds
 from structgp.inference.plan import Cost, Engine, register, structurally_singular
 
 
@@ -123,6 +125,11 @@ def cholesky_logdet(factor: Tensor) -> Tensor:
     return 2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
 
+# passes over an n x n matrix besides the factorisation: materialise it, the symmetry check (reads it and
+# its transpose), the factor's allocation, the gradient of the dense matrix and its way back to the operator
+DENSE_PASSES = 6
+
+
 @register(Operator)
 class DenseCholesky(Engine):
     """Materialise the operator and take a Cholesky factorisation (warned jitter if needed)."""
@@ -135,8 +142,15 @@ class DenseCholesky(Engine):
         return f"dense Cholesky of the {op.n} x {op.n} matrix"
 
     def cost(self, op: Operator) -> Cost:
-        batch = op.batch_shape.numel()
-        return Cost(batch * op.n**3 / 3, 2 * batch * op.n**2 * op.dtype.itemsize)
+        batch, n = op.batch_shape.numel(), op.n
+        matrix = n * n * op.dtype.itemsize
+        work = Work(
+            factor=batch * n**3 / 3,
+            factor_backward=batch * 2.0 * n**3,
+            product=batch * 2.0 * n * n,  # the triangular solve of one right-hand side, forward and backward
+            stream=batch * DENSE_PASSES * matrix,
+        )
+        return Cost(batch * n**3 / 3, 2 * batch * matrix, seconds(work, op.device, op.dtype))
 
     def factor(self, op: Operator) -> Tensor:
         def compute() -> Tensor:

@@ -65,54 +65,62 @@ from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.covariance.validation import host_readable
 from structgp.inference import report
 from structgp.inference.cg import CGResult, pcg
+from structgp.inference.cost_model import Work, seconds
 from structgp.inference.plan import Cost, Engine, describe, register, structurally_singular
 from structgp.inference.preconditioners import Preconditioner, build
 from structgp.inference.slq import slq_logdet
 
 # planning constant: PCG iterations at cg_tol 1e-6 with the default preconditioners (measured 2-13 on the
-# test and benchmark problems; spectra that the preconditioner's rank cannot capture take more)
+# test and benchmark problems, 8-14 on dense RBF kernels (lengthscale 0.2, noise 0.01) at n = 2000-8000;
+# spectra that the preconditioner's rank cannot capture take more)
 EXPECTED_ITERATIONS = 20
+# products besides the iterations in one value and gradient: the differentiable product of the surrogates
+# and its backward
+GRADIENT_PRODUCTS = 2
 
 
 # -- cost model ---------------------------------------------------------------------------------------
 
 
 @functools.singledispatch
-def matvec_flops(op: Operator) -> float:
-    """Flops of ``op @ v`` for one column and one batch member; operators without a rule count as dense."""
-    return 2.0 * op.n * op.n
+def matvec_flops(op: Operator, columns: int = 1) -> float:
+    """Flops of ``op @ V`` for ``V`` of ``columns`` columns, one batch member; operators without a rule count
+    as dense. Flops-equivalent where the work is not arithmetic alone: an operator that recomputes its
+    entries in every product (a matrix-free kernel matrix) adds that evaluation once per product, not per
+    column, which is why the rule sees the number of columns."""
+    return 2.0 * op.n * op.n * columns
 
 
 @matvec_flops.register
-def _(op: Dense) -> float:
-    return 2.0 * op.n * op.n
+def _(op: Dense, columns: int = 1) -> float:
+    return 2.0 * op.n * op.n * columns
 
 
 @matvec_flops.register(Diagonal)
 @matvec_flops.register(ScaledIdentity)
-def _(op: Operator) -> float:
-    return float(op.n)
+def _(op: Operator, columns: int = 1) -> float:
+    return float(op.n * columns)
 
 
 @matvec_flops.register
-def _(op: LowRank) -> float:
-    return 4.0 * op.n * op.rank
+def _(op: LowRank, columns: int = 1) -> float:
+    return 4.0 * op.n * op.rank * columns
 
 
 @matvec_flops.register
-def _(op: Kronecker) -> float:
+def _(op: Kronecker, columns: int = 1) -> float:
     n = op.n
-    return sum(n // f.n * matvec_flops(f) for f in op.factors)
+    return sum(n // f.n * matvec_flops(f, columns) for f in op.factors)
 
 
 @matvec_flops.register
-def _(op: AddedDiagonal) -> float:
-    return matvec_flops(op.base) + matvec_flops(op.noise)
+def _(op: AddedDiagonal, columns: int = 1) -> float:
+    return matvec_flops(op.base, columns) + matvec_flops(op.noise, columns)
 
 
 @matvec_flops.register
-def _(op: Sum) -> float:
-    return sum(matvec_flops(t) for t in op.terms)
+def _(op: Sum, columns: int = 1) -> float:
+    return sum(matvec_flops(t, columns) for t in op.terms)
 
 
 # -- one run: solves, probes, SLQ ---------------------------------------------------------------------
@@ -246,14 +254,19 @@ class ConjugateGradients(Engine):
         )
 
     def cost(self, op: Operator) -> Cost:
+        """Flops of the forward run; the expected seconds add the gradient's products (``GRADIENT_PRODUCTS``
+        more products with all columns)."""
         cfg = _config.current()
         batch, n, k = op.batch_shape.numel(), op.n, min(cfg.precond_rank, op.n)
         columns = cfg.num_probes + 1
-        per_iteration = columns * (matvec_flops(op) + 4.0 * n * k + 12.0 * n)
+        iterations = min(EXPECTED_ITERATIONS, cfg.max_iter)
+        product = matvec_flops(op, columns)  # one product with every column at once
+        vectors = columns * (4.0 * n * k + 12.0 * n)  # preconditioner solve and CG's vector updates
         setup = n * k * k  # pivoted Cholesky (columns are read directly for the common structures)
-        flops = batch * (min(EXPECTED_ITERATIONS, cfg.max_iter) * per_iteration + setup)
+        flops = batch * (iterations * (product + vectors) + setup)
         nbytes = batch * (6 * columns * n + 2 * n * k) * op.dtype.itemsize
-        return Cost(flops, float(nbytes))
+        work = Work(product=flops + batch * GRADIENT_PRODUCTS * product)
+        return Cost(flops, float(nbytes), seconds(work, op.device, op.dtype))
 
     def solve(self, op: Operator, rhs: Tensor) -> Tensor:
         run = _run(op, rhs, probes=False)

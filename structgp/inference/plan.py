@@ -9,15 +9,24 @@ Subclasses match; the most specific registration comes first (a pair before a si
 shorter distance along the classes' MRO).
 
 **The choice.** ``plan(op)`` asks each matching engine whether it applies (``why``) and what it costs
-(``cost``); both read only shapes, types and facts already cached on the operator (a spectrum an engine
-computed earlier), never run a factorisation. Structural engines (block by block, entry by entry, through
-a permutation) are always taken. Otherwise ``settings(method=...)`` forces an engine by its name or its
-method family (``"woodbury"`` is the family of ``low_rank_woodbury``, ``lifted_woodbury`` and
-``spectral_woodbury``) and raises where none applies; ``"auto"`` takes the cheapest exact engine whose
-memory fits ``settings(memory_budget=...)``, else the cheapest iterative one that fits (on equal cost the
-more specific). An engine whose premise is a numerical fact not yet known at planning time (the numerical
-rank of a grid kernel) checks it once when it runs (``settle``), caching what it computed; when the
-premise fails the call is planned again, now with the fact known.
+(``cost``: flops, peak bytes and the expected seconds of one value and gradient, see
+:mod:`.cost_model`); both read only shapes, types and facts already cached on the operator (a spectrum an
+engine computed earlier), never run a factorisation. Structural engines (block by block, entry by entry,
+through a permutation) are always taken. Otherwise ``settings(method=...)`` forces an engine by its name
+or its method family (``"woodbury"`` is the family of ``low_rank_woodbury``, ``lifted_woodbury`` and
+``spectral_woodbury``) and raises where none applies. ``"auto"`` takes the cheapest (fewest flops) exact
+engine whose memory fits ``settings(memory_budget=...)``, on equal cost the more specific, except that it
+takes the cheapest iterative (inexact) engine that fits
+
+- when no exact engine fits, or
+- when the iterative engine is expected to take at most ``1 / ITERATIVE_SPEEDUP`` of the exact engine's
+  time and ``n >= ITERATIVE_MIN_SIZE`` (small problems keep their exact answers whatever the model says),
+
+and ``settings(iterative=...)`` narrows this: ``"fallback"`` keeps only the first reason, ``"never"``
+neither (a ``MemoryError`` when no exact engine fits). The plan prints both expected times and why it chose.
+An engine whose premise is a numerical fact not yet known at planning time (the numerical rank of a grid
+kernel) checks it once when it runs (``settle``), caching what it computed; when the premise fails the
+call is planned again, now with the fact known.
 """
 
 from __future__ import annotations
@@ -30,12 +39,24 @@ from torch import Tensor
 from structgp import _config
 from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal
+from structgp.inference import cost_model
+
+# "auto" takes an iterative engine over an exact one that fits when it expects it to be this many times
+# faster, at sizes n >= ITERATIVE_MIN_SIZE (below it every dense method takes well under a second here)
+ITERATIVE_SPEEDUP = 4.0
+ITERATIVE_MIN_SIZE = 4096
 
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
+    """What an engine costs: ``flops`` of the forward computation, peak ``bytes`` it allocates, and the
+    expected ``seconds`` of one value and gradient on the operator's device (:func:`cost_model.seconds`;
+    None where no rates were measured for that device; engines that leave it None get
+    :func:`cost_model.default_seconds` of their flops)."""
+
     flops: float
     bytes: float
+    seconds: float | None = None
 
 
 Pattern = tuple[type, ...]
@@ -46,7 +67,8 @@ class Engine:
 
     name: unique, accepted by ``settings(method=...)``; method: the family it belongs to (``Plan.method``,
     also accepted by ``settings``), the name by default; structural: always taken (answers by pieces);
-    exact: iterative engines set False, so "auto" takes them only when no exact method fits.
+    exact: iterative engines set False: "auto" takes them only when no exact method fits or when they are
+    expected to be much faster (see the module docstring).
     """
 
     name: str = ""
@@ -179,7 +201,8 @@ class Plan:
 
     method is the engine's family (e.g. ``"woodbury"``), ``engine.name`` the engine itself (e.g.
     ``"lifted_woodbury"``). memoisable is False when the choice read facts cached on this operator (its
-    values), so the plan must not be reused for another operator of the same structure.
+    values), so the plan must not be reused for another operator of the same structure. decision says how
+    ``"auto"`` weighed the exact engine against the iterative one (their expected times), "" where it did not.
     """
 
     operator: str
@@ -190,19 +213,20 @@ class Plan:
     forced: bool
     engine: Engine = dataclasses.field(repr=False, compare=False)
     memoisable: bool = dataclasses.field(default=True, compare=False)
+    decision: str = dataclasses.field(default="", compare=False)
 
     def __str__(self) -> str:
         lines = [
             f"plan for {self.operator}",
             f"  method: {self.method} (engine {self.engine.name}){' (forced by settings)' if self.forced else ''}",
             f"  why:    {self.reason}",
-            f"  cost:   {_fmt_flops(self.cost.flops)}, {_fmt_bytes(self.cost.bytes)}",
+            f"  cost:   {_fmt_cost(self.cost)}",
         ]
+        if self.decision:
+            lines.append(f"  choice: {self.decision}")
         for alt in self.alternatives:
             note = "" if alt.fits else " (over the memory budget)"
-            lines.append(
-                f"  also:   {alt.engine}: {_fmt_flops(alt.cost.flops)}, {_fmt_bytes(alt.cost.bytes)}{note}"
-            )
+            lines.append(f"  also:   {alt.engine}: {_fmt_cost(alt.cost)}{note}")
         return "\n".join(lines)
 
 
@@ -217,7 +241,7 @@ def plan(op: Operator) -> Plan:
     for eng in engines:
         reason = eng.why(op)
         if reason is not None:
-            cost = eng.cost(op)
+            cost = _timed(eng.cost(op), op)
             options.append((eng, Option(eng.method, reason, cost, cost.bytes <= cfg.memory_budget, eng.name)))
     if not options:
         why = structurally_singular(op) or "e.g. a LowRank W W^T of rank k < n"
@@ -225,11 +249,18 @@ def plan(op: Operator) -> Plan:
             f"no method applies to {op!r} ({describe(op)}): the matrix is singular ({why}); add noise, e.g. "
             "op + ScaledIdentity(s, n) or op + Diagonal(d)"
         )
-    chosen, forced = _choose(op, options, cfg)
+    chosen, forced, decision = _choose(op, options, cfg)
     memoisable = not any(e.reads_facts for e in engines)
     others = tuple(o for e, o in options if e is not chosen[0])
     eng, option = chosen
-    return Plan(repr(op), option.method, option.reason, option.cost, others, forced, eng, memoisable)
+    return Plan(repr(op), option.method, option.reason, option.cost, others, forced, eng, memoisable, decision)
+
+
+def _timed(cost: Cost, op: Operator) -> Cost:
+    """``cost`` with its expected seconds: the engine's own, else the default estimate from its flops."""
+    if cost.seconds is not None:
+        return cost
+    return Cost(cost.flops, cost.bytes, cost_model.default_seconds(cost.flops, op.device, op.dtype))
 
 
 def structurally_singular(op: Operator) -> str | None:
@@ -270,11 +301,15 @@ def settled(p: Plan, op: Operator) -> Plan:
     return p if p.engine.settle(op) else plan(op)
 
 
-def _choose(op: Operator, options: list[tuple[Engine, Option]], cfg) -> tuple[tuple[Engine, Option], bool]:
-    """The chosen ``(engine, option)`` and whether settings forced it (``options`` most specific first)."""
+Choice = tuple[Engine, Option]
+
+
+def _choose(op: Operator, options: list[Choice], cfg) -> tuple[Choice, bool, str]:
+    """The chosen ``(engine, option)``, whether settings forced it, and how exactness was weighed against time
+    (``options`` most specific first)."""
     structural = [(e, o) for e, o in options if e.structural]
     if structural:
-        return structural[0], False
+        return structural[0], False, ""
     if cfg.method != "auto":
         match = [(e, o) for e, o in options if cfg.method in (e.name, e.method)]
         if not match:
@@ -282,21 +317,66 @@ def _choose(op: Operator, options: list[tuple[Engine, Option]], cfg) -> tuple[tu
             raise ValueError(
                 f"method={cfg.method!r} does not apply to {op!r} ({describe(op)}); engines that apply: {names}"
             )
-        return match[0], True
-    fitting = [(e, o) for e, o in options if o.fits and e.exact]
-    fitting = fitting or [(e, o) for e, o in options if o.fits]
-    if not fitting:
-        need = min((o.cost.bytes for _, o in options), default=math.inf)
-        raise MemoryError(
-            f"no exact method for {op!r} ({describe(op)}) fits the memory budget of "
-            f"{_fmt_bytes(cfg.memory_budget)} (the cheapest needs {_fmt_bytes(need)}); raise "
-            "structgp.settings(memory_budget=...) or use method='cg'"
-        )
-    best = fitting[0]
-    for e, o in fitting[1:]:  # the cheapest, the more specific on a tie (a loop: torch.compile cannot trace min(key=))
+        return match[0], True, ""
+    exact = _cheapest([(e, o) for e, o in options if o.fits and e.exact])
+    inexact = [(e, o) for e, o in options if o.fits and not e.exact]
+    iterative = _cheapest(inexact) if cfg.iterative != "never" else None
+    if exact is None and iterative is None:
+        raise MemoryError(_over_budget(op, options, cfg, excluded=bool(inexact)))
+    if exact is None:
+        return iterative, False, f"no exact method fits the memory budget of {_fmt_bytes(cfg.memory_budget)}"
+    if inexact and cfg.iterative != "auto":
+        return exact, False, f"exact methods only unless none fits (settings(iterative={cfg.iterative!r}))"
+    if iterative is None:
+        return exact, False, ""
+    return _weigh(op, exact, iterative)
+
+
+def _cheapest(options: list[Choice]) -> Choice | None:
+    """The option with the fewest flops, the first (more specific) on a tie; None when there is none."""
+    best = options[0] if options else None
+    for e, o in options[1:]:  # a loop: torch.compile cannot trace min(key=)
         if o.cost.flops < best[1].cost.flops:
             best = (e, o)
-    return best, False
+    return best
+
+
+def _weigh(op: Operator, exact: Choice, iterative: Choice) -> tuple[Choice, bool, str]:
+    """The iterative choice when it is expected to be ``ITERATIVE_SPEEDUP`` times faster at a size that
+    matters, else the exact one; with the sentence that says so."""
+    t_exact, t_iter = exact[1].cost.seconds, iterative[1].cost.seconds
+    name_exact, name_iter = exact[0].name, iterative[0].name
+    if t_exact is None or t_iter is None:
+        return exact, False, (
+            f"exact: no measured rates for {op.device.type} {op.dtype} (structgp.inference.cost_model.RATES) "
+            f"to weigh {name_iter} against it"
+        )
+    times = f"expected {_fmt_seconds(t_iter)} for {name_iter} against {_fmt_seconds(t_exact)} for {name_exact}"
+    speedup = t_exact / max(t_iter, 1e-30)
+    if op.n < ITERATIVE_MIN_SIZE:
+        return exact, False, f"exact: n = {op.n} < {ITERATIVE_MIN_SIZE}, exact methods only ({times})"
+    if speedup < ITERATIVE_SPEEDUP:
+        return exact, False, f"exact: {times}, {speedup:.1f}x < {ITERATIVE_SPEEDUP:g}x faster"
+    return iterative, False, (
+        f"iterative (inexact): {times}, {speedup:.1f}x >= {ITERATIVE_SPEEDUP:g}x faster at n = {op.n} >= "
+        f"{ITERATIVE_MIN_SIZE}; settings(iterative='never') insists on an exact method"
+    )
+
+
+def _over_budget(op: Operator, options: list[Choice], cfg, *, excluded: bool) -> str:
+    need = min((o.cost.bytes for e, o in options if e.exact or not excluded), default=math.inf)
+    if excluded:  # an iterative engine would fit, but settings(iterative="never") rules it out
+        return (
+            f"no exact method for {op!r} ({describe(op)}) fits the memory budget of "
+            f"{_fmt_bytes(cfg.memory_budget)} (the cheapest needs {_fmt_bytes(need)}) and settings(iterative="
+            "'never') rules out the iterative one that would; raise structgp.settings(memory_budget=...) or "
+            "allow iterative='fallback'"
+        )
+    return (
+        f"no exact method for {op!r} ({describe(op)}) fits the memory budget of "
+        f"{_fmt_bytes(cfg.memory_budget)} (the cheapest needs {_fmt_bytes(need)}); raise "
+        "structgp.settings(memory_budget=...) or use method='cg'"
+    )
 
 
 def describe(op: Operator) -> str:
@@ -308,6 +388,15 @@ def describe(op: Operator) -> str:
 
 def _fmt_flops(f: float) -> str:
     return f"{f:.2e} flop"
+
+
+def _fmt_seconds(t: float) -> str:
+    return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
+
+
+def _fmt_cost(cost: Cost) -> str:
+    when = "no time model for this device" if cost.seconds is None else f"~{_fmt_seconds(cost.seconds)}"
+    return f"{_fmt_flops(cost.flops)}, {_fmt_bytes(cost.bytes)}, {when} (value and gradient)"
 
 
 def _fmt_bytes(b: float) -> str:

@@ -1,0 +1,87 @@
+"""Expected wall time of an engine: its work by kind, divided by throughputs measured on this kind of device.
+
+Flops alone do not rank a dense Cholesky against conjugate gradients: a Cholesky factorisation, its
+backward (two triangular solves with ``n`` right-hand sides) and a product with a few dozen columns run
+at different rates, and passes over memory (materialising a dense matrix, its gradient) are bound by
+bandwidth. An engine's :meth:`~structgp.inference.plan.Engine.cost` therefore states its work by kind
+and :func:`seconds` turns it into the expected time of **one value and gradient** (a training step: the
+case where a choice between methods pays), from constants measured once per device kind and dtype.
+Planning stays free of numerical work: the constants are numbers in this file, nothing is timed here.
+
+Measured constants (``python benchmarks/bench_planner.py --calibrate``; the CPU of the development
+machine, 2 cores, ``torch.get_num_threads() == 2``, shared with other jobs, so rates are lower bounds):
+
+- ``factor``: ``n^3 / 3`` over the time of ``torch.linalg.cholesky`` of an ``n x n`` SPD matrix;
+- ``factor_backward``: ``2 n^3`` (two ``n x n`` triangular solves) over the time autograd adds when the
+  log-determinant and a quadratic form are differentiated through that factor;
+- ``product``: ``2 n^2 c`` over the time of ``(n, n) @ (n, c)`` with ``c = 33`` (CG's columns: one
+  right-hand side and 32 probes), which on this CPU runs below the square-product rate;
+- ``stream``: bytes over the time of ``a * 2.0`` into a fresh ``n x n`` tensor (read + write, counting the
+  page faults of the new allocation, as materialising an operator does).
+
+At ``n = 2000`` and ``4000`` (min of 3 runs each, both sizes within 30 % of each other; the table keeps
+the ``n = 4000`` figure, the size where the choice matters). Devices without measured rates (e.g. CUDA,
+not measured yet) get ``None``: the planner then chooses by exactness and memory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """Throughputs of one device kind and dtype: flop/s of each kind of work, bytes/s of memory passes."""
+
+    factor: float
+    factor_backward: float
+    product: float
+    stream: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """An engine's work for one value and gradient, by kind (flops, and bytes moved by memory-bound passes)."""
+
+    factor: float = 0.0  # Cholesky factorisation flops (n^3 / 3 each)
+    factor_backward: float = 0.0  # flops of the factorisation's backward (2 n^3 each)
+    product: float = 0.0  # products, elementwise work and everything else counted in flops
+    stream: float = 0.0  # bytes read and written by memory-bound passes
+
+
+# (device type, bytes per element) -> measured rates; see the module docstring for how
+RATES: dict[tuple[str, int], Rates] = {
+    ("cpu", 4): Rates(factor=150e9, factor_backward=80e9, product=105e9, stream=5e9),
+    ("cpu", 8): Rates(factor=74e9, factor_backward=36e9, product=40e9, stream=5e9),
+}
+
+
+def rates(device: torch.device, dtype: torch.dtype) -> Rates | None:
+    """The measured rates of ``device``'s kind for ``dtype`` (half precisions use the float32 figures), or
+    None where none were measured."""
+    size = 8 if dtype.itemsize >= 8 else 4
+    return RATES.get((device.type, size))
+
+
+def seconds(work: Work, device: torch.device, dtype: torch.dtype) -> float | None:
+    """Expected seconds of ``work`` on ``device`` in ``dtype``, or None without measured rates there."""
+    r = rates(device, dtype)
+    if r is None:
+        return None
+    return (
+        work.factor / r.factor
+        + work.factor_backward / r.factor_backward
+        + work.product / r.product
+        + work.stream / r.stream
+    )
+
+
+# an engine that states no time of its own: its flops at the product rate, its backward twice its forward
+DEFAULT_BACKWARD_FACTOR = 2.0
+
+
+def default_seconds(flops: float, device: torch.device, dtype: torch.dtype) -> float | None:
+    """Expected seconds of an engine that gives only its forward ``flops``."""
+    return seconds(Work(product=(1 + DEFAULT_BACKWARD_FACTOR) * flops), device, dtype)
