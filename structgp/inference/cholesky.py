@@ -18,7 +18,7 @@ from structgp.covariance.operator import Operator, guard_dense
 from structgp.covariance.validation import negligibly_asymmetric, value_checks_enabled
 from structgp.inference import report
 from structgp.inference._cache import cached
-from structgp.inference.cost_model import Work, seconds
+from structgp.inference.cost_model import Work, differentiated, seconds
 from structgp.inference.plan import Cost, Engine, register, structurally_singular
 
 
@@ -125,9 +125,10 @@ def cholesky_logdet(factor: Tensor) -> Tensor:
     return 2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
 
-# passes over an n x n matrix besides the factorisation: materialise it, the symmetry check (reads it and
-# its transpose), the factor's allocation, the gradient of the dense matrix and its way back to the operator
-DENSE_PASSES = 6
+# passes over an n x n matrix besides the factorisation, each way: forward: materialise it, the symmetry
+# check (reads it and its transpose), the factor's allocation; backward: the elementwise steps of torch's
+# Cholesky backward, the gradient of the dense matrix and its way back to the operator
+DENSE_PASSES = 3
 
 
 @register(Operator)
@@ -144,11 +145,12 @@ class DenseCholesky(Engine):
     def cost(self, op: Operator) -> Cost:
         batch, n = op.batch_shape.numel(), op.n
         matrix = n * n * op.dtype.itemsize
+        passes = 2 if differentiated(op) else 1
         work = Work(
             factor=batch * n**3 / 3,
-            factor_backward=batch * 2.0 * n**3,
-            product=batch * 2.0 * n * n,  # the triangular solve of one right-hand side, forward and backward
-            stream=batch * DENSE_PASSES * matrix,
+            factor_backward=batch * 2.0 * n**3 * (passes - 1),
+            product=passes * batch * 2.0 * n * n,  # the triangular solve of one right-hand side
+            stream=passes * batch * DENSE_PASSES * matrix,
         )
         return Cost(batch * n**3 / 3, 2 * batch * matrix, seconds(work, op.device, op.dtype))
 

@@ -4,9 +4,11 @@ Flops alone do not rank a dense Cholesky against conjugate gradients: a Cholesky
 backward (two triangular solves with ``n`` right-hand sides) and a product with a few dozen columns run
 at different rates, and passes over memory (materialising a dense matrix, its gradient) are bound by
 bandwidth. An engine's :meth:`~structgp.inference.plan.Engine.cost` therefore states its work by kind
-and :func:`seconds` turns it into the expected time of **one value and gradient** (a training step: the
-case where a choice between methods pays), from constants measured once per device kind and dtype.
-Planning stays free of numerical work: the constants are numbers in this file, nothing is timed here.
+and :func:`seconds` turns it into the expected time of the call, from constants measured once per device
+kind and dtype. The call is one value, and its gradient when it will be differentiated
+(:func:`differentiated`: grad mode is on and a tensor of the operator requires grad; a training step, where
+the backward of a dense Cholesky costs six times its factorisation). Planning stays free of numerical
+work: the constants are numbers in this file, and nothing is timed or read from a tensor's values here.
 
 Measured constants (``python benchmarks/bench_planner.py --calibrate``; the CPU of the development
 machine, 2 cores, ``torch.get_num_threads() == 2``, shared with other jobs, so rates are lower bounds):
@@ -43,7 +45,7 @@ class Rates:
 
 @dataclasses.dataclass(frozen=True)
 class Work:
-    """An engine's work for one value and gradient, by kind (flops, and bytes moved by memory-bound passes)."""
+    """An engine's work for one call, by kind (flops, and bytes moved by memory-bound passes)."""
 
     factor: float = 0.0  # Cholesky factorisation flops (n^3 / 3 each)
     factor_backward: float = 0.0  # flops of the factorisation's backward (2 n^3 each)
@@ -78,10 +80,22 @@ def seconds(work: Work, device: torch.device, dtype: torch.dtype) -> float | Non
     )
 
 
+def differentiated(op) -> bool:
+    """Whether a call on the operator ``op`` will be differentiated: grad mode is on and one of its tensors
+    requires grad (metadata only; gradients with respect to a right-hand side alone are cheap)."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in op._tensors():  # a loop: this runs on every plan
+        if t.requires_grad:
+            return True
+    return False
+
+
 # an engine that states no time of its own: its flops at the product rate, its backward twice its forward
 DEFAULT_BACKWARD_FACTOR = 2.0
 
 
-def default_seconds(flops: float, device: torch.device, dtype: torch.dtype) -> float | None:
-    """Expected seconds of an engine that gives only its forward ``flops``."""
-    return seconds(Work(product=(1 + DEFAULT_BACKWARD_FACTOR) * flops), device, dtype)
+def default_seconds(flops: float, device: torch.device, dtype: torch.dtype, gradient: bool) -> float | None:
+    """Expected seconds of an engine that gives only its forward ``flops`` (``gradient``: with the backward)."""
+    factor = 1 + DEFAULT_BACKWARD_FACTOR if gradient else 1.0
+    return seconds(Work(product=factor * flops), device, dtype)

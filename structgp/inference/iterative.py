@@ -65,7 +65,7 @@ from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.covariance.validation import host_readable
 from structgp.inference import report
 from structgp.inference.cg import CGResult, pcg
-from structgp.inference.cost_model import Work, seconds
+from structgp.inference.cost_model import Work, differentiated, seconds
 from structgp.inference.plan import Cost, Engine, describe, register, structurally_singular
 from structgp.inference.preconditioners import Preconditioner, build
 from structgp.inference.slq import slq_logdet
@@ -255,7 +255,7 @@ class ConjugateGradients(Engine):
 
     def cost(self, op: Operator) -> Cost:
         """Flops of the forward run; the expected seconds add the gradient's products (``GRADIENT_PRODUCTS``
-        more products with all columns)."""
+        more products with all columns) when the call will be differentiated."""
         cfg = _config.current()
         batch, n, k = op.batch_shape.numel(), op.n, min(cfg.precond_rank, op.n)
         columns = cfg.num_probes + 1
@@ -265,7 +265,8 @@ class ConjugateGradients(Engine):
         setup = n * k * k  # pivoted Cholesky (columns are read directly for the common structures)
         flops = batch * (iterations * (product + vectors) + setup)
         nbytes = batch * (6 * columns * n + 2 * n * k) * op.dtype.itemsize
-        work = Work(product=flops + batch * GRADIENT_PRODUCTS * product)
+        extra = GRADIENT_PRODUCTS * product if differentiated(op) else 0.0
+        work = Work(product=flops + batch * extra)
         return Cost(flops, float(nbytes), seconds(work, op.device, op.dtype))
 
     def solve(self, op: Operator, rhs: Tensor) -> Tensor:

@@ -9,14 +9,14 @@ Subclasses match; the most specific registration comes first (a pair before a si
 shorter distance along the classes' MRO).
 
 **The choice.** ``plan(op)`` asks each matching engine whether it applies (``why``) and what it costs
-(``cost``: flops, peak bytes and the expected seconds of one value and gradient, see
-:mod:`.cost_model`); both read only shapes, types and facts already cached on the operator (a spectrum an
-engine computed earlier), never run a factorisation. Structural engines (block by block, entry by entry,
-through a permutation) are always taken. Otherwise ``settings(method=...)`` forces an engine by its name
-or its method family (``"woodbury"`` is the family of ``low_rank_woodbury``, ``lifted_woodbury`` and
-``spectral_woodbury``) and raises where none applies. ``"auto"`` takes the cheapest (fewest flops) exact
-engine whose memory fits ``settings(memory_budget=...)``, on equal cost the more specific, except that it
-takes the cheapest iterative (inexact) engine that fits
+(``cost``: flops, peak bytes and the expected seconds of the call, its gradient included when the operator's
+tensors require grad, see :mod:`.cost_model`); both read only shapes, types and facts already cached on the
+operator (a spectrum an engine computed earlier), never run a factorisation. Structural engines (block by
+block, entry by entry, through a permutation) are always taken. Otherwise ``settings(method=...)`` forces an
+engine by its name or its method family (``"woodbury"`` is the family of ``low_rank_woodbury``,
+``lifted_woodbury`` and ``spectral_woodbury``) and raises where none applies. ``"auto"`` takes the cheapest
+(fewest flops) exact engine whose memory fits ``settings(memory_budget=...)``, on equal cost the more
+specific, except that it takes the cheapest iterative (inexact) engine that fits
 
 - when no exact engine fits, or
 - when the iterative engine is expected to take at most ``1 / ITERATIVE_SPEEDUP`` of the exact engine's
@@ -50,9 +50,9 @@ ITERATIVE_MIN_SIZE = 4096
 @dataclasses.dataclass(frozen=True)
 class Cost:
     """What an engine costs: ``flops`` of the forward computation, peak ``bytes`` it allocates, and the
-    expected ``seconds`` of one value and gradient on the operator's device (:func:`cost_model.seconds`;
-    None where no rates were measured for that device; engines that leave it None get
-    :func:`cost_model.default_seconds` of their flops)."""
+    expected ``seconds`` of the call on the operator's device, its gradient included when it will be
+    differentiated (:func:`cost_model.seconds`; None where no rates were measured for that device; engines
+    that leave it None get :func:`cost_model.default_seconds` of their flops)."""
 
     flops: float
     bytes: float
@@ -214,19 +214,20 @@ class Plan:
     engine: Engine = dataclasses.field(repr=False, compare=False)
     memoisable: bool = dataclasses.field(default=True, compare=False)
     decision: str = dataclasses.field(default="", compare=False)
+    differentiated: bool = dataclasses.field(default=False, compare=False)  # expected times include the backward
 
     def __str__(self) -> str:
         lines = [
             f"plan for {self.operator}",
             f"  method: {self.method} (engine {self.engine.name}){' (forced by settings)' if self.forced else ''}",
             f"  why:    {self.reason}",
-            f"  cost:   {_fmt_cost(self.cost)}",
+            f"  cost:   {_fmt_cost(self.cost, self.differentiated)}",
         ]
         if self.decision:
             lines.append(f"  choice: {self.decision}")
         for alt in self.alternatives:
             note = "" if alt.fits else " (over the memory budget)"
-            lines.append(f"  also:   {alt.engine}: {_fmt_cost(alt.cost)}{note}")
+            lines.append(f"  also:   {alt.engine}: {_fmt_cost(alt.cost, self.differentiated)}{note}")
         return "\n".join(lines)
 
 
@@ -238,10 +239,11 @@ def plan(op: Operator) -> Plan:
     cfg = _config.current()
     options = []
     engines = candidates(op)
+    gradient = cost_model.differentiated(op)
     for eng in engines:
         reason = eng.why(op)
         if reason is not None:
-            cost = _timed(eng.cost(op), op)
+            cost = _timed(eng.cost(op), op, gradient)
             options.append((eng, Option(eng.method, reason, cost, cost.bytes <= cfg.memory_budget, eng.name)))
     if not options:
         why = structurally_singular(op) or "e.g. a LowRank W W^T of rank k < n"
@@ -253,14 +255,16 @@ def plan(op: Operator) -> Plan:
     memoisable = not any(e.reads_facts for e in engines)
     others = tuple(o for e, o in options if e is not chosen[0])
     eng, option = chosen
-    return Plan(repr(op), option.method, option.reason, option.cost, others, forced, eng, memoisable, decision)
+    return Plan(
+        repr(op), option.method, option.reason, option.cost, others, forced, eng, memoisable, decision, gradient
+    )
 
 
-def _timed(cost: Cost, op: Operator) -> Cost:
+def _timed(cost: Cost, op: Operator, gradient: bool) -> Cost:
     """``cost`` with its expected seconds: the engine's own, else the default estimate from its flops."""
     if cost.seconds is not None:
         return cost
-    return Cost(cost.flops, cost.bytes, cost_model.default_seconds(cost.flops, op.device, op.dtype))
+    return Cost(cost.flops, cost.bytes, cost_model.default_seconds(cost.flops, op.device, op.dtype, gradient))
 
 
 def structurally_singular(op: Operator) -> str | None:
@@ -394,9 +398,11 @@ def _fmt_seconds(t: float) -> str:
     return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
 
 
-def _fmt_cost(cost: Cost) -> str:
-    when = "no time model for this device" if cost.seconds is None else f"~{_fmt_seconds(cost.seconds)}"
-    return f"{_fmt_flops(cost.flops)}, {_fmt_bytes(cost.bytes)}, {when} (value and gradient)"
+def _fmt_cost(cost: Cost, gradient: bool) -> str:
+    if cost.seconds is None:
+        return f"{_fmt_flops(cost.flops)}, {_fmt_bytes(cost.bytes)}, no time model for this device"
+    call = "value and gradient" if gradient else "value"
+    return f"{_fmt_flops(cost.flops)}, {_fmt_bytes(cost.bytes)}, ~{_fmt_seconds(cost.seconds)} ({call})"
 
 
 def _fmt_bytes(b: float) -> str:

@@ -2,10 +2,11 @@
 
 ``plan(op)`` asks every candidate engine whether it applies and what it costs; for a small operator that
 costs as much as the factorisation. The answer depends on the structure only — the nested operator types,
-their static metadata, the shapes, dtypes and devices of their tensors — and on the settings in force, so
-calls with operators of one signature (thousands of them in an acquisition-function optimisation) share
-one plan. The key holds metadata only (types, ``torch.Size``, dtypes, devices, static values): no operator
-or tensor is kept alive by the memo.
+their static metadata, the shapes, dtypes, devices and ``requires_grad`` of their tensors, and grad mode
+(the expected times include the backward of a call that will be differentiated) — and on the settings
+in force, so calls with operators of one signature (thousands of them in an acquisition-function
+optimisation) share one plan. The key holds metadata only (types, ``torch.Size``, dtypes, devices, static
+values): no operator or tensor is kept alive by the memo.
 
 Not memoised (``plan(op)`` runs each time, as without the memo):
 - plans that say ``memoisable=False`` (their choice read numerical facts cached on that operator);
@@ -44,7 +45,7 @@ def planned(op: Operator) -> Plan:
     sig = signature(op)
     if sig is None:
         return plan(op)
-    key = (sig, _config.current())
+    key = (sig, _config.current(), torch.is_grad_enabled())
     try:
         with _lock:
             found = _memo.get(key)
@@ -66,8 +67,8 @@ def planned(op: Operator) -> Plan:
 
 def signature(op: Operator) -> tuple | None:
     """A hashable description of ``op``'s structure without its values: for each node in depth-first
-    order its type and static values, for each tensor its shape, dtype and device, for each list its
-    length. None when a child is neither a tensor, a node, a list nor a plain value."""
+    order its type and static values, for each tensor its shape, dtype, device and requires_grad, for each
+    list its length. None when a child is neither a tensor, a node, a list nor a plain value."""
     parts: list = []
     return tuple(parts) if _describe(op, parts) else None
 
@@ -75,7 +76,7 @@ def signature(op: Operator) -> tuple | None:
 def _describe(x: object, parts: list) -> bool:
     """Append ``x``'s signature to ``parts``; False where ``x`` cannot be described by metadata."""
     if isinstance(x, Tensor):
-        parts.append((x.shape, x.dtype, x.device))
+        parts.append((x.shape, x.dtype, x.device, x.requires_grad))
         return True
     if isinstance(x, PyTreeNode):
         cls = type(x)

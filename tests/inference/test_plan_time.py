@@ -19,10 +19,12 @@ from tests.reference import F64, dense_inv_quad_logdet, positive, spd
 DTYPES = (torch.float32, torch.float64)
 
 
-def large_dense(n: int, dtype: torch.dtype, device: str = "cpu") -> Dense:
-    """A dense ``n x n`` operator + noise whose matrix is one expanded number: planning reads only shapes."""
+def large_dense(n: int, dtype: torch.dtype, device: str = "cpu", grad: bool = True) -> Dense:
+    """A dense ``n x n`` operator + noise whose matrix is one expanded number: planning reads only shapes.
+    ``grad``: the noise requires grad (a training step: the expected times include the backward)."""
     matrix = torch.zeros((), dtype=dtype, device=device).expand(n, n)
-    return Dense(matrix) + ScaledIdentity(torch.tensor(0.1, dtype=dtype, device=device), n)
+    noise = torch.tensor(0.1, dtype=dtype, device=device, requires_grad=grad)
+    return Dense(matrix) + ScaledIdentity(noise, n)
 
 
 def options(p: sg.Plan) -> dict[str, sg.Plan]:
@@ -41,6 +43,39 @@ def test_auto_takes_cg_where_it_is_expected_much_faster(dtype):
     assert found is not None, text
     for name, value, unit in (("cg", *found.group(1, 2)), ("cholesky", *found.group(3, 4))):  # both, as printed
         assert float(value) * (1e-3 if unit == "ms" else 1) == pytest.approx(costs[name].seconds, rel=5e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_call_without_gradient_keeps_the_exact_engine(dtype):
+    """Without the backward (six times the factorisation) the dense Cholesky is not 4x slower than CG."""
+    for p in (sg.plan(large_dense(8192, dtype, grad=False)), _no_grad_plan(large_dense(8192, dtype))):
+        assert p.engine.name == "cholesky" and not p.differentiated
+        assert "x < 4x faster" in p.decision and "(value)" in str(p) and "gradient" not in str(p)
+    with_grad = options(sg.plan(large_dense(8192, dtype)))
+    without = options(sg.plan(large_dense(8192, dtype, grad=False)))
+    for name in ("cg", "cholesky"):
+        assert without[name].seconds < with_grad[name].seconds
+    # the backward multiplies the Cholesky's time far more than CG's: the ratio that decides differs
+    assert with_grad["cholesky"].seconds / with_grad["cg"].seconds > 2 * (
+        without["cholesky"].seconds / without["cg"].seconds
+    )
+
+
+def _no_grad_plan(op):
+    with torch.no_grad():
+        return sg.plan(op)
+
+
+def test_memo_tells_differentiated_calls_apart():
+    from structgp.inference import plan_memo
+
+    op, frozen = large_dense(8192, torch.float32), large_dense(8192, torch.float32, grad=False)
+    assert plan_memo.signature(op) != plan_memo.signature(frozen)
+    assert plan_memo.planned(op).engine.name == "cg"
+    assert plan_memo.planned(frozen).engine.name == "cholesky"
+    with torch.no_grad():
+        assert plan_memo.planned(op).engine.name == "cholesky"
+    assert plan_memo.planned(op).engine.name == "cg"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -114,11 +149,11 @@ def test_expected_seconds_follow_the_measured_rates(dtype):
     n, cfg = 8192, sg.settings
     rates = cost_model.RATES[("cpu", dtype.itemsize)]
     costs = options(sg.plan(large_dense(n, dtype)))
-    cholesky = (
+    cholesky = (  # forward and backward
         n**3 / 3 / rates.factor
         + 2 * n**3 / rates.factor_backward
-        + 2 * n * n / rates.product
-        + DENSE_PASSES * n * n * dtype.itemsize / rates.stream
+        + 2 * 2 * n * n / rates.product
+        + 2 * DENSE_PASSES * n * n * dtype.itemsize / rates.stream
     )
     assert costs["cholesky"].seconds == pytest.approx(cholesky, rel=1e-12)
     with cfg() as s:
@@ -134,8 +169,12 @@ def test_engines_without_a_time_of_their_own_get_the_default():
     op = LowRank(torch.randn(300, 4, dtype=F64)) + Diagonal(positive(300))
     p = sg.plan(op)
     assert p.method == "woodbury"
-    expected = cost_model.default_seconds(p.cost.flops, op.device, op.dtype)
+    expected = cost_model.default_seconds(p.cost.flops, op.device, op.dtype, gradient=False)
     assert p.cost.seconds == pytest.approx(expected) and expected > 0
+    assert expected == pytest.approx(p.cost.flops / cost_model.RATES[("cpu", 8)].product, rel=1e-12)
+    op.noise.diag.requires_grad_()
+    q = sg.plan(op)
+    assert q.differentiated and q.cost.seconds == pytest.approx(3 * expected, rel=1e-12)
 
 
 def test_auto_runs_cg_on_a_large_kronecker_and_matches_dense():
@@ -143,18 +182,19 @@ def test_auto_runs_cg_on_a_large_kronecker_and_matches_dense():
     (spectral Woodbury is planned first, finds the factors nonsingular when it runs and hands back), dense
     Cholesky is expected far slower than CG through Kronecker products; the answer agrees with float64
     dense torch."""
-    op = Kronecker(spd(64, seed=1), spd(64, seed=2)) + Diagonal(positive(4096, low=0.5))
+    noise = positive(4096, low=0.5).requires_grad_()  # a training step: the call will be differentiated
+    op = Kronecker(spd(64, seed=1), spd(64, seed=2)) + Diagonal(noise)
     y = torch.randn(op.n, dtype=F64, generator=torch.Generator().manual_seed(0))
     assert op.n >= ITERATIVE_MIN_SIZE
     with sg.settings(cg_tol=1e-10, num_probes=64):
         inv_quad, logdet = op.inv_quad_logdet(y)
         assert sg.last_report().method == "cg"
         assert sg.plan(op).engine.name == "cg"  # now that the factors are known to be nonsingular
-    ref_inv_quad, ref_logdet = dense_inv_quad_logdet(op.to_dense(), y)
-    torch.testing.assert_close(inv_quad, ref_inv_quad, rtol=1e-6, atol=0)
+    ref_inv_quad, ref_logdet = dense_inv_quad_logdet(op.to_dense().detach(), y)
+    torch.testing.assert_close(inv_quad.detach(), ref_inv_quad, rtol=1e-6, atol=0)
     # SLQ with 64 probes: the logdet of a well-conditioned 4096 x 4096 matrix to a fraction of a percent
-    torch.testing.assert_close(logdet, ref_logdet, rtol=5e-3, atol=0)
+    torch.testing.assert_close(logdet.detach(), ref_logdet, rtol=5e-3, atol=0)
     with sg.settings(iterative="never"):
         exact = op.inv_quad_logdet(y)
         assert sg.last_report().method == "cholesky"
-    torch.testing.assert_close(exact[1], ref_logdet, rtol=1e-10, atol=0)
+    torch.testing.assert_close(exact[1].detach(), ref_logdet, rtol=1e-10, atol=0)
