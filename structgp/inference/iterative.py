@@ -71,8 +71,9 @@ from structgp.inference.preconditioners import Preconditioner, build
 from structgp.inference.slq import slq_logdet
 
 # planning constant: PCG iterations at cg_tol 1e-6 with the default preconditioners (measured 2-13 on the
-# test and benchmark problems, 8-14 on dense RBF kernels (lengthscale 0.2, noise 0.01) at n = 2000-8000;
-# spectra that the preconditioner's rank cannot capture take more)
+# test and benchmark problems, 2-5 on dense RBF kernels on 2-d inputs, lengthscale 0.2, noise 0.01, at
+# n = 2000-8000 (benchmarks/bench_planner.py); spectra that the preconditioner's rank cannot capture take
+# more, so the planner counts on 20)
 EXPECTED_ITERATIONS = 20
 # products besides the iterations in one value and gradient: the differentiable product of the surrogates
 # and its backward
