@@ -192,8 +192,8 @@ def test_auto_runs_cg_on_a_large_kronecker_and_matches_dense():
         assert sg.plan(op).engine.name == "cg"  # now that the factors are known to be nonsingular
     ref_inv_quad, ref_logdet = dense_inv_quad_logdet(op.to_dense().detach(), y)
     torch.testing.assert_close(inv_quad.detach(), ref_inv_quad, rtol=1e-6, atol=0)
-    # SLQ with 64 probes: the logdet of a well-conditioned 4096 x 4096 matrix to a fraction of a percent
-    torch.testing.assert_close(logdet.detach(), ref_logdet, rtol=5e-3, atol=0)
+    # SLQ with 64 probes (seeded): standard error 0.55 on a logdet of 3977 (1.4e-4 relative), 9e-5 observed
+    torch.testing.assert_close(logdet.detach(), ref_logdet, rtol=1e-3, atol=0)
     with sg.settings(iterative="never"):
         exact = op.inv_quad_logdet(y)
         assert sg.last_report().method == "cholesky"
