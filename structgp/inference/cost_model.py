@@ -10,20 +10,22 @@ kind and dtype. The call is one value, and its gradient when it will be differen
 the backward of a dense Cholesky costs six times its factorisation). Planning stays free of numerical
 work: the constants are numbers in this file, and nothing is timed or read from a tensor's values here.
 
-Measured constants (``python benchmarks/bench_planner.py --calibrate``; the CPU of the development
-machine, 2 cores, ``torch.get_num_threads() == 2``, shared with other jobs, so rates are lower bounds):
+Measured constants (``python benchmarks/bench_planner.py --calibrate``: the CPU of the development
+machine, 2 cores, ``torch.get_num_threads() == 2``, torch 2.13, shared with other jobs):
 
 - ``factor``: ``n^3 / 3`` over the time of ``torch.linalg.cholesky`` of an ``n x n`` SPD matrix;
 - ``factor_backward``: ``2 n^3`` (two ``n x n`` triangular solves) over the time autograd adds when the
   log-determinant and a quadratic form are differentiated through that factor;
 - ``product``: ``2 n^2 c`` over the time of ``(n, n) @ (n, c)`` with ``c = 33`` (CG's columns: one
-  right-hand side and 32 probes), which on this CPU runs below the square-product rate;
-- ``stream``: bytes over the time of ``a * 2.0`` into a fresh ``n x n`` tensor (read + write, counting the
-  page faults of the new allocation, as materialising an operator does).
+  right-hand side and 32 probes), on this CPU about half the square-product rate;
+- ``stream``: bytes over the time of ``a * 2.0`` into a fresh ``n x n`` tensor (read + write).
 
-At ``n = 2000`` and ``4000`` (min of 3 runs each, both sizes within 30 % of each other; the table keeps
-the ``n = 4000`` figure, the size where the choice matters). Devices without measured rates (e.g. CUDA,
-not measured yet) get ``None``: the planner then chooses by exactness and memory alone.
+Each the fastest of interleaved rounds at ``n = 2000`` and ``4000`` (load from other jobs shows up as slow
+rounds). float32, 7 rounds: factor 143 / 158 GF/s, backward 76 / 80, product 108 / 107; float64, 3 rounds
+in a quiet moment: factor 70 / 74, backward 45 / 35, product 45 / 40. The stream rate ranged from 2 to
+100 GB/s (a new allocation's page faults against a reused buffer); 5 GB/s is the page-faulting figure, as
+an engine's fresh ``n x n`` tensors are, and it weighs little next to the factorisation. Devices without
+measured rates (CUDA: not measured yet) get ``None``: the planner then chooses by exactness and memory.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ class Work:
 
 # (device type, bytes per element) -> measured rates; see the module docstring for how
 RATES: dict[tuple[str, int], Rates] = {
-    ("cpu", 4): Rates(factor=150e9, factor_backward=80e9, product=105e9, stream=5e9),
-    ("cpu", 8): Rates(factor=74e9, factor_backward=36e9, product=40e9, stream=5e9),
+    ("cpu", 4): Rates(factor=150e9, factor_backward=78e9, product=107e9, stream=5e9),
+    ("cpu", 8): Rates(factor=72e9, factor_backward=38e9, product=42e9, stream=5e9),
 }
 
 
