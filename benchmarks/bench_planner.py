@@ -133,12 +133,12 @@ def measure_methods(op, y: torch.Tensor, rounds: int) -> tuple[dict[str, float],
     return measured, values
 
 
-def validate(sizes: list[int], reps: int, kernel: bool) -> None:
+def validate(sizes: list[int], reps: int, kernel: bool, dtypes: list[torch.dtype]) -> None:
     print(
         "dtype          n      auto      | cholesky: expected  measured | cg: expected  measured  iters  "
         "|cg - cholesky| / |cholesky|  load"
     )
-    for dtype in (torch.float32, torch.float64):
+    for dtype in dtypes:
         if rates(torch.device("cpu"), dtype) is None:
             continue
         for n in sizes:
@@ -165,12 +165,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--kernel", action="store_true", help="build the kernel inside the timed call")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.calibrate:
         calibrate(args.sizes or [2000, 4000], args.reps)
     else:
-        validate(args.sizes or [2000, 4000, 8000], args.reps, args.kernel)
+        dtypes = [getattr(torch, name) for name in args.dtypes]
+        validate(args.sizes or [2000, 4000, 8000], args.reps, args.kernel, dtypes)
 
 
 if __name__ == "__main__":
