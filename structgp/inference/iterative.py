@@ -58,6 +58,7 @@ from torch.autograd.function import once_differentiable
 from structgp import _config
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.kernel_operator import KernelOperator
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator
@@ -103,6 +104,14 @@ def _(op: LowRank) -> float:
 def _(op: Kronecker) -> float:
     n = op.n
     return sum(n // f.n * matvec_flops(f) for f in op.factors)
+
+
+@matvec_flops.register
+def _(op: KernelOperator) -> float:
+    # the product itself plus the kernel's evaluation (about 3 d + 20 flops an entry: distances, exp),
+    # shared by the columns of one product (counted here for the num_probes + 1 columns of a CG run)
+    columns = _config.current().num_probes + 1
+    return 2.0 * op.n * op.n + op.n * op.n * (3.0 * op.x.shape[-1] + 20.0) / columns
 
 
 @matvec_flops.register
