@@ -12,6 +12,9 @@ function whose backward evaluates each block again (under :func:`torch.func.vjp`
 gradient: the same memory as the forward, about three times its time. The diagonal and single rows
 (``rows``: what the pivoted Cholesky preconditioner reads) cost ``O(n d)`` a row.
 
+With ``backend="keops"`` a product is one KeOps reduction instead (:mod:`.keops_backend`: no blocks, KeOps'
+own gradients), for the kernels KeOps can express.
+
 The block height comes from ``settings(memory_budget=...)``: a block's ``block x n`` matrix takes at most
 ``memory_budget / BUDGET_SHARE`` bytes and at most ``MAX_BLOCK_ENTRIES`` entries (a kernel's own
 temporaries are a few such matrices; larger blocks are not faster).
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor
 
 from structgp import _config
+from structgp.covariance.keops_backend import keops_available, keops_formula, keops_matmul
 from structgp.covariance.operator import Operator
 from structgp.covariance.validation import value_checks_enabled
 
@@ -39,11 +43,12 @@ class KernelOperator(Operator):
     kernel: any ``gpytorch.kernels.Kernel`` evaluable as a function of its parameters (its parameters at
     construction are the operator's leaves, so gradients reach them); x: inputs ``(..., n, d)``, finite,
     of the kernel's dtype; params: the parameter tensors in ``kernel.named_parameters()`` order (default:
-    the kernel's own); scale: a non-negative multiplier ``()`` or ``(...)`` (``c * op``).
+    the kernel's own); scale: a non-negative multiplier ``()`` or ``(...)`` (``c * op``); backend:
+    ``"torch"`` (row blocks) or ``"keops"`` (:mod:`.keops_backend`; unbatched RBF/Matern kernels).
     """
 
     _children = ("x", "params", "scale")
-    _static = ("kernel", "names", "name")
+    _static = ("kernel", "names", "name", "backend")
 
     def __init__(
         self,
@@ -53,6 +58,7 @@ class KernelOperator(Operator):
         *,
         scale: Tensor | None = None,
         name: str = "k(x, x)",
+        backend: str = "torch",
     ) -> None:
         super().__init__()
         if not isinstance(kernel, gpytorch.kernels.Kernel):
@@ -68,10 +74,11 @@ class KernelOperator(Operator):
                     f"kernel: parameter {pname} is {p.dtype} on {p.device} but x is {x.dtype} on {x.device}; "
                     "move the kernel with kernel.to(x)"
                 )
-        self.kernel, self.names, self.name = kernel, names, name
+        self.kernel, self.names, self.name, self.backend = kernel, names, name, backend
         self.x, self.params = x, params
         self.scale = torch.ones((), dtype=x.dtype, device=x.device) if scale is None else scale
         self._cache["shape"] = self._batch_probe()
+        _check_backend(self)
 
     # -- what the operator is ----------------------------------------------------------------------
     def _batch_probe(self) -> torch.Size:
@@ -128,7 +135,10 @@ class KernelOperator(Operator):
         return self.scale[..., None, None] * block
 
     def _matmul(self, rhs: Tensor) -> Tensor:
-        out = _BlockProduct.apply(self._spec(rhs.shape[-1]), rhs, self.x, *self.params)
+        if self.backend == "keops" and rhs.dim() == 2:
+            out = keops_matmul(keops_formula(self.kernel, self.names, self.params), self.x, rhs)
+        else:
+            out = _BlockProduct.apply(self._spec(rhs.shape[-1]), rhs, self.x, *self.params)
         return self.scale[..., None, None] * out
 
     def diagonal(self) -> Tensor:
@@ -181,6 +191,20 @@ def block_rows(n: int, batch: int, dtype: torch.dtype, columns: int = 1) -> int:
             f"structgp.settings(memory_budget=...) to at least {per_row * BUDGET_SHARE}"
         )
     return max(1, min(budget // per_row, MAX_BLOCK_ENTRIES // max(1, batch * n), n))
+
+
+def _check_backend(op: KernelOperator) -> None:
+    if op.backend not in ("torch", "keops"):
+        raise ValueError(f"backend: expected 'torch' or 'keops', got {op.backend!r}")
+    if op.backend == "torch":
+        return
+    if not keops_available():
+        raise ImportError("backend='keops' needs pykeops: pip install 'structgp[keops]' (or use backend='torch')")
+    if op.x.dim() != 2 or keops_formula(op.kernel, op.names, op.params) is None:
+        raise ValueError(
+            f"backend: KeOps cannot express {type(op.kernel).__name__} on inputs {tuple(op.x.shape)} (it takes "
+            "unbatched RBF and Matern kernels, optionally scaled); use backend='torch'"
+        )
 
 
 def _check_x(x: Tensor) -> Tensor:
