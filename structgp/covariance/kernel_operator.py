@@ -123,10 +123,10 @@ class KernelOperator(Operator):
         return f"KernelOperator({type(self.kernel).__name__}, n={self.n}, {self.name})"
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def block_rows(self, columns: int = 1) -> int:
+    def block_rows(self) -> int:
         """Rows of one block of a product (see the module docstring); raises a ``MemoryError`` naming
         ``memory_budget`` when not even one row fits."""
-        return block_rows(self.n, self.batch_shape.numel(), self.dtype, columns)
+        return block_rows(self.n, self.batch_shape.numel(), self.dtype)
 
     def rows(self, index: Tensor) -> Tensor:
         """Rows ``index`` of the matrix, ``(..., len(index), n)`` for a long tensor ``index`` ``(m,)``
@@ -138,7 +138,7 @@ class KernelOperator(Operator):
         if self.backend == "keops" and rhs.dim() == 2:
             out = keops_matmul(keops_formula(self.kernel, self.names, self.params), self.x, rhs)
         else:
-            out = _BlockProduct.apply(self._spec(rhs.shape[-1]), rhs, self.x, *self.params)
+            out = _BlockProduct.apply(self._spec(), rhs, self.x, *self.params)
         return self.scale[..., None, None] * out
 
     def diagonal(self) -> Tensor:
@@ -156,8 +156,8 @@ class KernelOperator(Operator):
         x = self.x.expand(*batch_shape, *self.x.shape[-2:])
         return self._replace(x=x, scale=self.scale.expand(batch_shape))
 
-    def _spec(self, columns: int) -> tuple:
-        return (self.kernel, self.names, self.block_rows(columns))
+    def _spec(self) -> tuple:
+        return (self.kernel, self.names, self.block_rows())
 
 
 def evaluate_kernel(
@@ -180,7 +180,7 @@ def evaluate_kernel(
         return out if isinstance(out, Tensor) else out.to_dense()
 
 
-def block_rows(n: int, batch: int, dtype: torch.dtype, columns: int = 1) -> int:
+def block_rows(n: int, batch: int, dtype: torch.dtype) -> int:
     """Rows of one product block for an ``n``-column kernel matrix with ``batch`` batch members."""
     budget = _config.current().memory_budget // BUDGET_SHARE
     per_row = batch * n * dtype.itemsize
