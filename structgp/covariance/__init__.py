@@ -8,6 +8,7 @@ from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.errors import DensifyError, NumericalError
 from structgp.covariance.indexing import DenseIndexWarning
+from structgp.covariance.kernel_operator import KernelOperator
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.linear_map import (
     BlockDiagMap,
@@ -43,6 +44,7 @@ __all__ = [
     "DensifyError",
     "Diagonal",
     "DiagonalRoot",
+    "KernelOperator",
     "Kronecker",
     "KroneckerMap",
     "KroneckerRoot",

@@ -58,6 +58,7 @@ from torch.autograd.function import once_differentiable
 from structgp import _config
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.kernel_operator import KernelOperator
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator
@@ -112,6 +113,13 @@ def _(op: LowRank, columns: int = 1) -> float:
 def _(op: Kronecker, columns: int = 1) -> float:
     n = op.n
     return sum(n // f.n * matvec_flops(f, columns) for f in op.factors)
+
+
+@matvec_flops.register
+def _(op: KernelOperator, columns: int = 1) -> float:
+    # the product itself plus the kernel's evaluation (about 3 d + 20 flops an entry: distances, exp),
+    # once per product: every row block is evaluated once for all the columns
+    return 2.0 * op.n * op.n * columns + op.n * op.n * (3.0 * op.x.shape[-1] + 20.0)
 
 
 @matvec_flops.register

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from structgp.covariance.dense import Dense
+from structgp.covariance.kernel_operator import KernelOperator
 from structgp.covariance.kron import kron_vector
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
@@ -60,6 +61,17 @@ def _(op: Kronecker, index: Tensor) -> Tensor:
         parts.append(column(f, rest % f.n))
         rest = rest // f.n
     return kron_vector(list(reversed(parts)))
+
+
+@column.register
+def _(op: KernelOperator, index: Tensor) -> Tensor:
+    if index.dim() == 0:  # one row of the kernel: O(n d)
+        return op.rows(index.reshape(1)).squeeze(-2).expand(*op.batch_shape, op.n)
+    batch = torch.broadcast_shapes(op.batch_shape, index.shape)
+    flat = index.expand(batch).reshape(-1)  # one row per batch member: pick each member's own row
+    rows = op.rows(flat).expand(*batch, flat.numel(), op.n)
+    picked = torch.arange(flat.numel(), device=index.device).reshape(batch)
+    return rows.gather(-2, picked[..., None, None].expand(*batch, 1, op.n)).squeeze(-2)
 
 
 @column.register

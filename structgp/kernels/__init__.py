@@ -1,6 +1,9 @@
 """Structure-producing kernels built on gpytorch kernels: each maps inputs to a structgp operator.
 
-    DenseKernel(k)                      -> Dense                     (any gpytorch kernel)
+    DenseKernel(k)                      -> Dense                     (any gpytorch kernel; KernelOperator
+                                                                      when the dense matrix exceeds the
+                                                                      memory budget)
+    MatrixFreeKernel(k)                 -> KernelOperator            (any gpytorch kernel, never materialised)
     GridKernel(kernels, grid)           -> Kronecker (full grid) / SparseLifted selection (cells missing)
     InducingPointKernel(k, z, method)   -> LowRank (SoR, DTC, VFE) / LowRank + Diagonal (FITC)
     InterpolationKernel(kernels, grid)  -> SparseLifted(W, Kronecker)   (KISS-GP / SKI)
@@ -23,6 +26,7 @@ from structgp.kernels.grid_choice import choose_grid_size, interpolation_grid
 from structgp.kernels.group import GroupKernel
 from structgp.kernels.inducing import InducingPointKernel
 from structgp.kernels.interpolation import InterpolationKernel
+from structgp.kernels.matrix_free import MatrixFreeKernel
 from structgp.kernels.multitask import MultitaskKernel
 from structgp.kernels.product_grid import ProductGrid
 
@@ -34,6 +38,7 @@ __all__ = [
     "InducingPointKernel",
     "InterpolationKernel",
     "Kernel",
+    "MatrixFreeKernel",
     "MultitaskKernel",
     "ProductGrid",
     "as_kernel",

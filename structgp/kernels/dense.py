@@ -5,7 +5,7 @@ from __future__ import annotations
 import gpytorch
 from torch import Tensor
 
-from structgp.covariance import Dense
+from structgp.covariance import Dense, KernelOperator
 from structgp.kernels.base import Kernel, check_gpytorch_kernel, evaluate, evaluate_diag, symmetrize
 
 
@@ -37,7 +37,13 @@ class DenseKernel(Kernel):
         else:
             super().__setattr__(name, value)
 
-    def forward(self, x: Tensor) -> Dense:
+    def forward(self, x: Tensor) -> Dense | KernelOperator:
+        """``Dense(k(x, x))``, or a matrix-free :class:`~structgp.covariance.KernelOperator` when the dense
+        matrix would not fit ``settings(memory_budget=...)`` (its name says so, and so does ``sg.plan``)."""
+        from structgp.kernels.matrix_free import dense_fits, matrix_free_reason
+
+        if not dense_fits(self.base_kernel, x):
+            return KernelOperator(self.base_kernel, x, name=matrix_free_reason(self.base_kernel, x))
         return Dense(symmetrize(evaluate(self.base_kernel, x)), name="k(x, x)")
 
     def cross(self, x1: Tensor, x2: Tensor) -> Tensor:

@@ -42,7 +42,15 @@ from structgp.models import added_loss
 from structgp.models.fit import Optimizer, minimise
 from structgp.models.noise import fixed_noise_at_test, noise_operator
 from structgp.models.posterior_covariance import PosteriorCovariance
-from structgp.models.prediction import TrainingSolve, chunk_size, dense_terms, factor_terms, solve_training
+from structgp.models.prediction import (
+    TrainingSolve,
+    checked_lanczos,
+    chunk_size,
+    dense_terms,
+    factor_terms,
+    solve_training,
+    use_lanczos,
+)
 from structgp.models.training_cache import TrainingCache
 from structgp.models.training_data import check_replacement, fantasy_copy
 
@@ -264,12 +272,16 @@ class ExactGP(gpytorch.models.GP):
         variance: bool = True,
         cache: bool = True,
         chunk: int | None = None,
+        variance_method: str = "auto",
     ) -> tuple[Tensor, Tensor | None]:
         """Posterior mean and variance at ``x``: ``(..., n_*)`` each (``(..., n_*, t)`` for several tasks).
 
         observation_noise: add the likelihood's noise to the variance (``noise``: the per-point test
         variances a fixed-noise likelihood needs); variance: False skips it (mean only); chunk: test points
-        per chunk (default: a cross-covariance chunk of at most ``2^24`` entries).
+        per chunk (default: a cross-covariance chunk of at most ``2^24`` entries); variance_method:
+        ``"solve"`` (a solve per test point), ``"lanczos"`` (the Lanczos cache of
+        :mod:`structgp.models.prediction`, checked at a few points) or ``"auto"`` (the cache when the
+        training solve is iterative and the solves would take several chunks, and its check passes).
         """
         x = self._check_test_inputs(x)
         fixed_noise_at_test(self.likelihood, observation_noise, noise)
@@ -277,16 +289,24 @@ class ExactGP(gpytorch.models.GP):
         n_test, t = self.kernel.num_points(x), self.num_tasks
         factored = solved.middle is not None
         step = chunk or chunk_size(self.num_data, solved.middle.shape[-1] if factored else None, t)
+        chunks = -(-n_test // step)
+        lanczos_wanted = variance and use_lanczos(solved, variance_method, n_test * t, chunks)
+        lanczos = None
         means, variances = [], []
         for start in range(0, n_test, step):
             xc = self.kernel.take(x, start, min(start + step, n_test))
+            prior_variance = self.kernel.prior_diagonal(xc) if variance else None
             if factored:
                 mean, reduction = factor_terms(self.kernel.cross_factor(xc), solved)
             else:
-                mean, reduction = dense_terms(self.kernel.cross(xc, self.train_x), solved, variance)
+                cross = self.kernel.cross(xc, self.train_x)
+                if lanczos_wanted and start == 0:
+                    forced = variance_method == "lanczos"
+                    lanczos = solved.lanczos if checked_lanczos(solved, cross, prior_variance, forced) else None
+                mean, reduction = dense_terms(cross, solved, variance, lanczos)
             means.append(self.prior_mean(xc) + mean)
             if variance:
-                variances.append((self.kernel.prior_diagonal(xc) - reduction).clamp_min(0))
+                variances.append((prior_variance - reduction).clamp_min(0))
         mean = _cat(means)
         var = _cat(variances) if variance else None
         if variance and observation_noise:

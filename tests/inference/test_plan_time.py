@@ -198,3 +198,28 @@ def test_auto_runs_cg_on_a_large_kronecker_and_matches_dense():
         exact = op.inv_quad_logdet(y)
         assert sg.last_report().method == "cholesky"
     torch.testing.assert_close(exact[1].detach(), ref_logdet, rtol=1e-10, atol=0)
+
+
+def test_matrix_free_kernel_counts_its_evaluation_once_per_product():
+    """A ``KernelOperator`` recomputes its entries in every product: the rule sees all CG columns at once."""
+    import gpytorch
+
+    from structgp.covariance import KernelOperator
+    from structgp.inference.iterative import matvec_flops
+
+    n, d, columns = 8192, 2, 33
+    x = torch.rand(n, d, dtype=F64)
+    kernel = gpytorch.kernels.RBFKernel().double()
+    op = KernelOperator(kernel, x)
+    evaluation = n * n * (3.0 * d + 20.0)
+    assert matvec_flops(op, columns) == 2.0 * n * n * columns + evaluation
+    assert matvec_flops(op, columns) < columns * matvec_flops(op)  # not once per column
+    noisy = op + ScaledIdentity(torch.tensor(0.1, dtype=F64, requires_grad=True), n)
+    p = sg.plan(noisy)
+    assert p.engine.name == "cg", str(p)
+    assert options(p)["cg"].seconds == pytest.approx(
+        ((EXPECTED_ITERATIONS + GRADIENT_PRODUCTS) * (matvec_flops(op, columns) + n * columns)
+         + EXPECTED_ITERATIONS * columns * (4.0 * n * 256 + 12.0 * n) + n * 256**2)
+        / cost_model.RATES[("cpu", 8)].product,
+        rel=1e-12,
+    )

@@ -1,0 +1,284 @@
+"""KernelOperator: ``K(x, x)`` of a gpytorch kernel, matrix-free.
+
+The operator is held by the inputs ``x`` ``(..., n, d)`` and the kernel's parameter tensors; the kernel
+module itself is static (it says *how* to evaluate, its parameters say *what*). Every evaluation goes through
+:func:`torch.func.functional_call` with the parameter tensors this operator holds, so nothing closes over a
+module's current parameters: the operator is a pytree whose leaves are ``x``, the parameters and a scale.
+
+Products ``K V`` are computed in row blocks ``K(x[b], x) V[...]``: each block is evaluated, used and freed,
+so a product needs ``O(block * n)`` memory, never ``O(n^2)``. Their gradients come from a custom autograd
+function whose backward evaluates each block again (under :func:`torch.func.vjp`) to pull back
+``G_b V^T`` onto ``x`` and the parameters (``G`` the output gradient), and multiplies ``K G`` for ``V``'s
+gradient: the same memory as the forward, about three times its time. The diagonal and single rows
+(``rows``: what the pivoted Cholesky preconditioner reads) cost ``O(n d)`` a row.
+
+With ``backend="keops"`` a product is one KeOps reduction instead (:mod:`.keops_backend`: no blocks, KeOps'
+own gradients), for the kernels KeOps can express.
+
+The block height comes from ``settings(memory_budget=...)``: a block's ``block x n`` matrix takes at most
+``memory_budget / BUDGET_SHARE`` bytes and at most ``MAX_BLOCK_ENTRIES`` entries (a kernel's own
+temporaries are a few such matrices; larger blocks are not faster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gpytorch
+import torch
+from torch import Tensor
+
+from structgp import _config
+from structgp.covariance.keops_backend import keops_available, keops_formula, keops_matmul
+from structgp.covariance.operator import Operator
+from structgp.covariance.validation import value_checks_enabled
+
+MAX_BLOCK_ENTRIES = 2**23  # entries of one block x n kernel block (32 MiB in float32)
+BUDGET_SHARE = 32  # a block's matrix takes at most memory_budget / BUDGET_SHARE (kernel temporaries, backward)
+
+
+class KernelOperator(Operator):
+    """``scale * k(x, x)`` ``(..., n, n)`` for a gpytorch kernel ``k``, never materialised.
+
+    kernel: any ``gpytorch.kernels.Kernel`` evaluable as a function of its parameters (its parameters at
+    construction are the operator's leaves, so gradients reach them); x: inputs ``(..., n, d)``, finite,
+    of the kernel's dtype; params: the parameter tensors in ``kernel.named_parameters()`` order (default:
+    the kernel's own); scale: a non-negative multiplier ``()`` or ``(...)`` (``c * op``); backend:
+    ``"torch"`` (row blocks) or ``"keops"`` (:mod:`.keops_backend`; unbatched RBF/Matern kernels).
+    """
+
+    _children = ("x", "params", "scale")
+    _static = ("kernel", "names", "name", "backend")
+
+    def __init__(
+        self,
+        kernel: gpytorch.kernels.Kernel,
+        x: Tensor,
+        params: Sequence[Tensor] | None = None,
+        *,
+        scale: Tensor | None = None,
+        name: str = "k(x, x)",
+        backend: str = "torch",
+    ) -> None:
+        super().__init__()
+        if not isinstance(kernel, gpytorch.kernels.Kernel):
+            raise TypeError(f"kernel: expected a gpytorch.kernels.Kernel, got {type(kernel).__name__}")
+        x = _check_x(x)
+        names = tuple(n for n, _ in kernel.named_parameters())
+        params = [p for _, p in kernel.named_parameters()] if params is None else list(params)
+        if len(params) != len(names):
+            raise ValueError(f"params: expected {len(names)} tensors (the kernel's parameters), got {len(params)}")
+        for pname, p in zip(names, params):
+            if p.dtype != x.dtype or p.device != x.device:
+                raise TypeError(
+                    f"kernel: parameter {pname} is {p.dtype} on {p.device} but x is {x.dtype} on {x.device}; "
+                    "move the kernel with kernel.to(x)"
+                )
+        self.kernel, self.names, self.name, self.backend = kernel, names, name, backend
+        self.x, self.params = x, params
+        self.scale = torch.ones((), dtype=x.dtype, device=x.device) if scale is None else scale
+        self._cache["shape"] = self._batch_probe()
+        _check_backend(self)
+
+    # -- what the operator is ----------------------------------------------------------------------
+    def _batch_probe(self) -> torch.Size:
+        """The shape, from one kernel entry (also checks that the kernel is a pure function of its
+        parameters and accepts ``x``: a clear error here instead of one deep in a product)."""
+        probe = self.x[..., :1, :].detach()
+        try:
+            with torch.enable_grad():  # with every leaf detached, only a closure can make the entry need grad
+                detached = [p.detach() for p in self.params]
+                entry = evaluate_kernel(self.kernel, self.names, detached, probe, probe)
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise ValueError(
+                f"x: the kernel cannot be evaluated on inputs of shape {tuple(self.x.shape)} ({err})"
+            ) from err
+        if entry.requires_grad:
+            raise ValueError(
+                "kernel: its value depends on a tensor that requires grad but is not one of its registered "
+                "parameters (a closure over a tensor); register it as a parameter or buffer so the kernel "
+                "is a pure function of its parameters"
+            )
+        batch = torch.broadcast_shapes(entry.shape[:-2], self.scale.shape)
+        return batch + (self.x.shape[-2], self.x.shape[-2])
+
+    @property
+    def shape(self) -> torch.Size:
+        if "shape" not in self._cache:
+            self._cache["shape"] = self._batch_probe()
+        return self._cache["shape"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def _tensors(self) -> list[Tensor]:
+        return [self.x, *self.params, self.scale]
+
+    def __repr__(self) -> str:
+        return f"KernelOperator({type(self.kernel).__name__}, n={self.n}, {self.name})"
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def block_rows(self) -> int:
+        """Rows of one block of a product (see the module docstring); raises a ``MemoryError`` naming
+        ``memory_budget`` when not even one row fits."""
+        return block_rows(self.n, self.batch_shape.numel(), self.dtype)
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Rows ``index`` of the matrix, ``(..., len(index), n)`` for a long tensor ``index`` ``(m,)``
+        (differentiable; ``O(m n d)``)."""
+        block = evaluate_kernel(self.kernel, self.names, self.params, self.x[..., index, :], self.x)
+        return self.scale[..., None, None] * block
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        if self.backend == "keops" and rhs.dim() == 2:
+            out = keops_matmul(keops_formula(self.kernel, self.names, self.params), self.x, rhs)
+        else:
+            out = _BlockProduct.apply(self._spec(), rhs, self.x, *self.params)
+        return self.scale[..., None, None] * out
+
+    def diagonal(self) -> Tensor:
+        diag = evaluate_kernel(self.kernel, self.names, self.params, self.x, self.x, diag=True)
+        return self.scale[..., None] * diag.expand(*self.batch_shape, self.n)
+
+    def _to_dense(self) -> Tensor:
+        dense = evaluate_kernel(self.kernel, self.names, self.params, self.x, self.x)
+        return self.scale[..., None, None] * dense
+
+    def _scale(self, c: Tensor) -> KernelOperator:
+        return self._replace(scale=c * self.scale)
+
+    def _expand(self, batch_shape: torch.Size) -> KernelOperator:
+        x = self.x.expand(*batch_shape, *self.x.shape[-2:])
+        return self._replace(x=x, scale=self.scale.expand(batch_shape))
+
+    def _spec(self) -> tuple:
+        return (self.kernel, self.names, self.block_rows())
+
+
+def evaluate_kernel(
+    kernel: gpytorch.kernels.Kernel,
+    names: tuple[str, ...],
+    params: Sequence[Tensor],
+    x1: Tensor,
+    x2: Tensor,
+    *,
+    diag: bool = False,
+) -> Tensor:
+    """``k(x1, x2)`` ``(..., n1, n2)`` (or its diagonal) with the kernel's parameters replaced by ``params``.
+
+    gpytorch evaluates kernels lazily by default; a lazy result would be evaluated later with the module's
+    own parameters, so evaluation is eager here and the result is densified inside the call. gpytorch's
+    trace mode keeps its kernels on plain torch operations (no custom autograd functions without
+    ``setup_context``, which ``torch.func`` transforms refuse)."""
+    with gpytorch.settings.lazily_evaluate_kernels(False), gpytorch.settings.trace_mode(True):
+        out = torch.func.functional_call(kernel, dict(zip(names, params)), (x1, x2), {"diag": diag})
+        return out if isinstance(out, Tensor) else out.to_dense()
+
+
+def block_rows(n: int, batch: int, dtype: torch.dtype) -> int:
+    """Rows of one product block for an ``n``-column kernel matrix with ``batch`` batch members."""
+    budget = _config.current().memory_budget // BUDGET_SHARE
+    per_row = batch * n * dtype.itemsize
+    if per_row > budget:
+        raise MemoryError(
+            f"memory_budget: {_config.current().memory_budget} bytes leave {budget} for one block of a "
+            f"matrix-free kernel product, less than one row ({per_row} bytes, n = {n}); raise "
+            f"structgp.settings(memory_budget=...) to at least {per_row * BUDGET_SHARE}"
+        )
+    return max(1, min(budget // per_row, MAX_BLOCK_ENTRIES // max(1, batch * n), n))
+
+
+def _check_backend(op: KernelOperator) -> None:
+    if op.backend not in ("torch", "keops"):
+        raise ValueError(f"backend: expected 'torch' or 'keops', got {op.backend!r}")
+    if op.backend == "torch":
+        return
+    if not keops_available():
+        raise ImportError("backend='keops' needs pykeops: pip install 'structgp[keops]' (or use backend='torch')")
+    if op.x.dim() != 2 or keops_formula(op.kernel, op.names, op.params) is None:
+        raise ValueError(
+            f"backend: KeOps cannot express {type(op.kernel).__name__} on inputs {tuple(op.x.shape)} (it takes "
+            "unbatched RBF and Matern kernels, optionally scaled); use backend='torch'"
+        )
+
+
+def _check_x(x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor (..., n, d), got {type(x).__name__}")
+    if x.layout != torch.strided or x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x: expected a dense float32/float64 tensor (..., n, d), got {x.dtype}, {x.layout}")
+    if x.dim() < 2 or x.shape[-2] == 0:
+        raise ValueError(f"x: expected a non-empty (..., n, d) tensor, got shape {tuple(x.shape)}")
+    if value_checks_enabled(x) and not bool(torch.isfinite(x).all()):
+        raise ValueError("x: expected finite inputs (found NaN or Inf)")
+    return x
+
+
+class _BlockProduct(torch.autograd.Function):
+    """``k(x, x) @ rhs`` by row blocks; backward recomputes each block (see the module docstring)."""
+
+    @staticmethod
+    def forward(spec: tuple, rhs: Tensor, x: Tensor, *params: Tensor) -> Tensor:
+        kernel, names, rows = spec
+        return _blocked(lambda b: evaluate_kernel(kernel, names, params, x[..., b, :], x), rhs, x.shape[-2], rows)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        spec, rhs, x, *params = inputs
+        ctx.spec = spec
+        ctx.save_for_backward(rhs, x, *params)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        kernel, names, rows = ctx.spec
+        rhs, x, *params = ctx.saved_tensors
+        n = x.shape[-2]
+        with torch.no_grad():
+            grad_rhs = None
+            if ctx.needs_input_grad[1]:
+                grad_rhs = _blocked(lambda b: evaluate_kernel(kernel, names, params, x[..., b, :], x), grad, n, rows)
+                grad_rhs = _sum_to(grad_rhs, rhs.shape)
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
+        grad_params = [torch.zeros_like(p) if ctx.needs_input_grad[3 + i] else None for i, p in enumerate(params)]
+        if grad_x is not None or any(g is not None for g in grad_params):
+            for start in range(0, n, rows):
+                b = slice(start, min(start + rows, n))
+                weight = grad[..., b, :] @ rhs.mT  # (..., rows, n): d loss / d K[b, :]
+
+                def block(xx: Tensor, *pp: Tensor, b: slice = b) -> Tensor:
+                    return evaluate_kernel(kernel, names, pp, xx[..., b, :], xx)
+
+                _, pull = torch.func.vjp(block, x, *params)
+                pulled = pull(_sum_to(weight, _block_shape(kernel, names, params, x, b)))
+                if grad_x is not None:
+                    grad_x = grad_x + pulled[0]
+                grad_params = [g if g is None else g + d for g, d in zip(grad_params, pulled[1:])]
+        return (None, grad_rhs, grad_x, *grad_params)
+
+
+def _blocked(block, rhs: Tensor, n: int, rows: int) -> Tensor:
+    """``K @ rhs`` with ``K[b, :]`` from ``block(b)``, one row block at a time."""
+    parts = []
+    for start in range(0, n, rows):
+        parts.append(block(slice(start, min(start + rows, n))) @ rhs)
+    return torch.cat(parts, dim=-2)
+
+
+def _block_shape(kernel, names, params, x: Tensor, b: slice) -> torch.Size:
+    """The shape of ``k(x[b], x)`` (its batch dims come from the kernel and ``x``)."""
+    batch = torch.broadcast_shapes(x.shape[:-2], kernel.batch_shape)
+    return batch + (b.stop - b.start, x.shape[-2])
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t`` summed over the leading dims it has beyond ``shape`` (a broadcast's gradient)."""
+    extra = t.dim() - len(shape)
+    if extra > 0:
+        t = t.sum(dim=tuple(range(extra)))
+    keep = [i for i, (a, s) in enumerate(zip(t.shape, shape)) if s == 1 and a != 1]
+    return t.sum(dim=keep, keepdim=True) if keep else t
