@@ -14,8 +14,15 @@ gradients are the right ones (with ``x``, ``u``, ``v_i = P^{-1} z_i`` detached):
     inv_quad:  b.x + g - g.detach(),         g = 2 b.x - x^T A x: value b^T A^{-1} b up to x.r (r the CG
                                              residual; g's own value would cancel catastrophically in
                                              float32); d = 2 x.db - x^T dA x, the exact derivative at x
-    logdet:    est + g - g.detach(),         g = mean_i u_i^T A v_i;  d = mean_i u_i^T dA v_i, an unbiased
-                                             Hutchinson estimate of tr(A^{-1} dA), as E[z z^T] = P
+    logdet:    est + g - g.detach(),         g = log det P(theta) + mean_i (u_i^T A v_i - v_i^T P(theta) v_i);
+                                             d = tr(P^{-1} dP) + mean_i (u_i^T dA v_i - v_i^T dP v_i), an
+                                             unbiased estimate of tr(A^{-1} dA) (E[z z^T] = P) with the
+                                             preconditioner's exact log-det derivative as control variate
+                                             (:mod:`.control_variate`; P(theta) keeps the preconditioner's
+                                             pivots / eigenbases fixed). Preconditioners without a
+                                             differentiable form (``"none"``), or
+                                             ``settings(logdet_control_variate=False)``, give the plain
+                                             Hutchinson estimate mean_i u_i^T dA v_i
     solve:     x + S(b - A x),               S a custom autograd function (setup_context) with value 0 and
                                              backward a CG solve: d = A^{-1} (db - dA x)
 
@@ -65,6 +72,7 @@ from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.covariance.validation import host_readable
 from structgp.inference import report
 from structgp.inference.cg import CGResult, pcg
+from structgp.inference.control_variate import Family
 from structgp.inference.plan import Cost, Engine, describe, register, structurally_singular
 from structgp.inference.preconditioners import Preconditioner, build
 from structgp.inference.slq import slq_logdet
@@ -125,6 +133,7 @@ class _Run:
     v: Tensor | None  # P^{-1} z (..., n, p)
     logdet: Tensor | None  # float64 (...)
     solver: functools.partial  # rhs (..., n, c) -> CGResult, with the same operator and preconditioner
+    family: Family | None = None  # P(theta) of the preconditioner, for the gradient's control variate
 
 
 def _detached(op: Operator) -> Operator:
@@ -185,7 +194,8 @@ def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
             u, v = result.solution[..., c:], result.preconditioned_rhs[..., c:]
             logdet, stderr = slq_logdet(result, slice(c, None), precond.logdet())
     _record(result, precond, cfg, stderr)
-    return _Run(x, u, v, logdet, functools.partial(_solve_columns, det, precond, cfg))
+    family = precond.family if cfg.logdet_control_variate else None
+    return _Run(x, u, v, logdet, functools.partial(_solve_columns, det, precond, cfg), family)
 
 
 def _record(result: CGResult, precond: Preconditioner, cfg: _config.Settings, stderr: Tensor | None) -> None:
@@ -280,11 +290,17 @@ class ConjugateGradients(Engine):
 
 
 def _logdet_surrogate(op: Operator, run: _Run, a_v: Tensor | None) -> Tensor:
-    """``est + g - g.detach()`` with ``g = mean_i u_i^T A v_i`` (the Hutchinson gradient of the logdet)."""
+    """``est + g - g.detach()`` with ``g = mean_i u_i^T A v_i`` (the Hutchinson gradient of the logdet),
+    plus ``log det P(theta) - mean_i v_i^T P(theta) v_i`` where the preconditioner has a differentiable
+    family (its exact gradient as control variate, :mod:`.control_variate`)."""
     value = run.logdet
     if not _needs_grad(op):
         return value
     if a_v is None:
         a_v = op._matmul(run.v)
-    g = (run.u * a_v).sum(-2).mean(-1)
-    return value + (g - g.detach()).to(value.dtype)
+    g = (run.u * a_v).sum(-2).mean(-1).to(value.dtype)
+    if run.family is not None:
+        logdet_p, quad_p = run.family.terms(op, run.v, a_v)
+        cv = logdet_p - quad_p.mean(-1).to(value.dtype)
+        g = g + (cv if run.family.use is None else torch.where(run.family.use, cv, 0.0))
+    return value + (g - g.detach())

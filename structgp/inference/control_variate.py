@@ -1,0 +1,203 @@
+"""The preconditioner as a control variate of the Hutchinson gradient of ``log det A``.
+
+With probes ``z = R eps`` (``E[z z^T] = P``), ``u = A^{-1} z`` and ``v = P^{-1} z``,
+
+    tr(A^{-1} dA) = tr(P^{-1} dP) + E[u^T dA v - v^T dP v]
+
+for any ``P(theta)`` differentiable in the operator's tensors that equals, at the current ``theta``, the
+preconditioner PCG ran with (``E[v^T dP v] = tr(P^{-1} dP P^{-1} P)``). The first term is exact; the
+second has small variance wherever ``P ~ A`` and ``dP ~ dA`` (it is 0 for ``P = A``). A *family* here keeps
+a built preconditioner's discrete choices (pivots, eigenbases, ranks) and gives ``P(theta)`` for the
+operator with autograd:
+
+- :class:`NystromFamily`: the pivoted Cholesky preconditioner with its pivots ``S`` fixed,
+  ``P = C W^{-1} C^T + D`` with ``C = A[:, S]`` (through :func:`.pivoted_cholesky.column`),
+  ``W = A[S, S]``, ``D`` the noise (or what the low-rank part leaves of ``diag(A)``); ``log det P`` by the
+  determinant lemma, ``k x k`` Choleskys in float64.
+- :class:`SubspaceNystromFamily`: for the eigen preconditioners (deflated Kronecker, lifted latent eigen),
+  ``P = C W^{-1} C^T + D`` with ``C = L K U``, ``W = U^T K U`` over the fixed eigenvectors ``U`` of the base
+  ``K`` (``k`` products with the base).
+- :class:`KroneckerShiftFamily`: ``P = K + s I`` (``s`` the mean noise) for the Kronecker eigen
+  preconditioner: ``log det P = sum log(lambda + s)`` with the eigenvalues moved by the factors' Rayleigh
+  quotients (no ``eigh`` backward, so repeated eigenvalues are harmless) and ``v^T P v`` from ``A v``.
+
+Each family's ``logdet(op)`` has the value of the built ``log det P`` and the exact derivative of
+``log det P(theta)``; ``quad(op, v, a_v)`` is ``v^T P(theta) v`` per column ``(..., p)``, ``a_v = A v``
+the engine's differentiable product. Everything is plain torch operations (``torch.func`` and ``vmap``
+compose with them). Diagonal preconditioners (Jacobi) need none: with Rademacher probes
+``v^T dP v = sum_i dP_ii eps_i^2 / P_ii = tr(P^{-1} dP)`` exactly, so the two terms would cancel. The
+set-up costs ``n k^2`` flops for rank-``k`` families (what building the
+preconditioner costs) and ``k`` columns (Nystrom) or ``k`` products with the latent base (lifted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from structgp.covariance.kron import kron_vector
+from structgp.covariance.operator import Operator
+from structgp.inference.pivoted_cholesky import column
+
+
+class Family:
+    """``P(theta)`` for the operator of a built preconditioner (see the module). ``use`` ``(...)`` (bool) says
+    for which batch members the engine uses it (None: all); the preconditioner's builder sets it."""
+
+    use: Tensor | None = None
+
+    def logdet(self, op: Operator) -> Tensor:
+        """``log det P(theta)`` ``(...)``, float64."""
+        raise NotImplementedError
+
+    def quad(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
+        """``v_i^T P(theta) v_i`` ``(..., p)`` for detached ``v`` ``(..., n, p)``; ``a_v = A v``."""
+        raise NotImplementedError
+
+    def terms(self, op: Operator, v: Tensor, a_v: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logdet, quad)`` in one go (families whose two share a set-up compute it once)."""
+        return self.logdet(op), self.quad(op, v, a_v)
+
+
+def _noise(op: Operator) -> Tensor:
+    return op.noise.diagonal().expand(*op.batch_shape, op.n)
+
+
+def _diagonal(op: Operator) -> Tensor:
+    return op.diagonal().expand(*op.batch_shape, op.n)
+
+
+def _low_rank_logdet(factor: Tensor, d: Tensor) -> Tensor:
+    """``log det(F F^T + diag(d))`` ``(...)`` for ``F`` ``(..., n, k)``: determinant lemma, float64."""
+    white = factor.double() * d.double().rsqrt().unsqueeze(-1)
+    eye = torch.eye(factor.shape[-1], dtype=torch.float64, device=factor.device)
+    chol = torch.linalg.cholesky(eye + white.mT @ white)
+    return d.double().log().sum(-1) + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+def _diag_quad(d: Tensor, v: Tensor) -> Tensor:
+    return (d.unsqueeze(-1) * v.square()).sum(-2)
+
+
+def _low_rank_quad(factor: Tensor, d: Tensor, v: Tensor) -> Tensor:
+    """``v_i^T (F F^T + diag(d)) v_i`` ``(..., p)``, float64."""
+    v64 = v.double()
+    return _diag_quad(d, v64) + (factor.mT @ v64).square().sum(-2)
+
+
+class NystromFamily(Family):
+    """``P = C W^{-1} C^T + D`` over the pivots ``(..., k)`` where ``active`` ``(..., k)`` (inactive ones are
+    dropped: zero columns of ``C``, unit rows of ``W``); ``C`` and ``W`` are read from ``op.base`` where
+    ``noise`` (then ``D`` is the noise), else from ``op`` (``D = diag(A) - diag(C W^{-1} C^T)``); ``D`` is
+    at least ``floor`` ``(..., 1)``, as in the built preconditioner."""
+
+    def __init__(self, pivots: Tensor, active: Tensor, noise: bool, floor: Tensor) -> None:
+        self.pivots, self.active, self.noise, self.floor = pivots, active, noise, floor
+
+    def _parts(self, op: Operator) -> tuple[Tensor, Tensor]:
+        """``(F = C L_W^{-T} (..., n, k), D (..., n))``, float64."""
+        source = op.base if self.noise else op
+        mask = self.active.to(torch.float64)
+        # one column per pivot: the pivot index's leading dimension is a batch dimension of ``column``
+        cols = column(source, self.pivots.movedim(-1, 0)).movedim(0, -1)  # (..., n, k)
+        cols = cols.double() * mask.unsqueeze(-2)
+        k = self.pivots.shape[-1]
+        index = self.pivots.unsqueeze(-1).expand(*self.pivots.shape, k)
+        w = cols.expand(*index.shape[:-2], *cols.shape[-2:]).gather(-2, index)  # A[S, S] (..., k, k)
+        w = w * mask.unsqueeze(-1) + torch.diag_embed(1 - mask)
+        chol = torch.linalg.cholesky((w + w.mT) / 2)
+        factor = torch.linalg.solve_triangular(chol, cols.mT, upper=False).mT
+        if self.noise:
+            d = _noise(op).double()
+        else:
+            d = _diagonal(op).double() - factor.square().sum(-1)
+        return factor, torch.maximum(d, self.floor.double())
+
+    def logdet(self, op: Operator) -> Tensor:
+        return _low_rank_logdet(*self._parts(op))
+
+    def quad(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
+        return _low_rank_quad(*self._parts(op), v)
+
+    def terms(self, op: Operator, v: Tensor, a_v: Tensor) -> tuple[Tensor, Tensor]:
+        factor, d = self._parts(op)
+        return _low_rank_logdet(factor, d), _low_rank_quad(factor, d, v)
+
+
+class SubspaceNystromFamily(Family):
+    """``P = C W^{-1} C^T + D`` for the eigen preconditioners ``P_0 = (L U) diag(lam) (L U)^T + D``: the
+    eigenvectors ``U`` ``(..., m, k)`` of a base ``K`` fixed, ``C = L K U`` and ``W = U^T K U`` moved with
+    ``K`` from their built values ``L U diag(lam)`` and ``diag(lam)`` (so ``P(theta_0) = P_0`` also for
+    inexact eigenpairs). ``base(op)`` is ``K`` (an operator on ``U``'s rows), ``lift(op)`` maps
+    ``(..., m, k)`` to the operator's rows (``L``; the identity where ``K`` is ``op``'s own base), ``D`` the
+    noise. At ``theta_0``, ``dP = dK - (I - U U^T) dK (I - U U^T)`` (for ``L = I``): only the derivative's
+    part outside the subspace is left to the probes. Eigenvalues at or below ``1e-10`` of the largest are
+    dropped (unit rows of ``W``, zero columns of ``C``): their columns of ``P_0`` are rounding noise."""
+
+    def __init__(
+        self,
+        vectors: Tensor,
+        values: Tensor,
+        base: Callable[[Operator], Operator],
+        lift: Callable[[Operator, Tensor], Tensor],
+    ) -> None:
+        self.vectors, self.values = vectors.double(), values.double()
+        self.base, self.lift = base, lift
+        self.mask = (self.values > 1e-10 * self.values.amax(-1, keepdim=True)).double()
+
+    def _factor(self, op: Operator) -> Tensor:
+        """``F = C L_W^{-T}`` ``(..., n, k)``, float64."""
+        k_op = self.base(op)
+        u = self.vectors
+        ku = k_op._matmul(u.to(k_op.dtype)).double()  # K U (..., m, k)
+        w = u.mT @ ku
+        w = (w - w.detach()) * self.mask.unsqueeze(-1) * self.mask.unsqueeze(-2)
+        w = w + torch.diag_embed(self.values * self.mask + 1 - self.mask)
+        lifted = self.lift(op, ku).double()
+        c = self.lift(op, u * self.values.unsqueeze(-2)).double() + (lifted - lifted.detach())
+        c = c * self.mask.unsqueeze(-2)
+        chol = torch.linalg.cholesky((w + w.mT) / 2)
+        return torch.linalg.solve_triangular(chol, c.mT, upper=False).mT
+
+    def logdet(self, op: Operator) -> Tensor:
+        return _low_rank_logdet(self._factor(op), _noise(op).double())
+
+    def quad(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
+        return _low_rank_quad(self._factor(op), _noise(op).double(), v)
+
+    def terms(self, op: Operator, v: Tensor, a_v: Tensor) -> tuple[Tensor, Tensor]:
+        factor, d = self._factor(op), _noise(op).double()
+        return _low_rank_logdet(factor, d), _low_rank_quad(factor, d, v)
+
+
+def kronecker_rayleigh(vectors: list[Tensor]) -> Callable[[Operator], Tensor]:
+    """For ``op = Kronecker + noise`` and fixed factor eigenvectors ``Q_i``: the Rayleigh quotients of all
+    ``N`` product eigenvectors, ``diag(Q_1^T K_1 Q_1) (x) ...`` ``(..., N)`` (``sum n_i^3`` flops)."""
+
+    def rayleigh(op: Operator) -> Tensor:
+        parts = [(q * f._matmul(q.to(f.dtype)).to(q.dtype)).sum(-2) for f, q in zip(op.base.factors, vectors)]
+        return kron_vector(parts)
+
+    return rayleigh
+
+
+class KroneckerShiftFamily(Family):
+    """``P = K + s I`` for ``op = K + noise``, ``s`` the noise's mean: ``spectrum`` ``(..., N)`` the built
+    ``lambda + s`` and ``vectors`` the factors' eigenvectors (fixed)."""
+
+    def __init__(self, vectors: list[Tensor], spectrum: Tensor) -> None:
+        self.rayleigh = kronecker_rayleigh([q.double() for q in vectors])
+        self.spectrum = spectrum.double()
+
+    def logdet(self, op: Operator) -> Tensor:
+        # value sum log(lambda + s); gradient sum (d lambda + ds) / (lambda + s), d lambda the Rayleigh moves
+        moved = self.rayleigh(op) + _noise(op).double().mean(-1, keepdim=True)
+        return self.spectrum.log().sum(-1) + ((moved - moved.detach()) / self.spectrum).sum(-1)
+
+    def quad(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
+        # v^T (K + s I) v = v^T A v - v^T D v + s v^T v, from the engine's product A v
+        noise = _noise(op)
+        shift = noise.mean(-1, keepdim=True).unsqueeze(-1)
+        return (v * a_v).sum(-2) + ((shift - noise.unsqueeze(-1)) * v.square()).sum(-2)
