@@ -60,6 +60,11 @@ class Family:
         """``(logdet, quad)`` in one go (families whose two share a set-up compute it once)."""
         return self.logdet(op), self.quad(op, v, a_v)
 
+    def noise_direction(self, noise: Tensor) -> Tensor:
+        """The diagonal of ``dP`` ``(..., n)`` when every noise variance ``noise`` ``(..., n)`` grows by the
+        same factor (``d / d log s``): the noise itself where ``P`` holds it."""
+        return noise
+
 
 def _noise(op: Operator) -> Tensor:
     return op.noise.diagonal().expand(*op.batch_shape, op.n)
@@ -195,6 +200,9 @@ class KroneckerShiftFamily(Family):
         # value sum log(lambda + s); gradient sum (d lambda + ds) / (lambda + s), d lambda the Rayleigh moves
         moved = self.rayleigh(op) + _noise(op).double().mean(-1, keepdim=True)
         return self.spectrum.log().sum(-1) + ((moved - moved.detach()) / self.spectrum).sum(-1)
+
+    def noise_direction(self, noise: Tensor) -> Tensor:
+        return noise.mean(-1, keepdim=True).expand_as(noise)
 
     def quad(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
         # v^T (K + s I) v = v^T A v - v^T D v + s v^T v, from the engine's product A v

@@ -189,16 +189,39 @@ def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
         result = _solve_columns(det, precond, cfg, torch.cat(columns, dim=-1))
         c = 0 if rhs is None else rhs.shape[-1]
         x = result.solution[..., :c] if rhs is not None else None
-        u = v = logdet = stderr = None
+        u = v = logdet = stderr = noise_stderr = None
+        family = precond.family if cfg.logdet_control_variate else None
         if probes:  # v = P^{-1} z is PCG's first preconditioned residual of the probe columns
             u, v = result.solution[..., c:], result.preconditioned_rhs[..., c:]
             logdet, stderr = slq_logdet(result, slice(c, None), precond.logdet())
-    _record(result, precond, cfg, stderr)
-    family = precond.family if cfg.logdet_control_variate else None
+            noise_stderr = _noise_direction_stderr(det, family, u, v)
+    _record(result, precond, cfg, stderr, noise_stderr)
     return _Run(x, u, v, logdet, functools.partial(_solve_columns, det, precond, cfg), family)
 
 
-def _record(result: CGResult, precond: Preconditioner, cfg: _config.Settings, stderr: Tensor | None) -> None:
+def _noise_direction_stderr(op: Operator, family: Family | None, u: Tensor, v: Tensor) -> Tensor | None:
+    """Standard error ``(...)`` of the engine's ``d log det A / d log s`` (every noise variance scaled by
+    ``s``; ``dA = D``) from its per-probe terms ``u_i^T D v_i - v_i^T dP v_i`` (the control variate's part
+    where it is used; ``tr(P^{-1} dP)`` is exact): a measured standard error of the log-det gradient
+    along one direction, for operators with a noise term. Other directions (lengthscales) would need
+    per-probe derivatives, which the single backward pass does not give."""
+    if not isinstance(op, AddedDiagonal) or u.shape[-1] < 2:
+        return None
+    noise = op.noise.diagonal().expand(*op.batch_shape, op.n).unsqueeze(-1)
+    terms = (u * noise * v).sum(-2)
+    if family is not None:
+        cv = (family.noise_direction(noise.squeeze(-1)).unsqueeze(-1) * v.square()).sum(-2)
+        terms = terms - (cv if family.use is None else torch.where(family.use.unsqueeze(-1), cv, 0.0))
+    return terms.std(-1) / terms.shape[-1] ** 0.5
+
+
+def _record(
+    result: CGResult,
+    precond: Preconditioner,
+    cfg: _config.Settings,
+    stderr: Tensor | None,
+    noise_stderr: Tensor | None = None,
+) -> None:
     rep = report.current_report()
     if rep is None or not host_readable(result.residual):
         return  # under vmap the iterations and residual cannot be read: the report keeps no numbers
@@ -207,6 +230,8 @@ def _record(result: CGResult, precond: Preconditioner, cfg: _config.Settings, st
     rep.notes.append(f"preconditioner {precond.describe()}")
     if stderr is not None:
         rep.notes.append(f"{cfg.num_probes} probes, logdet standard error {float(stderr.max()):.3g}")
+    if noise_stderr is not None:
+        rep.notes.append(f"d logdet / d log(noise) standard error {float(noise_stderr.max()):.3g}")
 
 
 def _needs_grad(op: Operator, *tensors: Tensor) -> bool:
