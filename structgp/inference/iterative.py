@@ -32,21 +32,23 @@ every tensor the operator was built from, reuse the forward solves, and compose 
 function for ``inv_quad_logdet``: a custom function would have to take the operator's leaves as inputs
 and compute their vector-Jacobian products itself, which is what autograd already does for the one product
 above. Second derivatives are not supported (the solve's
-backward is once-differentiable; the others differentiate only the last product).
+backward is once-differentiable; the others differentiate only the last product and the control variate's
+first-order forms).
 
-``torch.func.vmap``. Design: the same code runs, with every host read made conditional (values are read
-only where :func:`host_readable` says so: not under vmap or compile; ``torch.func.grad`` and ``jvp``
-allow reads, so under them PCG and pivoted Cholesky stop early as they do outside). Under vmap PCG runs a
-fixed ``max_iter`` iterations with the masked per-column updates it already uses (converged columns get
-``alpha = beta = 0``), the pivoted Cholesky preconditioner runs all its steps and gives a member that would
-have stopped zero columns, and the probes are drawn outside the transform (so every member sees the probes
-a call outside vmap would). Each member therefore gets the values and gradients of a Python loop, up to
-rounding. The cost: every member pays ``max_iter`` iterations (keep ``max_iter`` near what the problem
-needs), the residual is computed but cannot be inspected (no ``CGConvergenceWarning`` under vmap;
-``sg.last_report()`` records no iterations or residual), and steps that choose by values (the Kronecker
-deflation rank of ``preconditioner="auto"``) raise a clear error. The alternative, a custom function whose
-``vmap`` rule moves the vmapped dimension into the operator's batch dimensions, would have to take the
-operator's leaves as inputs and write their backward by hand (see above).
+``torch.func.vmap``. Design: the same code runs, with every host read made conditional (values are read only
+where :func:`host_readable` says so: not under vmap or compile; ``torch.func.grad`` and ``jvp`` allow reads,
+so under them PCG and pivoted Cholesky stop early as they do outside). Under vmap PCG runs a fixed
+``max_iter`` iterations with the masked per-column updates it already uses (converged columns get ``alpha =
+beta = 0``), the pivoted Cholesky preconditioner runs all its steps and gives a member that would have
+stopped zero columns (the control variate's Nystrom form drops those pivots, and whether a member uses the
+control variate is a per-member ``torch.where``), and the probes are drawn outside the transform (so every
+member sees the probes a call outside vmap would). Each member therefore gets the values and gradients of a
+Python loop, up to rounding. The cost: every member pays ``max_iter`` iterations (keep ``max_iter`` near
+what the problem needs), the residual is computed but cannot be inspected (no ``CGConvergenceWarning`` under
+vmap; ``sg.last_report()`` records no iterations or residual), and steps that choose by values (the
+Kronecker deflation rank of ``preconditioner="auto"``) raise a clear error. The alternative, a custom
+function whose ``vmap`` rule moves the vmapped dimension into the operator's batch dimensions, would have to
+take the operator's leaves as inputs and write their backward by hand (see above).
 Outside vmap nothing changes: the conditional reads all happen and the arithmetic is the same.
 """
 

@@ -42,6 +42,8 @@ def _(op: Dense, index: Tensor) -> Tensor:
     # advanced indexing rather than a gather on the matrix expanded to the index's batch: its backward
     # accumulates into the matrix's own shape (a gather's would allocate one n x n matrix per index)
     batch = torch.broadcast_shapes(op.batch_shape, index.shape)
+    if op.matrix.dim() == 2:  # index_select: its backward is an index_add (faster than index_put's)
+        return op.matrix.index_select(0, index.reshape(-1)).reshape(*index.shape, op.n)
     members = op.matrix.shape[:-2]
     flat = op.matrix.reshape(-1, op.n, op.n)
     which = torch.arange(flat.shape[0], device=index.device).reshape(members)

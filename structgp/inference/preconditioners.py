@@ -4,7 +4,11 @@ Each one applies ``P^{-1}`` (for PCG), knows ``log det P`` exactly (the control 
 :mod:`.slq`) and multiplies by a square root ``R`` (the probes are ``z = R eps``, Rademacher ``eps``).
 ``R`` is the symmetric root where that is cheap: then ``R^{-1} A R^{-T}`` is near-diagonal wherever ``P``
 is, and Rademacher probes are exact on the diagonal. All set-up runs without autograd: the gradients of
-the iterative engine are unbiased for any ``P`` (:mod:`.iterative`).
+the iterative engine are unbiased for any ``P`` (:mod:`.iterative`). The low-rank and Kronecker ones also
+carry a ``family``, ``P`` as a differentiable function of the operator with their pivots / eigenvectors
+fixed, whose exact log-det derivative is the control variate of the engine's gradient
+(:mod:`.control_variate`; used per batch member where the low-rank part leaves out at most
+``CV_MAX_REMAINDER`` times the noise on the diagonal).
 
 - :class:`Identity`: ``P = I``.
 - :class:`Jacobi`: ``P = diag(A)``.
