@@ -81,6 +81,21 @@ def test_nystrom_family_with_noise():
     check_family(make, dense_p, [ell, noise], {}, NystromFamily)
 
 
+def test_nystrom_family_gradcheck():
+    """With its pivots fixed the Nystrom family is a smooth function of the operator (not a first-order
+    surrogate): its log det and quadratic form pass gradcheck."""
+    x = torch.rand(30, dtype=F64, generator=torch.Generator().manual_seed(12))
+    v = torch.randn(30, 2, dtype=F64, generator=torch.Generator().manual_seed(13))
+    family = built(Dense(rbf(x, 0.2)) + ScaledIdentity(0.05, 30), precond_rank=6).family
+
+    def fn(ell, noise):
+        op = Dense(rbf(x, ell)) + ScaledIdentity(noise, 30)
+        return family.logdet(op), family.quad(op, v, op._matmul(v))
+
+    leaves = (torch.tensor(0.2, dtype=F64, requires_grad=True), torch.tensor(0.05, dtype=F64, requires_grad=True))
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
 def test_nystrom_family_without_noise_keeps_the_remainder_diagonal():
     x = torch.rand(60, dtype=F64, generator=torch.Generator().manual_seed(1))
     ell = torch.tensor(0.1, dtype=F64, requires_grad=True)
