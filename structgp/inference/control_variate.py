@@ -39,6 +39,7 @@ from torch import Tensor
 
 from structgp.covariance.kron import kron_vector
 from structgp.covariance.operator import Operator
+from structgp.covariance.sparse_lifted import Lift
 from structgp.inference.pivoted_cholesky import column
 
 
@@ -48,17 +49,10 @@ class Family:
 
     use: Tensor | None = None
 
-    def logdet(self, op: Operator) -> Tensor:
-        """``log det P(theta)`` ``(...)``, float64."""
+    def control_variate(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
+        """``log det P(theta) - mean_i v_i^T P(theta) v_i`` ``(...)`` for detached ``v`` ``(..., n, p)``
+        (``a_v = A v``), float64; only its gradient at the current ``theta`` is used."""
         raise NotImplementedError
-
-    def quad(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
-        """``v_i^T P(theta) v_i`` ``(..., p)`` for detached ``v`` ``(..., n, p)``; ``a_v = A v``."""
-        raise NotImplementedError
-
-    def terms(self, op: Operator, v: Tensor, a_v: Tensor) -> tuple[Tensor, Tensor]:
-        """``(logdet, quad)`` in one go (families whose two share a set-up compute it once)."""
-        return self.logdet(op), self.quad(op, v, a_v)
 
     def noise_direction(self, noise: Tensor) -> Tensor:
         """The diagonal of ``dP`` ``(..., n)`` when every noise variance ``noise`` ``(..., n)`` grows by the
@@ -92,7 +86,22 @@ def _low_rank_quad(factor: Tensor, d: Tensor, v: Tensor) -> Tensor:
     return _diag_quad(d, v64) + (factor.mT @ v64).square().sum(-2)
 
 
-class NystromFamily(Family):
+class _ExactFamily(Family):
+    """A family that evaluates ``log det P(theta)`` and ``v^T P(theta) v`` themselves (smooth functions)."""
+
+    def logdet(self, op: Operator) -> Tensor:
+        """``log det P(theta)`` ``(...)``, float64."""
+        raise NotImplementedError
+
+    def quad(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
+        """``v_i^T P(theta) v_i`` ``(..., p)``; ``a_v = A v``."""
+        raise NotImplementedError
+
+    def control_variate(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
+        return self.logdet(op) - self.quad(op, v, a_v).double().mean(-1)
+
+
+class NystromFamily(_ExactFamily):
     """``P = C W^{-1} C^T + D`` over the pivots ``(..., k)`` where ``active`` ``(..., k)`` (inactive ones are
     dropped: zero columns of ``C``, unit rows of ``W``); ``C`` and ``W`` are read from ``op.base`` where
     ``noise`` (then ``D`` is the noise), else from ``op`` (``D = diag(A) - diag(C W^{-1} C^T)``); ``D`` is
@@ -126,55 +135,80 @@ class NystromFamily(Family):
     def quad(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
         return _low_rank_quad(*self._parts(op), v)
 
-    def terms(self, op: Operator, v: Tensor, a_v: Tensor) -> tuple[Tensor, Tensor]:
-        factor, d = self._parts(op)
-        return _low_rank_logdet(factor, d), _low_rank_quad(factor, d, v)
+    def control_variate(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
+        factor, d = self._parts(op)  # once for both terms
+        return _low_rank_logdet(factor, d) - _low_rank_quad(factor, d, v).mean(-1)
 
 
 class SubspaceNystromFamily(Family):
-    """``P = C W^{-1} C^T + D`` for the eigen preconditioners ``P_0 = (L U) diag(lam) (L U)^T + D``: the
-    eigenvectors ``U`` ``(..., m, k)`` of a base ``K`` fixed, ``C = L K U`` and ``W = U^T K U`` moved with
-    ``K`` from their built values ``L U diag(lam)`` and ``diag(lam)`` (so ``P(theta_0) = P_0`` also for
-    inexact eigenpairs). ``base(op)`` is ``K`` (an operator on ``U``'s rows), ``lift(op)`` maps
-    ``(..., m, k)`` to the operator's rows (``L``; the identity where ``K`` is ``op``'s own base), ``D`` the
-    noise. At ``theta_0``, ``dP = dK - (I - U U^T) dK (I - U U^T)`` (for ``L = I``): only the derivative's
-    part outside the subspace is left to the probes. Eigenvalues at or below ``1e-10`` of the largest are
-    dropped (unit rows of ``W``, zero columns of ``C``): their columns of ``P_0`` are rounding noise."""
+    """``P = C W^{-1} C^T + D`` for the eigen preconditioners ``P_0 = F F^T + D``, ``F = L U diag(lam)^{1/2}``:
+    the eigenvectors ``U`` ``(..., m, k)`` of a base ``K`` fixed, ``C = L K U`` and ``W = U^T K U`` moved
+    with ``K`` (and ``L``) from ``L U diag(lam)`` and ``diag(lam)`` (so ``P(theta_0) = P_0`` also for
+    inexact eigenpairs). At ``theta_0``, ``C_0 W_0^{-1} = L U =: B`` and
+
+        dP = dC B^T + B dC^T - B dW B^T + dD,   dC = L dK U + dL K U,   dW = U^T dK U,
+
+    so with ``G = P^{-1} B``, ``H = B^T P^{-1} B`` and ``a_i = B^T v_i`` (all fixed, from the built
+    preconditioner's ``k x k`` spectrum and one ``n k^2`` product) the control variate's gradient is that of
+
+        <L^T (2 G - mean_i 2 v_i a_i^T) - U (H - mean_i a_i a_i^T), K U> + <diag(P^{-1}) - mean_i v_i^2, D>
+        + <2 G - mean_i 2 v_i a_i^T, L (K U)_0>
+
+    with only ``K U`` (``k`` products with the base), ``D`` and ``L`` differentiated: no ``n k^2`` work
+    under autograd. ``base(op)`` is ``K``, ``lift(op)`` the sparse ``L`` (None: the identity, for a
+    Kronecker base of ``op`` itself), ``D`` is the noise. Eigenvalues at or below ``1e-10`` of the largest
+    are left out of ``B`` (their part of ``P`` stays fixed)."""
 
     def __init__(
         self,
         vectors: Tensor,
         values: Tensor,
+        precond,
         base: Callable[[Operator], Operator],
-        lift: Callable[[Operator, Tensor], Tensor],
+        lift: Callable[[Operator], Lift | None],
     ) -> None:
-        self.vectors, self.values = vectors.double(), values.double()
+        self.vectors, self.values, self.precond = vectors, values, precond
         self.base, self.lift = base, lift
-        self.mask = (self.values > 1e-10 * self.values.amax(-1, keepdim=True)).double()
+        self._fixed: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _factor(self, op: Operator) -> Tensor:
-        """``F = C L_W^{-T}`` ``(..., n, k)``, float64."""
+    def _setup(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(G (..., n, k), H (..., k, k), diag(P^{-1}) (..., n))`` from the built ``P``, in its dtype."""
+        if self._fixed is None:
+            pre = self.precond
+            gram = pre.gram  # V = d^{-1/2} F, V^T V = W diag(s) W^T
+            s = gram.values
+            keep = self.values > 1e-10 * self.values.amax(-1, keepdim=True)
+            scale = torch.where(keep, self.values.clamp_min(torch.finfo(s.dtype).tiny).rsqrt(), 0.0).to(s.dtype)
+            z = gram.factor @ gram.vectors  # V W (..., n, k)
+            # P^{-1} F = d^{-1/2} V W diag(1 / (1 + s)) W^T; B = F diag(lam)^{-1/2}
+            g = pre.inv_sqrt.unsqueeze(-1) * ((z * pre.c_inv.unsqueeze(-2)) @ gram.vectors.mT) * scale.unsqueeze(-2)
+            h = (gram.vectors * (s * pre.c_inv).unsqueeze(-2)) @ gram.vectors.mT
+            h = scale.unsqueeze(-1) * h * scale.unsqueeze(-2)
+            p_inv_diag = pre.inv_sqrt.square() * (1 - (z.square() * pre.c_inv.unsqueeze(-2)).sum(-1))
+            self._b = gram.factor * (pre.sqrt.unsqueeze(-1) * scale.unsqueeze(-2))  # B = L U (kept columns)
+            self._fixed = (g, h, p_inv_diag)
+        return self._fixed
+
+    def control_variate(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
+        g, h, p_inv_diag = self._setup()
+        v = v.to(g.dtype)
+        a = self._b.mT @ v  # (..., k, p)
+        p = v.shape[-1]
+        m_c = 2 * (g - (v @ a.mT) / p)  # weight of C = L K U (..., n, k)
+        m_w = h - (a @ a.mT) / p  # weight of W = U^T K U (..., k, k)
         k_op = self.base(op)
-        u = self.vectors
-        ku = k_op._matmul(u.to(k_op.dtype)).double()  # K U (..., m, k)
-        w = u.mT @ ku
-        w = (w - w.detach()) * self.mask.unsqueeze(-1) * self.mask.unsqueeze(-2)
-        w = w + torch.diag_embed(self.values * self.mask + 1 - self.mask)
-        lifted = self.lift(op, ku).double()
-        c = self.lift(op, u * self.values.unsqueeze(-2)).double() + (lifted - lifted.detach())
-        c = c * self.mask.unsqueeze(-2)
-        chol = torch.linalg.cholesky((w + w.mT) / 2)
-        return torch.linalg.solve_triangular(chol, c.mT, upper=False).mT
-
-    def logdet(self, op: Operator) -> Tensor:
-        return _low_rank_logdet(self._factor(op), _noise(op).double())
-
-    def quad(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
-        return _low_rank_quad(self._factor(op), _noise(op).double(), v)
-
-    def terms(self, op: Operator, v: Tensor, a_v: Tensor) -> tuple[Tensor, Tensor]:
-        factor, d = self._factor(op), _noise(op).double()
-        return _low_rank_logdet(factor, d), _low_rank_quad(factor, d, v)
+        u = self.vectors.to(k_op.dtype)
+        ku = k_op._matmul(u)
+        lift = self.lift(op)
+        m_c = m_c.to(ku.dtype)
+        lt_m = m_c if lift is None else lift.tmatmul(m_c, lift.values.detach().to(m_c.dtype))  # L^T m_c (..., m, k)
+        weight = lt_m - u @ m_w.to(ku.dtype)
+        out = (weight * ku).sum((-2, -1)).double()
+        noise = _noise(op)
+        out = out + ((p_inv_diag.to(noise.dtype) - v.square().mean(-1).to(noise.dtype)) * noise).sum(-1).double()
+        if lift is not None and lift.values.requires_grad:  # the lift's own values are parameters
+            out = out + (m_c * lift.matmul(ku.detach())).sum((-2, -1)).double()
+        return out
 
 
 def kronecker_rayleigh(vectors: list[Tensor]) -> Callable[[Operator], Tensor]:
@@ -188,7 +222,7 @@ def kronecker_rayleigh(vectors: list[Tensor]) -> Callable[[Operator], Tensor]:
     return rayleigh
 
 
-class KroneckerShiftFamily(Family):
+class KroneckerShiftFamily(_ExactFamily):
     """``P = K + s I`` for ``op = K + noise``, ``s`` the noise's mean: ``spectrum`` ``(..., N)`` the built
     ``lambda + s`` and ``vectors`` the factors' eigenvectors (fixed)."""
 

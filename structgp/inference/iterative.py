@@ -327,7 +327,6 @@ def _logdet_surrogate(op: Operator, run: _Run, a_v: Tensor | None) -> Tensor:
         a_v = op._matmul(run.v)
     g = (run.u * a_v).sum(-2).mean(-1).to(value.dtype)
     if run.family is not None:
-        logdet_p, quad_p = run.family.terms(op, run.v, a_v)
-        cv = logdet_p - quad_p.mean(-1).to(value.dtype)
+        cv = run.family.control_variate(op, run.v, a_v).to(value.dtype)
         g = g + (cv if run.family.use is None else torch.where(run.family.use, cv, 0.0))
     return value + (g - g.detach())

@@ -53,7 +53,7 @@ from structgp._config import Settings
 from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.operator import Operator
-from structgp.covariance.sparse_lifted import SparseLifted
+from structgp.covariance.sparse_lifted import Lift, SparseLifted
 from structgp.covariance.sum import AddedDiagonal
 from structgp.inference.control_variate import (
     Family,
@@ -228,7 +228,7 @@ def kronecker_preconditioner(op: AddedDiagonal, cfg: Settings, mode: str) -> Pre
             top, index = lam.topk(rank, dim=-1)
             factor = eigenvector_columns(vectors, index, top.sqrt())
             precond = LowRankDiagonal(factor, noise, "deflated kronecker eigen + noise")
-            return _with_family(precond, _deflated_family(spectra_64.vectors, index, top))
+            return _with_family(precond, _deflated_family(spectra_64.vectors, index, top, precond))
     return _kronecker_eigen(spectra_64, lam, noise.mean(-1))
 
 
@@ -237,17 +237,19 @@ def _kronecker_eigen(spectra_64, lam: Tensor, shift: Tensor) -> Preconditioner:
     return _with_family(precond, KroneckerShiftFamily(spectra_64.vectors, precond.spectrum))
 
 
-def _deflated_family(vectors: list[Tensor], index: Tensor, top: Tensor) -> SubspaceNystromFamily:
+def _deflated_family(
+    vectors: list[Tensor], index: Tensor, top: Tensor, precond: LowRankDiagonal
+) -> SubspaceNystromFamily:
     """The top ``r`` Kronecker eigenvectors ``Q_r`` fixed: ``K Q_r (Q_r^T K Q_r)^{-1} Q_r^T K + D``."""
-    return SubspaceNystromFamily(eigenvector_columns(vectors, index), top, _base, _same)
+    return SubspaceNystromFamily(eigenvector_columns(vectors, index), top, precond, _base, _no_lift)
 
 
 def _base(op: Operator) -> Operator:
     return op.base
 
 
-def _same(op: Operator, x: Tensor) -> Tensor:
-    return x
+def _no_lift(op: Operator) -> None:
+    return None
 
 
 def pivoted_cholesky_preconditioner(op: Operator, rank: int) -> Preconditioner:
@@ -287,20 +289,16 @@ def lifted_eigen_preconditioner(op: AddedDiagonal, cfg: Settings) -> Preconditio
     factor = lifted.lift.matmul(u * lam.sqrt().unsqueeze(-2))  # sparse L times (n_in, k)
     precond = LowRankDiagonal(factor, noise, "lifted latent eigen + noise")
     remainder = lifted.diagonal().expand_as(noise) - factor.square().sum(-1)
-    return _with_family(precond, _lifted_family(u, lam), _close_enough(remainder, noise))
-
-
-def _lifted_family(u: Tensor, lam: Tensor) -> SubspaceNystromFamily:
-    """The latent eigenvectors ``U`` ``(..., n_in, k)`` fixed: ``L B U (U^T B U)^{-1} U^T B L^T + D``."""
-    return SubspaceNystromFamily(u, lam, _latent_base, _lift)
+    family = SubspaceNystromFamily(u, lam, precond, _latent_base, _lift)
+    return _with_family(precond, family, _close_enough(remainder, noise))
 
 
 def _latent_base(op: Operator) -> Operator:
     return op.base.base
 
 
-def _lift(op: Operator, x: Tensor) -> Tensor:
-    return op.base.lift.matmul(x.to(op.dtype))
+def _lift(op: Operator) -> Lift:
+    return op.base.lift
 
 
 def _is_lifted_sum(op: Operator) -> bool:

@@ -38,9 +38,10 @@ def grads(value, leaves):
 
 
 def check_family(make_op, dense_p, leaves, precond_kw, family_type, dtype=F64, rtol=1e-8):
-    """The family of the preconditioner built for ``make_op()``: value of log det P equals the built one,
-    the family's P at theta_0 is the built P (``P_built^{-1} P_dense = I``), and the gradients of log det P
-    and v^T P v equal those of ``dense_p(family)`` (a float64 dense ``P(theta)``)."""
+    """The family of the preconditioner built for ``make_op()``: its P at theta_0 is the built P
+    (``P_built^{-1} P_dense = I``), and the gradient of its control variate ``log det P - mean_i v_i^T P v_i``
+    equals that of ``dense_p(family)`` (a float64 dense ``P(theta)``); families that evaluate log det P
+    (all but the first-order subspace one) also give the built value and the gradients of each term."""
     op = make_op()
     precond = built(op, **precond_kw)
     family = precond.family
@@ -49,13 +50,17 @@ def check_family(make_op, dense_p, leaves, precond_kw, family_type, dtype=F64, r
     eye = torch.eye(op.n, dtype=F64)
     torch.testing.assert_close(precond.solve(p.detach().to(dtype)).double(), eye, rtol=0, atol=rtol * 1e3)
     v = torch.randn(op.n, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+    cv = family.control_variate(op, v.to(dtype), op._matmul(v.to(dtype)))
+    ref = torch.linalg.slogdet(p)[1] - (v * (p @ v)).sum(0).mean()
+    torch.testing.assert_close(grads(cv, leaves), grads(ref, leaves), rtol=rtol, atol=rtol)
+    if not hasattr(family, "logdet"):
+        return
     logdet = family.logdet(op)
     torch.testing.assert_close(logdet.detach(), precond.logdet().double(), rtol=rtol, atol=rtol)
     torch.testing.assert_close(logdet.detach(), torch.linalg.slogdet(p.detach())[1], rtol=rtol, atol=rtol)
     torch.testing.assert_close(grads(logdet, leaves), grads(torch.linalg.slogdet(p)[1], leaves), rtol=rtol, atol=rtol)
     quad = family.quad(op, v.to(dtype), op._matmul(v.to(dtype))).sum()
-    ref = (v * (dense_p(family) @ v)).sum()
-    torch.testing.assert_close(grads(quad, leaves), grads(ref, leaves), rtol=rtol, atol=rtol)
+    torch.testing.assert_close(grads(quad, leaves), grads((v * (p @ v)).sum(), leaves), rtol=rtol, atol=rtol)
 
 
 def nystrom_dense(a, family, noise=None):
@@ -182,8 +187,8 @@ def test_kronecker_shift_family_is_exact_with_repeated_eigenvalues():
 
 
 def subspace_dense(k, lift, family, noise):
-    """``L K U (U^T K U)^{-1} U^T K L^T + D`` over the family's kept eigenvectors."""
-    u = family.vectors[:, family.mask.bool()]
+    """``L K U (U^T K U)^{-1} U^T K L^T + D`` over the family's eigenvectors (none dropped here)."""
+    u = family.vectors.double()
     ku = k @ u
     return lift @ ku @ torch.linalg.solve(u.mT @ ku, ku.mT) @ lift.mT + torch.diag(noise)
 
@@ -203,21 +208,28 @@ def test_deflated_kronecker_family():
     check_family(make, dense_p, [*ells, d], {"preconditioner": "kronecker_deflated"}, SubspaceNystromFamily)
 
 
-def test_lifted_family():
+@pytest.mark.parametrize("lift_grad", [False, True])
+def test_lifted_family(lift_grad):
+    """Also with the lift's values as parameters (``dC = dL K U + L dK U``)."""
     g = 5
     lift = trilinear_lift(60, g, seed=6)
+    values = lift.values().clone().requires_grad_(lift_grad)
     x = torch.linspace(0, 1, g, dtype=F64)
     ells = [torch.tensor(v, dtype=F64, requires_grad=True) for v in (0.3, 0.4, 0.5)]
     noise = torch.tensor(0.02, dtype=F64, requires_grad=True)
 
+    def lift_of():
+        return torch.sparse_coo_tensor(lift.indices(), values, lift.shape)
+
     def make():
-        return SparseLifted(lift, Kronecker(*(rbf(x, e) for e in ells))) + ScaledIdentity(noise, 60)
+        return SparseLifted(lift_of(), Kronecker(*(rbf(x, e) for e in ells))) + ScaledIdentity(noise, 60)
 
     def dense_p(family):
         k = kron_dense([rbf(x, e) for e in ells])
-        return subspace_dense(k, lift.to_dense(), family, noise.expand(60))
+        return subspace_dense(k, lift_of().to_dense(), family, noise.expand(60))
 
-    check_family(make, dense_p, [*ells, noise], {"precond_rank": 20}, SubspaceNystromFamily, rtol=1e-7)
+    leaves = [*ells, noise] + ([values] if lift_grad else [])
+    check_family(make, dense_p, leaves, {"precond_rank": 20}, SubspaceNystromFamily, rtol=1e-7)
 
 
 # -- through the engine --------------------------------------------------------------------------------
