@@ -187,7 +187,7 @@ def test_kronecker_shift_family_is_exact_with_repeated_eigenvalues():
 
 
 def subspace_dense(k, lift, family, noise):
-    """``L K U (U^T K U)^{-1} U^T K L^T + D`` over the family's eigenvectors (none dropped here)."""
+    """``L K U (U^T K U)^{-1} U^T K L^T + D`` over the family's eigenvectors ``U``."""
     u = family.vectors.double()
     ku = k @ u
     return lift @ ku @ torch.linalg.solve(u.mT @ ku, ku.mT) @ lift.mT + torch.diag(noise)
