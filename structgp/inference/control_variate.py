@@ -4,11 +4,12 @@ With probes ``z = R eps`` (``E[z z^T] = P``), ``u = A^{-1} z`` and ``v = P^{-1} 
 
     tr(A^{-1} dA) = tr(P^{-1} dP) + E[u^T dA v - v^T dP v]
 
-for any ``P(theta)`` differentiable in the operator's tensors that equals, at the current ``theta``, the
-preconditioner PCG ran with (``E[v^T dP v] = tr(P^{-1} dP P^{-1} P)``). The first term is exact; the
-second has small variance wherever ``P ~ A`` and ``dP ~ dA`` (it is 0 for ``P = A``). A *family* here keeps
-a built preconditioner's discrete choices (pivots, eigenbases, ranks) and gives ``P(theta)`` for the
-operator with autograd:
+with ``P`` the preconditioner PCG ran with and any symmetric ``dP`` linear in ``d theta``
+(``E[v^T X v] = tr(P^{-1} X P^{-1} P)`` for every ``X``): the estimate is unbiased whatever ``dP`` is, and
+its variance is small wherever ``P ~ A`` and ``dP ~ dA`` (it is 0 for ``P = A``). The first term must be
+exact and cheap; the derivative of a ``P(theta)`` that equals the built preconditioner at the current
+``theta`` gives both. A *family* here keeps a built preconditioner's discrete choices (pivots, eigenbases,
+ranks) and gives ``P(theta)`` for the operator with autograd:
 
 - :class:`NystromFamily`: the pivoted Cholesky preconditioner with its pivots ``S`` fixed,
   ``P = C W^{-1} C^T + D`` with ``C = A[:, S]`` (through :func:`.pivoted_cholesky.column`),
@@ -16,23 +17,25 @@ operator with autograd:
   determinant lemma, ``k x k`` Choleskys in float64.
 - :class:`SubspaceNystromFamily`: for the eigen preconditioners (deflated Kronecker, lifted latent eigen),
   ``P = C W^{-1} C^T + D`` with ``C = L K U``, ``W = U^T K U`` over the fixed eigenvectors ``U`` of the base
-  ``K`` (``k`` products with the base).
+  ``K``, in a first-order form at the current ``theta`` (``k`` products with the base under autograd).
 - :class:`KroneckerShiftFamily`: ``P = K + s I`` (``s`` the mean noise) for the Kronecker eigen
   preconditioner: ``log det P = sum log(lambda + s)`` with the eigenvalues moved by the factors' Rayleigh
   quotients (no ``eigh`` backward, so repeated eigenvalues are harmless) and ``v^T P v`` from ``A v``.
 
-Each family's ``logdet(op)`` has the value of the built ``log det P`` and the exact derivative of
-``log det P(theta)``; ``quad(op, v, a_v)`` is ``v^T P(theta) v`` per column ``(..., p)``, ``a_v = A v``
-the engine's differentiable product. Everything is plain torch operations (``torch.func`` and ``vmap``
-compose with them). Diagonal preconditioners (Jacobi) need none: with Rademacher probes
-``v^T dP v = sum_i dP_ii eps_i^2 / P_ii = tr(P^{-1} dP)`` exactly, so the two terms would cancel. The
-set-up costs ``n k^2`` flops for rank-``k`` families (what building the
-preconditioner costs) and ``k`` columns (Nystrom) or ``k`` products with the latent base (lifted).
+Each family's ``control_variate(op, v, a_v)`` has the gradient of ``log det P(theta) - mean_i v_i^T
+P(theta) v_i`` at the current ``theta`` (``a_v = A v``, the engine's differentiable product). Everything is
+plain torch operations (``torch.func`` and ``vmap`` compose with them). Diagonal preconditioners (Jacobi)
+need none: with Rademacher probes ``v^T dP v = sum_i dP_ii eps_i^2 / P_ii = tr(P^{-1} dP)`` exactly, so the
+two terms would cancel. A fixed-coefficient control variate can add variance where ``P`` misses much of
+``A``: the builders gate the low-rank families (:mod:`.preconditioners`). Cost: ``O(n k^2)`` flops for
+rank-``k`` families (about what building the preconditioner costs) plus ``k`` columns (Nystrom) or ``k``
+products with the base (subspace) under autograd.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -41,6 +44,9 @@ from structgp.covariance.kron import kron_vector
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift
 from structgp.inference.pivoted_cholesky import column
+
+if TYPE_CHECKING:  # the preconditioners build the families
+    from structgp.inference.preconditioners import LowRankDiagonal
 
 
 class Family:
@@ -86,8 +92,9 @@ def _low_rank_quad(factor: Tensor, d: Tensor, v: Tensor) -> Tensor:
     return _diag_quad(d, v64) + (factor.mT @ v64).square().sum(-2)
 
 
-class _ExactFamily(Family):
-    """A family that evaluates ``log det P(theta)`` and ``v^T P(theta) v`` themselves (smooth functions)."""
+class _TwoTermFamily(Family):
+    """A family that evaluates ``log det P(theta)`` (its value, and its gradient at the current ``theta``)
+    and ``v^T P(theta) v`` separately."""
 
     def logdet(self, op: Operator) -> Tensor:
         """``log det P(theta)`` ``(...)``, float64."""
@@ -101,7 +108,7 @@ class _ExactFamily(Family):
         return self.logdet(op) - self.quad(op, v, a_v).double().mean(-1)
 
 
-class NystromFamily(_ExactFamily):
+class NystromFamily(_TwoTermFamily):
     """``P = C W^{-1} C^T + D`` over the pivots ``(..., k)`` where ``active`` ``(..., k)`` (inactive ones are
     dropped: zero columns of ``C``, unit rows of ``W``); ``C`` and ``W`` are read from ``op.base`` where
     ``noise`` (then ``D`` is the noise), else from ``op`` (``D = diag(A) - diag(C W^{-1} C^T)``); ``D`` is
@@ -149,7 +156,7 @@ class SubspaceNystromFamily(Family):
         dP = dC B^T + B dC^T - B dW B^T + dD,   dC = L dK U + dL K U,   dW = U^T dK U,
 
     so with ``G = P^{-1} B``, ``H = B^T P^{-1} B`` and ``a_i = B^T v_i`` (all fixed, from the built
-    preconditioner's ``k x k`` spectrum and one ``n k^2`` product) the control variate's gradient is that of
+    preconditioner's ``k x k`` spectrum and ``n k^2`` products) the control variate's gradient is that of
 
         <L^T (2 G - mean_i 2 v_i a_i^T) - U (H - mean_i a_i a_i^T), K U> + <diag(P^{-1}) - mean_i v_i^2, D>
         + <2 G - mean_i 2 v_i a_i^T, L (K U)_0>
@@ -164,13 +171,14 @@ class SubspaceNystromFamily(Family):
         self,
         vectors: Tensor,
         values: Tensor,
-        precond,
+        precond: LowRankDiagonal,
         base: Callable[[Operator], Operator],
         lift: Callable[[Operator], Lift | None],
     ) -> None:
         self.vectors, self.values, self.precond = vectors, values, precond
         self.base, self.lift = base, lift
         self._fixed: tuple[Tensor, Tensor, Tensor] | None = None
+        self._b: Tensor | None = None  # B = L U (..., n, k), with _fixed
 
     def _setup(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(G (..., n, k), H (..., k, k), diag(P^{-1}) (..., n))`` from the built ``P``, in its dtype: three
@@ -224,7 +232,7 @@ def kronecker_rayleigh(vectors: list[Tensor]) -> Callable[[Operator], Tensor]:
     return rayleigh
 
 
-class KroneckerShiftFamily(_ExactFamily):
+class KroneckerShiftFamily(_TwoTermFamily):
     """``P = K + s I`` for ``op = K + noise``, ``s`` the noise's mean: ``spectrum`` ``(..., N)`` the built
     ``lambda + s`` and ``vectors`` the factors' eigenvectors (fixed)."""
 
