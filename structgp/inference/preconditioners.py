@@ -55,11 +55,13 @@ from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift, SparseLifted
 from structgp.covariance.sum import AddedDiagonal
+from structgp.covariance.validation import host_readable
 from structgp.inference.control_variate import (
     Family,
     KroneckerShiftFamily,
     NystromFamily,
     SubspaceNystromFamily,
+    kronecker_products,
 )
 from structgp.inference.eigsh import eigsh
 from structgp.inference.gram_spectrum import gram_spectrum
@@ -241,7 +243,8 @@ def _deflated_family(
     vectors: list[Tensor], index: Tensor, top: Tensor, precond: LowRankDiagonal
 ) -> SubspaceNystromFamily:
     """The top ``r`` Kronecker eigenvectors ``Q_r`` fixed: ``K Q_r (Q_r^T K Q_r)^{-1} Q_r^T K + D``."""
-    return SubspaceNystromFamily(eigenvector_columns(vectors, index), top, precond, _base, _no_lift)
+    products = kronecker_products(_base, vectors, index)
+    return SubspaceNystromFamily(eigenvector_columns(vectors, index), top, precond, _base, _no_lift, products)
 
 
 def _base(op: Operator) -> Operator:
@@ -289,8 +292,21 @@ def lifted_eigen_preconditioner(op: AddedDiagonal, cfg: Settings) -> Preconditio
     factor = lifted.lift.matmul(u * lam.sqrt().unsqueeze(-2))  # sparse L times (n_in, k)
     precond = LowRankDiagonal(factor, noise, "lifted latent eigen + noise")
     remainder = lifted.diagonal().expand_as(noise) - factor.square().sum(-1)
-    family = SubspaceNystromFamily(u, lam, precond, _latent_base, _lift)
+    family = SubspaceNystromFamily(u, lam, precond, _latent_base, _lift, _kronecker_products(lifted.base, u))
     return _with_family(precond, family, _close_enough(remainder, noise))
+
+
+def _kronecker_products(base: Operator, u: Tensor):
+    """``K U`` by structure for a Kronecker latent base whose eigenvectors ``u`` ``(..., n_in, k)`` are its
+    top product eigenvectors (what :func:`eigsh` returns for it: checked here), else None (products)."""
+    if not isinstance(base, Kronecker) or base.is_diagonal or not host_readable(u):
+        return None
+    spectra = kronecker_spectra(base, psd=False)
+    index = spectra.eigenvalues().topk(u.shape[-1], dim=-1).indices
+    same = eigenvector_columns(spectra.vectors, index).to(u.dtype)
+    if same.shape != u.shape or not torch.allclose(same, u, rtol=0, atol=100 * torch.finfo(u.dtype).eps):
+        return None
+    return kronecker_products(_latent_base, spectra.vectors, index)
 
 
 def _latent_base(op: Operator) -> Operator:
