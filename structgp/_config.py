@@ -44,6 +44,9 @@ class Settings:
     preconditioner: preconditioner of conjugate gradients, one of ``PRECONDITIONERS``; ``"auto"`` picks
         one per structure (see ``structgp.inference.preconditioners``).
     seed: seed of every stochastic estimator (probes), so objectives are deterministic.
+    logdet_control_variate: whether the iterative engine's gradient of ``log det`` uses the
+        preconditioner's exact log-determinant derivative as a control variate (far smaller variance; off:
+        the plain Hutchinson estimate, for comparison).
     memory_budget: bytes an engine may allocate; methods over it are not chosen by ``"auto"``.
     dense_limit: bytes ``to_dense()`` may allocate before it refuses (and says what to use instead).
     max_jitter: largest relative jitter (times the mean diagonal) Cholesky may add before it fails.
@@ -62,6 +65,7 @@ class Settings:
     precond_rank: int = 256
     preconditioner: str = "auto"
     seed: int = 0
+    logdet_control_variate: bool = True
     memory_budget: int = 8 * 2**30
     dense_limit: int = 4 * 2**30
     max_jitter: float = 1e-3

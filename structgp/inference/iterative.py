@@ -14,8 +14,15 @@ gradients are the right ones (with ``x``, ``u``, ``v_i = P^{-1} z_i`` detached):
     inv_quad:  b.x + g - g.detach(),         g = 2 b.x - x^T A x: value b^T A^{-1} b up to x.r (r the CG
                                              residual; g's own value would cancel catastrophically in
                                              float32); d = 2 x.db - x^T dA x, the exact derivative at x
-    logdet:    est + g - g.detach(),         g = mean_i u_i^T A v_i;  d = mean_i u_i^T dA v_i, an unbiased
-                                             Hutchinson estimate of tr(A^{-1} dA), as E[z z^T] = P
+    logdet:    est + g - g.detach(),         g = log det P(theta) + mean_i (u_i^T A v_i - v_i^T P(theta) v_i);
+                                             d = tr(P^{-1} dP) + mean_i (u_i^T dA v_i - v_i^T dP v_i), an
+                                             unbiased estimate of tr(A^{-1} dA) (E[z z^T] = P) with the
+                                             preconditioner's exact log-det derivative as control variate
+                                             (:mod:`.control_variate`; P(theta) keeps the preconditioner's
+                                             pivots / eigenbases fixed). Preconditioners without a
+                                             differentiable form (``"none"``), or
+                                             ``settings(logdet_control_variate=False)``, give the plain
+                                             Hutchinson estimate mean_i u_i^T dA v_i
     solve:     x + S(b - A x),               S a custom autograd function (setup_context) with value 0 and
                                              backward a CG solve: d = A^{-1} (db - dA x)
 
@@ -25,21 +32,23 @@ every tensor the operator was built from, reuse the forward solves, and compose 
 function for ``inv_quad_logdet``: a custom function would have to take the operator's leaves as inputs
 and compute their vector-Jacobian products itself, which is what autograd already does for the one product
 above. Second derivatives are not supported (the solve's
-backward is once-differentiable; the others differentiate only the last product).
+backward is once-differentiable; the others differentiate only the last product and the control variate's
+first-order forms).
 
-``torch.func.vmap``. Design: the same code runs, with every host read made conditional (values are read
-only where :func:`host_readable` says so: not under vmap or compile; ``torch.func.grad`` and ``jvp``
-allow reads, so under them PCG and pivoted Cholesky stop early as they do outside). Under vmap PCG runs a
-fixed ``max_iter`` iterations with the masked per-column updates it already uses (converged columns get
-``alpha = beta = 0``), the pivoted Cholesky preconditioner runs all its steps and gives a member that would
-have stopped zero columns, and the probes are drawn outside the transform (so every member sees the probes
-a call outside vmap would). Each member therefore gets the values and gradients of a Python loop, up to
-rounding. The cost: every member pays ``max_iter`` iterations (keep ``max_iter`` near what the problem
-needs), the residual is computed but cannot be inspected (no ``CGConvergenceWarning`` under vmap;
-``sg.last_report()`` records no iterations or residual), and steps that choose by values (the Kronecker
-deflation rank of ``preconditioner="auto"``) raise a clear error. The alternative, a custom function whose
-``vmap`` rule moves the vmapped dimension into the operator's batch dimensions, would have to take the
-operator's leaves as inputs and write their backward by hand (see above).
+``torch.func.vmap``. Design: the same code runs, with every host read made conditional (values are read only
+where :func:`host_readable` says so: not under vmap or compile; ``torch.func.grad`` and ``jvp`` allow reads,
+so under them PCG and pivoted Cholesky stop early as they do outside). Under vmap PCG runs a fixed
+``max_iter`` iterations with the masked per-column updates it already uses (converged columns get ``alpha =
+beta = 0``), the pivoted Cholesky preconditioner runs all its steps and gives a member that would have
+stopped zero columns (the control variate's Nystrom form drops those pivots, and whether a member uses the
+control variate is a per-member ``torch.where``), and the probes are drawn outside the transform (so every
+member sees the probes a call outside vmap would). Each member therefore gets the values and gradients of a
+Python loop, up to rounding. The cost: every member pays ``max_iter`` iterations (keep ``max_iter`` near
+what the problem needs), the residual is computed but cannot be inspected (no ``CGConvergenceWarning`` under
+vmap; ``sg.last_report()`` records no iterations or residual), and steps that choose by values (the
+Kronecker deflation rank of ``preconditioner="auto"``) raise a clear error. The alternative, a custom
+function whose ``vmap`` rule moves the vmapped dimension into the operator's batch dimensions, would have to
+take the operator's leaves as inputs and write their backward by hand (see above).
 Outside vmap nothing changes: the conditional reads all happen and the arithmetic is the same.
 """
 
@@ -66,6 +75,7 @@ from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.covariance.validation import host_readable
 from structgp.inference import report
 from structgp.inference.cg import CGResult, pcg
+from structgp.inference.control_variate import Family
 from structgp.inference.cost_model import Work, differentiated, seconds
 from structgp.inference.plan import Cost, Engine, describe, register, structurally_singular
 from structgp.inference.preconditioners import Preconditioner, build
@@ -142,6 +152,7 @@ class _Run:
     v: Tensor | None  # P^{-1} z (..., n, p)
     logdet: Tensor | None  # float64 (...)
     solver: functools.partial  # rhs (..., n, c) -> CGResult, with the same operator and preconditioner
+    family: Family | None = None  # P(theta) of the preconditioner, for the gradient's control variate
 
 
 def _detached(op: Operator) -> Operator:
@@ -197,15 +208,39 @@ def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
         result = _solve_columns(det, precond, cfg, torch.cat(columns, dim=-1))
         c = 0 if rhs is None else rhs.shape[-1]
         x = result.solution[..., :c] if rhs is not None else None
-        u = v = logdet = stderr = None
+        u = v = logdet = stderr = noise_stderr = None
+        family = precond.family if cfg.logdet_control_variate else None
         if probes:  # v = P^{-1} z is PCG's first preconditioned residual of the probe columns
             u, v = result.solution[..., c:], result.preconditioned_rhs[..., c:]
             logdet, stderr = slq_logdet(result, slice(c, None), precond.logdet())
-    _record(result, precond, cfg, stderr)
-    return _Run(x, u, v, logdet, functools.partial(_solve_columns, det, precond, cfg))
+            noise_stderr = _noise_direction_stderr(det, family, u, v)
+    _record(result, precond, cfg, stderr, noise_stderr)
+    return _Run(x, u, v, logdet, functools.partial(_solve_columns, det, precond, cfg), family)
 
 
-def _record(result: CGResult, precond: Preconditioner, cfg: _config.Settings, stderr: Tensor | None) -> None:
+def _noise_direction_stderr(op: Operator, family: Family | None, u: Tensor, v: Tensor) -> Tensor | None:
+    """Standard error ``(...)`` of the engine's ``d log det A / d log s`` (every noise variance scaled by
+    ``s``; ``dA = D``) from its per-probe terms ``u_i^T D v_i - v_i^T dP v_i`` (the control variate's part
+    where it is used; ``tr(P^{-1} dP)`` is exact): a measured standard error of the log-det gradient
+    along one direction, for operators with a noise term. Other directions (lengthscales) would need
+    per-probe derivatives, which the single backward pass does not give."""
+    if not isinstance(op, AddedDiagonal) or u.shape[-1] < 2:
+        return None
+    noise = op.noise.diagonal().expand(*op.batch_shape, op.n).unsqueeze(-1)
+    terms = (u * noise * v).sum(-2)
+    if family is not None:
+        cv = (family.noise_direction(noise.squeeze(-1)).unsqueeze(-1) * v.square()).sum(-2)
+        terms = terms - (cv if family.use is None else torch.where(family.use.unsqueeze(-1), cv, 0.0))
+    return terms.std(-1) / terms.shape[-1] ** 0.5
+
+
+def _record(
+    result: CGResult,
+    precond: Preconditioner,
+    cfg: _config.Settings,
+    stderr: Tensor | None,
+    noise_stderr: Tensor | None = None,
+) -> None:
     rep = report.current_report()
     if rep is None or not host_readable(result.residual):
         return  # under vmap the iterations and residual cannot be read: the report keeps no numbers
@@ -214,6 +249,8 @@ def _record(result: CGResult, precond: Preconditioner, cfg: _config.Settings, st
     rep.notes.append(f"preconditioner {precond.describe()}")
     if stderr is not None:
         rep.notes.append(f"{cfg.num_probes} probes, logdet standard error {float(stderr.max()):.3g}")
+    if noise_stderr is not None:
+        rep.notes.append(f"d logdet / d log(noise) standard error {float(noise_stderr.max()):.3g}")
 
 
 def _needs_grad(op: Operator, *tensors: Tensor) -> bool:
@@ -303,11 +340,16 @@ class ConjugateGradients(Engine):
 
 
 def _logdet_surrogate(op: Operator, run: _Run, a_v: Tensor | None) -> Tensor:
-    """``est + g - g.detach()`` with ``g = mean_i u_i^T A v_i`` (the Hutchinson gradient of the logdet)."""
+    """``est + g - g.detach()`` with ``g = mean_i u_i^T A v_i`` (the Hutchinson gradient of the logdet),
+    plus ``log det P(theta) - mean_i v_i^T P(theta) v_i`` where the preconditioner has a differentiable
+    family (its exact gradient as control variate, :mod:`.control_variate`)."""
     value = run.logdet
     if not _needs_grad(op):
         return value
     if a_v is None:
         a_v = op._matmul(run.v)
-    g = (run.u * a_v).sum(-2).mean(-1)
-    return value + (g - g.detach()).to(value.dtype)
+    g = (run.u * a_v).sum(-2).mean(-1).to(value.dtype)
+    if run.family is not None:
+        cv = run.family.control_variate(op, run.v, a_v).to(value.dtype)
+        g = g + (cv if run.family.use is None else torch.where(run.family.use, cv, 0.0))
+    return value + (g - g.detach())

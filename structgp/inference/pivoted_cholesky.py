@@ -13,6 +13,7 @@ remaining diagonal falls to rounding level gets zero columns from then on (no ho
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,9 +40,16 @@ def column(op: Operator, index: Tensor) -> Tensor:
 
 @column.register
 def _(op: Dense, index: Tensor) -> Tensor:
+    # advanced indexing rather than a gather on the matrix expanded to the index's batch: its backward
+    # accumulates into the matrix's own shape (a gather's would allocate one n x n matrix per index)
     batch = torch.broadcast_shapes(op.batch_shape, index.shape)
-    matrix = op.matrix.expand(*batch, op.n, op.n)
-    rows = matrix.gather(-2, index.expand(batch)[..., None, None].expand(*batch, 1, op.n))
+    if op.matrix.dim() == 2:  # index_select: its backward is an index_add (faster than index_put's)
+        return op.matrix.index_select(0, index.reshape(-1)).reshape(*index.shape, op.n)
+    members = op.matrix.shape[:-2]
+    flat = op.matrix.reshape(-1, op.n, op.n)
+    which = torch.arange(flat.shape[0], device=index.device).reshape(members)
+    # one trailing entry: a 0-d index tensor would be read as a Python integer (a host read under vmap)
+    rows = flat[which.expand(batch).unsqueeze(-1), index.expand(batch).unsqueeze(-1)]
     return rows.squeeze(-2)  # a row of a symmetric matrix is its column
 
 
@@ -65,8 +73,8 @@ def _(op: Kronecker, index: Tensor) -> Tensor:
 
 @column.register
 def _(op: KernelOperator, index: Tensor) -> Tensor:
-    if index.dim() == 0:  # one row of the kernel: O(n d)
-        return op.rows(index.reshape(1)).squeeze(-2).expand(*op.batch_shape, op.n)
+    if index.dim() == 0 or not op.batch_shape:  # rows of the kernel: O(n d) each
+        return op.rows(index.reshape(-1)).reshape(*op.batch_shape, *index.shape, op.n)
     batch = torch.broadcast_shapes(op.batch_shape, index.shape)
     flat = index.expand(batch).reshape(-1)  # one row per batch member: pick each member's own row
     rows = op.rows(flat).expand(*batch, flat.numel(), op.n)
@@ -89,6 +97,15 @@ def _(op: Sum, index: Tensor) -> Tensor:
     return sum(column(t, index) for t in op.terms)
 
 
+class PivotedCholesky(NamedTuple):
+    """A partial pivoted Cholesky factorisation and the discrete choices it made."""
+
+    factor: Tensor  # L (..., n, k), float64
+    remainder: Tensor  # diagonal of op - L L^T (..., n), clamped at 0, float64
+    pivots: Tensor  # index of column j of L (..., k), long
+    active: Tensor  # whether column j is nonzero (..., k), bool: false where a member stopped
+
+
 def pivoted_cholesky(
     op: Operator, rank: int, stop: Tensor | None = None, check_every: int = 8
 ) -> tuple[Tensor, Tensor]:
@@ -98,6 +115,15 @@ def pivoted_cholesky(
     most ``stop`` or at the rounding level of ``op``'s dtype (looked at every ``check_every`` steps).
     Runs without autograd and in float64 whatever the data's dtype (in float32 the remainder's diagonal
     ``d - l^2`` cancels to noise early); both results are float64."""
+    result = pivoted_cholesky_pivots(op, rank, stop, check_every)
+    return result.factor, result.remainder
+
+
+def pivoted_cholesky_pivots(
+    op: Operator, rank: int, stop: Tensor | None = None, check_every: int = 8
+) -> PivotedCholesky:
+    """:func:`pivoted_cholesky` with its pivots and the mask of nonzero columns: with them fixed,
+    ``L L^T`` is the Nystrom form ``A[:, S] A[S, S]^{-1} A[S, :]`` over the active pivots ``S``."""
     with torch.no_grad():
         d = op.diagonal().expand(*op.batch_shape, op.n).to(torch.float64, copy=True)
         k = min(rank, op.n)
@@ -105,6 +131,8 @@ def pivoted_cholesky(
         # L^T: row j is column j of L, contiguous for the products below; step j writes row j before any
         # read of it (zero-filled all the same, for a few microseconds).
         rows = d.new_zeros(*batch, k, op.n)
+        pivots = d.new_zeros(*batch, k, dtype=torch.long)  # new_zeros: batched like d under vmap
+        active = d.new_zeros(*batch, k, dtype=torch.bool)
         floor = 10 * torch.finfo(op.dtype).eps * d.abs().amax(-1)  # pivots below it are rounding noise
         # under vmap/compile the values cannot end the loop: all ``k`` steps run, and a member that would
         # have stopped gets zero columns (the same L L^T)
@@ -115,7 +143,7 @@ def pivoted_cholesky(
         for j in range(k):
             if stop is not None and j % check_every == 0:
                 if readable and bool((d.sum(-1) <= stop).all()):
-                    return rows[..., :j, :].mT, d
+                    return PivotedCholesky(rows[..., :j, :].mT, d, pivots[..., :j], active[..., :j])
                 if not readable:
                     done = done | (d.sum(-1) <= stop)
             pivot_value, pivot = d.max(-1)
@@ -132,5 +160,6 @@ def pivoted_cholesky(
             bound = d.sqrt()
             l_j = torch.maximum(torch.minimum(l_j, bound), -bound)
             rows[..., j, :] = l_j
+            pivots[..., j], active[..., j] = pivot, ok
             d = torch.addcmul(d, l_j, l_j, value=-1).clamp_min_(0)
-        return rows.mT, d
+        return PivotedCholesky(rows.mT, d, pivots, active)

@@ -292,8 +292,9 @@ def test_nonconvergence_is_warned_and_reported():
 
 
 def test_bar_dense_rbf_3000():
-    """Dense RBF (2-d inputs), N = 3000, noise 0.01, float64, default settings: log-likelihood within 1e-4
-    relative of Cholesky, noise and lengthscale gradients within 2% (mean over 4 seeds)."""
+    """Dense RBF (2-d inputs), N = 3000, noise 0.01, float64, default settings: log-likelihood within 1e-5
+    relative of Cholesky, noise and lengthscale gradients within 1% for each of 4 seeds (issue 14; the
+    bars of issue 3 were 1e-4 and 2% on the mean over seeds)."""
     n, ell0, noise0 = 3000, 0.2, 0.01
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(n, 2, dtype=F64, generator=gen)
@@ -329,9 +330,8 @@ def test_bar_dense_rbf_3000():
         rel_v.append(float((v - v_ref).abs() / v_ref.abs()))
         rel_g.append(((g - g_ref).abs() / g_ref.abs()).tolist())
     print(f"dense RBF 3000: value errors {rel_v}, gradient errors {rel_g}")
-    assert max(rel_v) < 1e-4
-    mean_rel_g = torch.tensor(rel_g).mean(0)
-    assert bool((mean_rel_g < 0.02).all()), mean_rel_g
+    assert max(rel_v) < 1e-5
+    assert max(max(r) for r in rel_g) < 0.01, rel_g
 
 
 def test_bar_kronecker_20_cubed_heteroskedastic():
