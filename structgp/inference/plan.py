@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
 from torch import Tensor
 
 from structgp import _config
@@ -169,6 +170,8 @@ def specificity(eng: Engine, op: Operator) -> tuple[int, int] | None:
 
 def candidates(op: Operator) -> list[Engine]:
     """The engines registered for ``op``'s structure, most specific first (computed once per structure)."""
+    if torch.compiler.is_compiling():  # traced code must not read a cache that fills as it runs (recompiles)
+        return _rank_candidates(op)
     views = _views(op)
     found = _CANDIDATES.get(views)
     if found is None:
