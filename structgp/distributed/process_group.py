@@ -23,7 +23,8 @@ def init(timeout: float = 600.0, backend: str | None = None) -> int:
 
     timeout: seconds a collective (and the initial rendezvous) may wait for the other ranks before every
     waiting rank raises a :class:`DistributedError` instead of hanging; backend: ``"nccl"`` when CUDA is
-    available, else ``"gloo"`` (each NCCL rank uses the GPU ``LOCAL_RANK``). Without torchrun's variables
+    available, else ``"gloo"`` (each NCCL rank uses the GPU ``LOCAL_RANK``; NCCL reports a timeout from its
+    watchdog thread, which ends the process, rather than as an exception). Without torchrun's variables
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) this is a single process: nothing is set
     up and 1 is returned, so the same script runs under ``python`` and ``torchrun``. Calling it again
     returns the current world size.
