@@ -3,7 +3,7 @@
 Importing structgp never imports botorch and never changes gpytorch/linear_operator settings.
 """
 
-from structgp import covariance, distributions, inference, kernels, models
+from structgp import covariance, distributed, distributions, inference, kernels, models
 from structgp.inference import Plan, Report, eigsh, last_report, plan, settings
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "Report",
     "__version__",
     "covariance",
+    "distributed",
     "distributions",
     "eigsh",
     "inference",

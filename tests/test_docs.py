@@ -23,7 +23,7 @@ def test_api_reference_builds(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["structgp.covariance", "structgp.inference", "structgp.distributions",
-                                    "structgp.kernels", "structgp.models"])
+                                    "structgp.kernels", "structgp.models", "structgp.distributed"])
 def test_public_names_are_documented(module):
     mod = importlib.import_module(module)
     missing = [n for n in getattr(mod, "__all__", []) if inspect.isclass(getattr(mod, n)) or

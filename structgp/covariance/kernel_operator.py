@@ -18,6 +18,14 @@ own gradients), for the kernels KeOps can express.
 The block height comes from ``settings(memory_budget=...)``: a block's ``block x n`` matrix takes at most
 ``memory_budget / BUDGET_SHARE`` bytes and at most ``MAX_BLOCK_ENTRIES`` entries (a kernel's own
 temporaries are a few such matrices; larger blocks are not faster).
+
+Across processes (an active :mod:`structgp.distributed` process group of ``P`` ranks): each rank computes
+the contiguous whole row blocks :func:`~structgp.distributed.partition` gives it and all-gathers them, so
+every rank returns the full product, bitwise the one-process product, after ``n^2 / P`` kernel entries
+(with fewer blocks than ranks the rows are split evenly instead); the backward sums the ranks'
+contributions to the gradients of ``x`` and the parameters with one all-reduce. ``rows``, ``diagonal`` and
+``_to_dense`` stay local (every rank holds ``x``), and so do KeOps products (not partitioned yet: each rank
+runs the whole reduction, with the same result).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import gpytorch
 import torch
 from torch import Tensor
 
-from structgp import _config
+from structgp import _config, distributed
 from structgp.covariance.keops_backend import keops_available, keops_formula, keops_matmul
 from structgp.covariance.operator import Operator
 from structgp.covariance.validation import value_checks_enabled
@@ -157,7 +165,9 @@ class KernelOperator(Operator):
         return self._replace(x=x, scale=self.scale.expand(batch_shape))
 
     def _spec(self) -> tuple:
-        return (self.kernel, self.names, self.block_rows())
+        rows = self.block_rows()
+        parts = distributed.row_range(self.n, rows)  # every rank's rows (whole blocks), or None: one process
+        return (self.kernel, self.names, rows, parts)
 
 
 def evaluate_kernel(
@@ -220,12 +230,19 @@ def _check_x(x: Tensor) -> Tensor:
 
 
 class _BlockProduct(torch.autograd.Function):
-    """``k(x, x) @ rhs`` by row blocks; backward recomputes each block (see the module docstring)."""
+    """``k(x, x) @ rhs`` by row blocks; backward recomputes each block (see the module docstring).
+
+    ``spec`` is ``(kernel, names, rows, parts)``: ``parts`` is every rank's ``(start, stop)`` rows under an
+    active process group (:mod:`structgp.distributed`), else ``None``. Partitioned, the forward computes
+    only this rank's rows and all-gathers the blocks (every rank returns the full product); the backward's
+    ``K G`` is gathered the same way and its contributions to the gradients of ``x`` and the parameters,
+    from this rank's rows, are summed over the ranks. The output gradient ``G`` is the same on every rank,
+    as everything downstream of the gathered product is."""
 
     @staticmethod
     def forward(spec: tuple, rhs: Tensor, x: Tensor, *params: Tensor) -> Tensor:
-        kernel, names, rows = spec
-        return _blocked(lambda b: evaluate_kernel(kernel, names, params, x[..., b, :], x), rhs, x.shape[-2], rows)
+        kernel, names, rows, parts = spec
+        return _product(kernel, names, params, x, rhs, rows, parts, "a kernel product")
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -235,19 +252,19 @@ class _BlockProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        kernel, names, rows = ctx.spec
+        kernel, names, rows, parts = ctx.spec
         rhs, x, *params = ctx.saved_tensors
-        n = x.shape[-2]
+        start, stop = (0, x.shape[-2]) if parts is None else parts[distributed.rank()]
         with torch.no_grad():
             grad_rhs = None
             if ctx.needs_input_grad[1]:
-                grad_rhs = _blocked(lambda b: evaluate_kernel(kernel, names, params, x[..., b, :], x), grad, n, rows)
+                grad_rhs = _product(kernel, names, params, x, grad, rows, parts, "a kernel product's gradient")
                 grad_rhs = _sum_to(grad_rhs, rhs.shape)
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
         grad_params = [torch.zeros_like(p) if ctx.needs_input_grad[3 + i] else None for i, p in enumerate(params)]
         if grad_x is not None or any(g is not None for g in grad_params):
-            for start in range(0, n, rows):
-                b = slice(start, min(start + rows, n))
+            for first in range(start, stop, rows):
+                b = slice(first, min(first + rows, stop))
                 weight = grad[..., b, :] @ rhs.mT  # (..., rows, n): d loss / d K[b, :]
 
                 def block(xx: Tensor, *pp: Tensor, b: slice = b) -> Tensor:
@@ -258,14 +275,27 @@ class _BlockProduct(torch.autograd.Function):
                 if grad_x is not None:
                     grad_x = grad_x + pulled[0]
                 grad_params = [g if g is None else g + d for g, d in zip(grad_params, pulled[1:])]
+            if parts is not None:  # each rank pulled back its own rows: the gradient is their sum
+                grad_x, *grad_params = distributed.all_reduce_sum([grad_x, *grad_params], "kernel gradients")
         return (None, grad_rhs, grad_x, *grad_params)
 
 
-def _blocked(block, rhs: Tensor, n: int, rows: int) -> Tensor:
-    """``K @ rhs`` with ``K[b, :]`` from ``block(b)``, one row block at a time."""
+def _product(kernel, names, params, x: Tensor, rhs: Tensor, rows: int, parts, what: str) -> Tensor:
+    """``k(x, x) @ rhs`` ``(..., n, c)``: all rows, or this rank's of ``parts`` gathered from every rank."""
+    n = x.shape[-2]
+    start, stop = (0, n) if parts is None else parts[distributed.rank()]
+    local = _blocked(lambda b: evaluate_kernel(kernel, names, params, x[..., b, :], x), rhs, start, stop, rows)
+    if parts is None:
+        return local
+    check = rhs.sum(-2).expand(*local.shape[:-2], rhs.shape[-1])  # the same on every rank, or they diverged
+    return distributed.gather_rows(local, parts, check, what)
+
+
+def _blocked(block, rhs: Tensor, start: int, stop: int, rows: int) -> Tensor:
+    """Rows ``start:stop`` of ``K @ rhs`` with ``K[b, :]`` from ``block(b)``, one row block at a time."""
     parts = []
-    for start in range(0, n, rows):
-        parts.append(block(slice(start, min(start + rows, n))) @ rhs)
+    for first in range(start, stop, rows):
+        parts.append(block(slice(first, min(first + rows, stop))) @ rhs)
     return torch.cat(parts, dim=-2)
 
 

@@ -6,7 +6,7 @@ import gpytorch
 import torch
 from torch import Tensor
 
-from structgp import _config
+from structgp import _config, distributed
 from structgp.covariance import KernelOperator
 from structgp.covariance.keops_backend import keops_available, keops_formula
 from structgp.kernels.dense import DenseKernel
@@ -22,7 +22,9 @@ class MatrixFreeKernel(DenseKernel):
     base_kernel: any gpytorch kernel evaluable as a function of its parameters; backend: ``"torch"`` (row
     blocks of plain torch operations), ``"keops"`` (one KeOps reduction a product: pykeops installed, an
     unbatched RBF or Matern kernel) or ``"auto"``: KeOps for CUDA inputs where it applies, else torch (on the
-    CPU the torch blocks run on all cores and are the faster; see ``benchmarks/bench_matrix_free.py``).
+    CPU the torch blocks run on all cores and are the faster; see ``benchmarks/bench_matrix_free.py``), and
+    torch under an active :mod:`structgp.distributed` process group (its row blocks are partitioned across
+    the ranks; a KeOps product is not, yet).
     Hyperparameters are read and set as on :class:`DenseKernel` (on ``k``).
     """
 
@@ -35,7 +37,8 @@ class MatrixFreeKernel(DenseKernel):
     def forward(self, x: Tensor) -> KernelOperator:
         backend = self.backend
         if backend == "auto":
-            backend = "keops" if x.is_cuda and keops_applies(self.base_kernel, x) else "torch"
+            keops = x.is_cuda and keops_applies(self.base_kernel, x) and not distributed.is_active()
+            backend = "keops" if keops else "torch"
         return KernelOperator(self.base_kernel, x, name=f"k(x, x), matrix-free ({backend})", backend=backend)
 
     def prior(self, x: Tensor) -> KernelOperator:

@@ -35,6 +35,7 @@ import gpytorch
 import torch
 from torch import Tensor, nn
 
+from structgp import _config, distributed
 from structgp.covariance import Operator
 from structgp.distributions import GaussianLikelihood, MultivariateNormal
 from structgp.kernels import DenseKernel, Kernel, as_kernel
@@ -103,6 +104,7 @@ class ExactGP(gpytorch.models.GP):
         self.training = False  # ready to predict; the gpytorch loop calls model.train() (this module's flag only)
         with torch.no_grad():
             self.noise_covariance(n)  # a likelihood that does not fit the data fails here, clearly
+        distributed.check_consistent(train_x=train_x, train_y=train_y)  # every rank the same data (or none)
 
     # -- gpytorch's names -----------------------------------------------------------------------------
     @property
@@ -206,6 +208,10 @@ class ExactGP(gpytorch.models.GP):
         progress: a tqdm progress bar (default: only when standard error is a terminal). The history starts
         with the initial loss. The model is left in eval mode.
         """
+        distributed.check_consistent(  # under torchrun every rank must start from the same point
+            train_x=self.train_x, train_y=self.train_y, state=list(self.state_dict().values()),
+            settings=_config.current(), optimizer=(optimizer, iterations, lr, tolerance),
+        )
         self.train()
         try:
             return minimise(

@@ -1,0 +1,136 @@
+"""Strong scaling of an exact GP across processes (structgp.distributed, gloo on CPU / NCCL on GPU).
+
+One value + gradient of the marginal likelihood of an ``ExactGP`` on a matrix-free RBF kernel
+(``MatrixFreeKernel``, ``settings(method="cg")``), N points in 3-d, float64, with 1, 2, ... processes of
+one intra-op thread each (and one process with as many threads as the largest world, the fair comparison
+on the same cores). Each configuration runs in fresh processes spawned by ``torch.multiprocessing``:
+
+    seconds wall time of one value + gradient (the slowest rank), after ``--warmup`` untimed calls
+    cpu     each rank's CPU seconds over that call (robust to other jobs on a shared machine)
+    peak    each rank's resident-set growth over the timed call (CPU; torch's peak on a GPU)
+    block   the height of the kernel row blocks each rank evaluates (a block is block x N entries)
+
+    PYTHONPATH=. python benchmarks/bench_distributed.py --n 30000 --worlds 1 2
+    python benchmarks/bench_distributed.py --device cuda --n 200000 --worlds 1 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import _RssPeak  # noqa: E402
+
+
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=30000)
+    parser.add_argument("--d", type=int, default=3)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--num-probes", type=int, default=8)
+    parser.add_argument("--max-iter", type=int, default=20, help="CG iterations cap (the same for every world)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (0 for long runs)")
+    parser.add_argument("--json", type=str, default=None)
+    return parser.parse_args(argv)
+
+
+def _worker(rank: int, world: int, threads: int, port: int, args: argparse.Namespace, folder: str) -> None:
+    torch.set_num_threads(threads)
+    import gpytorch
+
+    import structgp as sg
+    from structgp.kernels import MatrixFreeKernel
+    from structgp.models import ExactGP
+
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+        if args.device == "cuda":
+            os.environ["LOCAL_RANK"] = str(rank)
+        sg.distributed.init(timeout=1800)
+    device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(args.n, args.d, generator=gen, dtype=torch.float64) * 4
+    y = torch.sin(x.sum(-1)) + 0.1 * torch.randn(args.n, generator=gen, dtype=torch.float64)
+    kernel = MatrixFreeKernel(gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()))
+    model = ExactGP(x.to(device), y.to(device), kernel).to(device, torch.float64)
+    params = list(model.parameters())
+    # a fixed iteration count (cg_tol unreachable): every configuration does the same work
+    options = dict(method="cg", num_probes=args.num_probes, max_iter=args.max_iter, cg_tol=1e-30, precond_rank=32)
+
+    def value_and_gradient() -> float:
+        loss = model.loss()
+        torch.autograd.grad(loss, params)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return float(loss)
+
+    import warnings
+
+    with sg.settings(**options), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CG iteration cap is reached on purpose
+        for _ in range(args.warmup):
+            value_and_gradient()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with _RssPeak() as rss:
+            start, cpu = time.perf_counter(), time.process_time()
+            value = value_and_gradient()
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        block = model.train_covariance().base.block_rows()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak - rss.base
+    result = {"rank": rank, "seconds": seconds, "cpu": cpu, "peak_mib": peak / 2**20, "value": value, "block": block}
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
+    sg.distributed.shutdown()
+
+
+def run(world: int, threads: int, args: argparse.Namespace, folder: Path) -> list[dict]:
+    for old in folder.glob("rank*.json"):
+        old.unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_worker, args=(world, threads, port, args, str(folder)), nprocs=world, start_method="spawn")
+    return [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(argv)
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_distributed_{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    configs = [(w, 1) for w in args.worlds]
+    if args.device == "cpu" and max(args.worlds) > 1:
+        configs.append((1, max(args.worlds)))
+    rows = []
+    for world, threads in configs:
+        ranks = run(world, threads, args, folder)
+        rows.append({"world": world, "threads": threads, "ranks": ranks,
+                     "seconds": max(r["seconds"] for r in ranks)})
+        print(f"  done: {world} process(es) x {threads} thread(s): {rows[-1]['seconds']:.2f} s", flush=True)
+    base = rows[0]["seconds"]
+    print(f"\nstrong scaling, N = {args.n}, d = {args.d}, float64, {args.device}, {args.num_probes} probes, "
+          f"{args.max_iter} CG iterations (one value + gradient)")
+    head = (f"{'processes':>9} {'threads':>7} {'seconds':>9} {'vs 1x1':>7} {'cpu s / rank':>16} "
+            f"{'peak MiB / rank':>16} {'block rows':>10} {'loss':>14}")
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        peaks = " ".join(f"{r['peak_mib']:.0f}" for r in row["ranks"])
+        cpus = " ".join(f"{r['cpu']:.1f}" for r in row["ranks"])
+        print(f"{row['world']:9d} {row['threads']:7d} {row['seconds']:9.2f} {row['seconds'] / base:6.2f}x "
+              f"{cpus:>16} {peaks:>16} {row['ranks'][0]['block']:10d} {row['ranks'][0]['value']:14.10f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""structgp.distributed: exact GPs across processes on ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+Launch with ``torchrun --nproc_per_node=P script.py`` and call :func:`init` once; every rank then runs the
+same script on the same data. A :class:`~structgp.covariance.KernelOperator` computes only its rank's
+contiguous rows of each product (:func:`partition`: whole row blocks, so each rank computes exactly the
+blocks one process would) and all-gathers them, so every rank holds the
+full ``(n, c)`` product and everything downstream (PCG, SLQ, the preconditioner, the optimiser) runs
+identically on every rank; the backward of a product reduces the hyperparameter gradients with one
+all-reduce. Products are bitwise those of one process (so are values and predictions); gradients differ
+only by the summation order of the reduction.
+
+Without :func:`init` (or with one process) nothing is distributed and nothing is an error.
+
+This package depends on nothing else in structgp (like ``structgp._config``), so every layer may use it.
+"""
+
+from structgp.distributed.collectives import all_reduce_sum, gather_rows
+from structgp.distributed.errors import DistributedError
+from structgp.distributed.fingerprint import check_consistent
+from structgp.distributed.partition import partition, row_range, rows_of
+from structgp.distributed.process_group import init, is_active, rank, shutdown, world
+
+__all__ = [
+    "DistributedError",
+    "all_reduce_sum",
+    "check_consistent",
+    "gather_rows",
+    "init",
+    "is_active",
+    "partition",
+    "rank",
+    "row_range",
+    "rows_of",
+    "shutdown",
+    "world",
+]

@@ -1,0 +1,77 @@
+"""The two collectives a partitioned product needs: gather row blocks, sum gradient contributions.
+
+Both run on the default process group, turn a failure (a timeout, a dead peer) into a
+:class:`~structgp.distributed.DistributedError`, and are single-process no-ops without one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from structgp.distributed import process_group
+from structgp.distributed.errors import DistributedError, explained
+
+
+def gather_rows(
+    block: Tensor, parts: Sequence[tuple[int, int]], check: Tensor | None = None, what: str = "a product"
+) -> Tensor:
+    """The full ``(..., n, c)`` result from every rank's row block ``(..., rows, c)`` (rank ``r``'s rows are
+    ``parts[r]``, contiguous and in order: :func:`~structgp.distributed.partition`), on every rank.
+
+    check ``(..., c)``: a summary of the product's input that must be bitwise the same on every rank (the
+    right-hand side's column sums); it travels in the same message, and a rank whose summary differs from
+    rank 0's raises a :class:`DistributedError` on every rank (the ranks have diverged: different data,
+    settings or non-deterministic arithmetic) instead of a later mismatched collective."""
+    world, rank = process_group.world(), process_group.rank()
+    if world == 1:
+        return block
+    if len(parts) != world:
+        raise ValueError(f"parts: expected {world} row ranges (one a rank), got {len(parts)}")
+    longest = max(stop - start for start, stop in parts)
+    mine = parts[rank][1] - parts[rank][0]
+    if block.shape[-2] != mine:
+        raise ValueError(f"block: expected {mine} rows (rank {rank}'s {parts[rank]}), got shape {tuple(block.shape)}")
+    padded = block.new_zeros(*block.shape[:-2], longest + 1, block.shape[-1])
+    padded[..., :mine, :] = block
+    if check is not None:
+        padded[..., longest, :] = check
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    with explained(f"gathering the row blocks of {what}", rank, world):
+        dist.all_gather(gathered, padded)
+    if check is not None:
+        _same_everywhere([g[..., longest, :] for g in gathered], what)
+    return torch.cat([g[..., : stop - start, :] for g, (start, stop) in zip(gathered, parts)], dim=-2)
+
+
+def all_reduce_sum(tensors: Sequence[Tensor | None], what: str = "gradients") -> list[Tensor | None]:
+    """Each tensor summed over the ranks (one all-reduce of them all, flattened); ``None`` stays ``None``."""
+    present = [t for t in tensors if t is not None]
+    if process_group.world() == 1 or not present:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1) for t in present])
+    with explained(f"summing {what} over the ranks", process_group.rank(), process_group.world()):
+        dist.all_reduce(flat)
+    out, offset = [], 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+def _same_everywhere(summaries: list[Tensor], what: str) -> None:
+    first = summaries[0]
+    for r, other in enumerate(summaries[1:], start=1):
+        equal = (other == first) | (other.isnan() & first.isnan())
+        if not bool(equal.all()):
+            raise DistributedError(
+                f"rank {r}'s input to {what} differs from rank 0's (the ranks diverged: different data, "
+                "settings or hyperparameters, or arithmetic that is not deterministic); every rank must run "
+                "the same computation (torch.use_deterministic_algorithms(True) on GPUs)"
+            )
