@@ -2,23 +2,19 @@
 
 KeOps (the optional ``pykeops`` package, ``pip install structgp[keops]``) compiles a kernel formula into a
 reduction that never stores the ``n x n`` matrix, with its own gradients for ``x``, the hyperparameters and
-``V``. It expresses the stationary kernels most GPs use; :func:`keops_formula` translates those gpytorch
-kernels (``RBFKernel``, ``MaternKernel`` with nu in {1/2, 3/2, 5/2}, each optionally inside a ``ScaleKernel``,
-scalar or ARD lengthscales, no batch dimensions) from the parameter tensors the operator holds (each raw
-parameter through the kernel's own constraint), and returns None for anything else (the torch backend then
-runs). The first product of each formula compiles it (10-60 s, cached by KeOps in its build folder).
+``V``. It expresses the kernels :func:`~structgp.covariance.kernel_formula.kernel_formula` translates (RBF and
+Matern, optionally scaled, unbatched). The first product of each formula compiles it (10-60 s, cached by KeOps
+in its build folder).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Sequence
 
-import gpytorch
 from torch import Tensor
 
-SUPPORTED_NU = (0.5, 1.5, 2.5)
+from structgp.covariance.kernel_formula import Formula
 
 
 def keops_available() -> bool:
@@ -26,30 +22,7 @@ def keops_available() -> bool:
     return importlib.util.find_spec("pykeops") is not None
 
 
-def keops_formula(kernel: gpytorch.kernels.Kernel, names: Sequence[str], params: Sequence[Tensor]):
-    """``(family, nu, lengthscale (1, d) or (1, 1), outputscale ())`` of a kernel KeOps can express, from
-    ``params`` (raw values, in ``names`` order), else None."""
-    values = dict(zip(names, params))
-    scale, inner, prefix = None, kernel, ""
-    if isinstance(kernel, gpytorch.kernels.ScaleKernel):
-        scale = kernel.raw_outputscale_constraint.transform(values["raw_outputscale"])
-        inner, prefix = kernel.base_kernel, "base_kernel."
-    if inner.batch_shape or kernel.batch_shape or inner.active_dims is not None:
-        return None
-    if type(inner) is gpytorch.kernels.RBFKernel:
-        family, nu = "rbf", None
-    elif type(inner) is gpytorch.kernels.MaternKernel and inner.nu in SUPPORTED_NU:
-        family, nu = "matern", inner.nu
-    else:
-        return None
-    raw = values.get(prefix + "raw_lengthscale")
-    if raw is None or any(n.startswith(prefix) and n != prefix + "raw_lengthscale" for n in names):
-        return None  # a prior or extra parameter this translation does not know
-    lengthscale = inner.raw_lengthscale_constraint.transform(raw)
-    return family, nu, lengthscale, scale
-
-
-def keops_matmul(formula, x: Tensor, rhs: Tensor) -> Tensor:
+def keops_matmul(formula: Formula, x: Tensor, rhs: Tensor) -> Tensor:
     """``k(x, x) @ rhs`` ``(n, c)`` for ``x`` ``(n, d)`` by one KeOps reduction (differentiable)."""
     from pykeops.torch import LazyTensor
 

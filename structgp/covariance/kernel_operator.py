@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from structgp import _config, distributed
-from structgp.covariance.keops_backend import keops_available, keops_formula, keops_matmul
+from structgp.covariance.keops_backend import keops_available, keops_matmul
+from structgp.covariance.kernel_formula import evaluate_formula, kernel_formula
 from structgp.covariance.operator import Operator
 from structgp.covariance.validation import value_checks_enabled
 
@@ -139,12 +140,12 @@ class KernelOperator(Operator):
     def rows(self, index: Tensor) -> Tensor:
         """Rows ``index`` of the matrix, ``(..., len(index), n)`` for a long tensor ``index`` ``(m,)``
         (differentiable; ``O(m n d)``)."""
-        block = evaluate_kernel(self.kernel, self.names, self.params, self.x[..., index, :], self.x)
+        block = kernel_block(self.kernel, self.names, self.params, self.x[..., index, :], self.x)
         return self.scale[..., None, None] * block
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         if self.backend == "keops" and rhs.dim() == 2:
-            out = keops_matmul(keops_formula(self.kernel, self.names, self.params), self.x, rhs)
+            out = keops_matmul(kernel_formula(self.kernel, self.names, self.params), self.x, rhs)
         else:
             out = _BlockProduct.apply(self._spec(), rhs, self.x, *self.params)
         return self.scale[..., None, None] * out
@@ -190,6 +191,16 @@ def evaluate_kernel(
         return out if isinstance(out, Tensor) else out.to_dense()
 
 
+def kernel_block(kernel, names, params: Sequence[Tensor], x1: Tensor, x2: Tensor) -> Tensor:
+    """``k(x1, x2)``: by the kernel's formula (:mod:`.kernel_formula`, fewer passes over the block) where it has
+    one and the inputs are unbatched, else through gpytorch (:func:`evaluate_kernel`)."""
+    if x1.dim() == 2 and x2.dim() == 2:
+        formula = kernel_formula(kernel, names, params)
+        if formula is not None:
+            return evaluate_formula(formula, x1, x2)
+    return evaluate_kernel(kernel, names, params, x1, x2)
+
+
 def block_rows(n: int, batch: int, dtype: torch.dtype) -> int:
     """Rows of one product block for an ``n``-column kernel matrix with ``batch`` batch members."""
     budget = _config.current().memory_budget // BUDGET_SHARE
@@ -210,7 +221,7 @@ def _check_backend(op: KernelOperator) -> None:
         return
     if not keops_available():
         raise ImportError("backend='keops' needs pykeops: pip install 'structgp[keops]' (or use backend='torch')")
-    if op.x.dim() != 2 or keops_formula(op.kernel, op.names, op.params) is None:
+    if op.x.dim() != 2 or kernel_formula(op.kernel, op.names, op.params) is None:
         raise ValueError(
             f"backend: KeOps cannot express {type(op.kernel).__name__} on inputs {tuple(op.x.shape)} (it takes "
             "unbatched RBF and Matern kernels, optionally scaled); use backend='torch'"
@@ -268,7 +279,7 @@ class _BlockProduct(torch.autograd.Function):
                 weight = grad[..., b, :] @ rhs.mT  # (..., rows, n): d loss / d K[b, :]
 
                 def block(xx: Tensor, *pp: Tensor, b: slice = b) -> Tensor:
-                    return evaluate_kernel(kernel, names, pp, xx[..., b, :], xx)
+                    return kernel_block(kernel, names, pp, xx[..., b, :], xx)
 
                 _, pull = torch.func.vjp(block, x, *params)
                 pulled = pull(_sum_to(weight, _block_shape(kernel, names, params, x, b)))
@@ -284,7 +295,7 @@ def _product(kernel, names, params, x: Tensor, rhs: Tensor, rows: int, parts, wh
     """``k(x, x) @ rhs`` ``(..., n, c)``: all rows, or this rank's of ``parts`` gathered from every rank."""
     n = x.shape[-2]
     start, stop = (0, n) if parts is None else parts[distributed.rank()]
-    local = _blocked(lambda b: evaluate_kernel(kernel, names, params, x[..., b, :], x), rhs, start, stop, rows)
+    local = _blocked(lambda b: kernel_block(kernel, names, params, x[..., b, :], x), rhs, start, stop, rows)
     if parts is None:
         return local
     check = rhs.sum(-2).expand(*local.shape[:-2], rhs.shape[-1])  # the same on every rank, or they diverged

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from structgp import _config, distributed
 from structgp.covariance import KernelOperator
-from structgp.covariance.keops_backend import keops_available, keops_formula
+from structgp.covariance.keops_backend import keops_available
+from structgp.covariance.kernel_formula import kernel_formula
 from structgp.kernels.dense import DenseKernel
 
 BACKENDS = ("auto", "torch", "keops")
@@ -66,4 +67,4 @@ def keops_applies(kernel: gpytorch.kernels.Kernel, x: Tensor) -> bool:
     if not keops_available() or x.dim() != 2:
         return False
     named = list(kernel.named_parameters())
-    return keops_formula(kernel, [n for n, _ in named], [p for _, p in named]) is not None
+    return kernel_formula(kernel, [n for n, _ in named], [p for _, p in named]) is not None

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from structgp.covariance import KernelOperator
-from structgp.covariance.keops_backend import keops_available, keops_formula
+from structgp.covariance.keops_backend import keops_available
+from structgp.covariance.kernel_formula import kernel_formula
 from structgp.kernels import MatrixFreeKernel
 
 needs_keops = pytest.mark.skipif(not keops_available(), reason="pykeops is not installed")
@@ -25,13 +26,13 @@ def kernels():
 def test_formula_translation_without_keops():
     rbf, matern = kernels()
     named = list(rbf.named_parameters())
-    family, nu, lengthscale, scale = keops_formula(rbf, [n for n, _ in named], [p for _, p in named])
+    family, nu, lengthscale, scale = kernel_formula(rbf, [n for n, _ in named], [p for _, p in named])
     assert family == "rbf" and nu is None
     torch.testing.assert_close(lengthscale, rbf.base_kernel.lengthscale)
     torch.testing.assert_close(scale, rbf.outputscale)
     periodic = gpytorch.kernels.PeriodicKernel()
     named = list(periodic.named_parameters())
-    assert keops_formula(periodic, [n for n, _ in named], [p for _, p in named]) is None
+    assert kernel_formula(periodic, [n for n, _ in named], [p for _, p in named]) is None
 
 
 def test_unknown_backend_is_refused():

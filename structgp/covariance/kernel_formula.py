@@ -1,0 +1,97 @@
+"""Stationary kernels as formulas: the gpytorch kernels both fast product paths can evaluate directly.
+
+:func:`kernel_formula` translates ``RBFKernel`` and ``MaternKernel`` (nu in {1/2, 3/2, 5/2}), each optionally
+inside a ``ScaleKernel``, with scalar or ARD lengthscales and no batch dimensions, into a :class:`Formula` built
+from the parameter tensors a :class:`~structgp.covariance.KernelOperator` holds (each raw parameter through the
+kernel's own constraint, so gradients reach the raw parameters as in gpytorch); anything else gives None.
+
+:func:`evaluate_formula` evaluates a block ``k(x1, x2)`` with few passes over the ``n1 x n2`` block: the RBF
+exponent ``log s - |z1 - z2|^2 / 2`` (``z = (x - c) / lengthscale``, ``c`` the mean of ``x2``, as gpytorch
+centres) is one matrix product of augmented inputs, then a clamp and an ``exp`` (in place when nothing needs
+a gradient); gpytorch's general path takes about twice the passes (distances, clamp, division, ``exp``,
+scaling). Matern kernels take the distance by differences (``torch.cdist`` without the product formula).
+The KeOps backend (:mod:`.keops_backend`) compiles the same formulas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import gpytorch
+import torch
+from torch import Tensor
+
+SUPPORTED_NU = (0.5, 1.5, 2.5)
+
+
+@dataclasses.dataclass
+class Formula:
+    """``scale * f(|x1 - x2| / lengthscale)``: family ``"rbf"`` or ``"matern"`` (with ``nu``); lengthscale
+    ``(1, d)`` or ``(1, 1)``; scale ``()`` or None (1)."""
+
+    family: str
+    nu: float | None
+    lengthscale: Tensor
+    scale: Tensor | None
+
+    def __iter__(self):
+        return iter((self.family, self.nu, self.lengthscale, self.scale))
+
+
+def kernel_formula(
+    kernel: gpytorch.kernels.Kernel, names: Sequence[str], params: Sequence[Tensor]
+) -> Formula | None:
+    """The :class:`Formula` of a kernel from ``params`` (raw values, in ``names`` order), or None."""
+    values = dict(zip(names, params))
+    scale, inner, prefix = None, kernel, ""
+    if isinstance(kernel, gpytorch.kernels.ScaleKernel):
+        scale = kernel.raw_outputscale_constraint.transform(values["raw_outputscale"])
+        inner, prefix = kernel.base_kernel, "base_kernel."
+    if inner.batch_shape or kernel.batch_shape or inner.active_dims is not None:
+        return None
+    if type(inner) is gpytorch.kernels.RBFKernel:
+        family, nu = "rbf", None
+    elif type(inner) is gpytorch.kernels.MaternKernel and inner.nu in SUPPORTED_NU:
+        family, nu = "matern", inner.nu
+    else:
+        return None
+    raw = values.get(prefix + "raw_lengthscale")
+    if raw is None or any(n.startswith(prefix) and n != prefix + "raw_lengthscale" for n in names):
+        return None  # a prior or extra parameter this translation does not know
+    lengthscale = inner.raw_lengthscale_constraint.transform(raw)
+    return Formula(family, nu, lengthscale, scale)
+
+
+def evaluate_formula(formula: Formula, x1: Tensor, x2: Tensor) -> Tensor:
+    """``k(x1, x2)`` ``(n1, n2)`` for ``x1`` ``(n1, d)``, ``x2`` ``(n2, d)`` (differentiable)."""
+    family, nu, lengthscale, scale = formula
+    inplace = not torch.is_grad_enabled()  # the product's forward and the CG runs: no graph to keep
+    center = x2.mean(-2, keepdim=True).detach()  # any shift gives the same kernel: it only limits cancellation
+    z1, z2 = (x1 - center) / lengthscale, (x2 - center) / lengthscale
+    log_scale = torch.zeros((), dtype=x1.dtype, device=x1.device) if scale is None else scale.log()
+    if family == "rbf":  # log s - |z1 - z2|^2 / 2 = z1.z2 + (log s - |z1|^2 / 2) - |z2|^2 / 2, one product
+        exponent = _augmented(z1, z2, log_scale)
+        if inplace:
+            return exponent.clamp_max_(log_scale).exp_()
+        return torch.minimum(exponent, log_scale).exp()
+    # Matern: the distance itself, by differences (a product formula's cancellation would be amplified by the
+    # square root: 1e-3 at coincident points in float32); torch.cdist's gradient at distance 0 is 0
+    r = torch.cdist(z1, z2, compute_mode="donot_use_mm_for_euclid_dist")
+    sq = r.square()
+    c = math.sqrt(2 * nu)
+    k = torch.exp(-c * r)
+    if nu == 1.5:
+        k = k * (1 + c * r)
+    elif nu == 2.5:
+        k = k * (1 + c * r + (5.0 / 3.0) * sq)
+    return k if scale is None else scale * k
+
+
+def _augmented(z1: Tensor, z2: Tensor, shift: Tensor) -> Tensor:
+    """``shift - |z1_i - z2_j|^2 / 2`` ``(n1, n2)`` as one matrix product of inputs with two more columns."""
+    ones1, ones2 = torch.ones_like(z1[:, :1]), torch.ones_like(z2[:, :1])
+    left = torch.cat([z1, shift - 0.5 * z1.square().sum(-1, keepdim=True), ones1], -1)
+    right = torch.cat([z2, ones2, -0.5 * z2.square().sum(-1, keepdim=True)], -1)
+    return left @ right.mT
