@@ -42,7 +42,7 @@ from structgp.covariance.kernel_formula import evaluate_formula, kernel_formula
 from structgp.covariance.operator import Operator
 from structgp.covariance.validation import value_checks_enabled
 
-MAX_BLOCK_ENTRIES = 2**23  # entries of one block x n kernel block (32 MiB in float32)
+MAX_BLOCK_ENTRIES = 2**21  # entries of one block x n kernel block (8 MiB in float32; larger were not faster)
 BUDGET_SHARE = 32  # a block's matrix takes at most memory_budget / BUDGET_SHARE (kernel temporaries, backward)
 
 
