@@ -153,7 +153,7 @@ def table(rows: list[dict]) -> None:
               f"({r['added_gib']:.2f}) | {err} | {grads} |")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", choices=sorted(RUNNERS))
     parser.add_argument("--n", type=int, nargs="*")
@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--timeout", type=float, default=3600)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(one(args.one, args.n[0], args.dtype or "float64", args.device)))
         return

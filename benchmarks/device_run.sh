@@ -7,9 +7,9 @@
 #     python -m pip download --no-deps -d .whl pyro-ppl pyro-api opt_einsum
 # then one device `run` per suite, carrying .whl:
 #     bash benchmarks/device_run.sh tests         # CUDA tests (tests/test_cuda.py, tests/models/test_cuda_models.py)
-#     bash benchmarks/device_run.sh covariance    # then iterative, models, scaling, overhead
+#     bash benchmarks/device_run.sh covariance    # then iterative, models, scaling, overhead, matrix_free
 set -euo pipefail
-what=${1:?usage: device_run.sh tests|covariance|iterative|models|scaling|overhead}
+what=${1:?usage: device_run.sh tests|covariance|iterative|models|scaling|overhead|matrix_free}
 out=${OUT:-bench_out_gpu}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -22,6 +22,6 @@ if [ "$what" = tests ]; then
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/models/test_cuda_models.py 2>&1 | tee "$out/cuda_tests.log"
     exit "${PIPESTATUS[0]}"
 fi
-all=covariance,iterative,models,scaling,overhead
+all=covariance,iterative,models,scaling,overhead,matrix_free
 skip=$(echo "$all" | tr , '\n' | grep -vx "$what" | paste -sd, -)
 python3 benchmarks/run_all.py --device cuda --size full --out "$out" --skip "$skip" 2>&1 | tee "$out/$what.log"

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip", default="",
-                        help="comma-separated subset of: covariance,iterative,models,scaling,overhead")
+                        help="comma-separated subset of: covariance,iterative,models,scaling,overhead,matrix_free")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n== small-call overhead (MultivariateNormal log_prob + backward on a small dense covariance)")
         bench_overhead.main(["--device", args.device, "--json", str(out / "overhead.json")])
+    if "matrix_free" not in skip:
+        import bench_matrix_free
+
+        print("\n== matrix-free exact GP (KernelOperator) against dense float64 Cholesky and gpytorch")
+        sizes = ["--n", "12000", "--dtype", "float64"] if args.size == "full" else ["--n", "3000", "--dtype", "float64"]
+        bench_matrix_free.main([*sizes, "--device", args.device])
     if "scaling" not in skip:
         print("\n== scaling")
         data = scaling(args.size, dev, args.reps)
