@@ -16,7 +16,7 @@ import torch
 # "auto", the engine families and the engines' own names (structgp.inference.plan.engine_names())
 METHODS = (
     "auto", "cholesky", "woodbury", "low_rank_woodbury", "lifted_woodbury", "spectral_woodbury", "eigen",
-    "blockwise", "diagonal", "permuted", "lift_reduction", "cg",
+    "blockwise", "diagonal", "permuted", "lift_reduction", "cg", "masked_grid",
 )
 PRECONDITIONERS = (
     "auto", "none", "jacobi", "pivoted_cholesky", "kronecker_eigen", "kronecker_deflated", "lifted_eigen"

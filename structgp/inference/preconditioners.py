@@ -265,6 +265,11 @@ def build(op: Operator, cfg: Settings) -> Preconditioner:
             return lifted_eigen_preconditioner(op, cfg)
         if kind == "auto" and _is_kronecker_sum(op):
             return kronecker_preconditioner(op, cfg, "auto")
+        # a grid with missing cells (its module imports this one: imported here)
+        from structgp.inference.masked_kronecker_preconditioner import is_masked_grid, masked_preconditioner
+
+        if kind == "auto" and is_masked_grid(op):
+            return masked_preconditioner(op)
         if kind == "auto" and _is_lifted_sum(op):
             return lifted_eigen_preconditioner(op, cfg)
         return pivoted_cholesky_preconditioner(op, cfg.precond_rank)
