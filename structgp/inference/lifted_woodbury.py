@@ -44,6 +44,7 @@ import dataclasses
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.indexing import entries
@@ -205,6 +206,35 @@ def _sparse_gram(lift: Lift, values: Tensor, weights: Tensor | None) -> tuple[Te
     return rows, cols, m.values()
 
 
+def _bilinear_sum(k: Operator, left: Tensor, right: Tensor) -> Tensor:
+    """``sum(left * (K right))`` ``(...)`` for ``left``, ``right`` ``(..., n, c)`` without graph, differentiable
+    in ``K``: in column chunks, each recomputed in the backward (checkpointed), so that ``K``'s product keeps
+    the intermediates of one chunk rather than of all ``c`` columns."""
+    c, step = right.shape[-1], max(1, Lift.CHUNK // max(1, right.shape[-2]))
+    if c <= step:
+        return (left * (k @ right)).sum((-2, -1))
+
+    def chunk(lo: Tensor, ro: Tensor) -> Tensor:
+        return (lo * (k @ ro)).sum((-2, -1))
+
+    return sum(
+        checkpoint(chunk, left[..., s : s + step], right[..., s : s + step], use_reentrant=False)
+        for s in range(0, c, step)
+    )
+
+
+def _sparse_gram_product(lift: Lift, values: Tensor, weights: Tensor | None, x: Tensor) -> Tensor:
+    """``L^T diag(w) L x`` ``(n_in, c)`` (``w = 1`` for None: then the pattern gram is cached on the lift) by a
+    sparse ``(n_in, n_in)`` product with ``nnz(M)`` entries, differentiable in ``x`` only."""
+    with torch.no_grad():
+        if weights is None:
+            rows, cols, vals = cached(lift, "sparse_gram", lambda: _sparse_gram(lift, values, None), detached=True)
+        else:
+            rows, cols, vals = _sparse_gram(lift, values, weights)
+        m = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (lift.n_in, lift.n_in), is_coalesced=True)
+    return torch.sparse.mm(m, x)
+
+
 def _backward_factor(capacitance: Tensor, chol: Tensor) -> Tensor:
     """The graph-free factor; under ``create_graph`` one that is differentiable in ``C`` instead, so that
     second derivatives are exact."""
@@ -220,6 +250,8 @@ def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
     dims = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
     return x.sum(dims, keepdim=True) if dims else x
 
+
+DENSE_GRAM_ENTRIES = 2**26  # entries of a dense M = L^T D^-1 L (512 MiB) above which a sparse M is kept
 
 _WHAT = (
     "the lifted Woodbury path with a spectral root",
@@ -274,7 +306,7 @@ class _Factor:
             trace_mk = _trace_product(self.gram.detach(), k)
         else:
             trace_mk = _trace_sparse_gram(lift, self.values.detach(), self.inv_noise.detach(), k)
-        surrogate = trace_mk - (pc * (k @ p)).sum((-2, -1))
+        surrogate = trace_mk - _bilinear_sum(k, pc, p)
         return first_order_only(value + (surrogate - surrogate.detach()), *_WHAT)
 
     def _gram_root(self, lift: Lift) -> Tensor:
@@ -313,6 +345,38 @@ def _row_form(lift: Lift, rank: int) -> bool:
     return rows < gram
 
 
+def _sparse_gram_flops(lift: Lift, rank: int) -> float:
+    """Flops of the sparse gram form (``n_pairs`` bounds ``nnz(M)``)."""
+    return 2 * lift.n_pairs * rank + 2 * lift.n_in * rank * rank
+
+
+def _sparse_gram_ok(op: AddedDiagonal) -> bool:
+    """Whether the gram ``M`` may be kept sparse (metadata only): an unbatched operator whose dense ``M`` would
+    pass ``DENSE_GRAM_ENTRIES``, whose lift values need no gradient and whose noise is ``s I`` (``M = L^T L / s``
+    carries the graph to ``s``) or needs none."""
+    lift, noise = op.base.lift, op.noise
+    noise_ok = isinstance(noise, ScaledIdentity) or not any(t.requires_grad for t in noise._tensors())
+    return (
+        op.batch_shape == torch.Size()
+        and lift.n_in * lift.n_in > DENSE_GRAM_ENTRIES
+        and not lift.values.requires_grad
+        and noise_ok
+    )
+
+
+def _form(op: AddedDiagonal, rank: int) -> str:
+    """The capacitance's form for ``op`` with a root of ``rank`` columns: ``"rows"`` (``F = L R``), ``"gram"``
+    (dense ``M``) or ``"sparse_gram"`` (sparse ``M``, for latent grids whose dense ``M`` would not fit)."""
+    lift = op.base.lift
+    if _sparse_gram_ok(op):
+        _, rows = _form_flops(lift, rank)
+        return "rows" if rows < _sparse_gram_flops(lift, rank) else "sparse_gram"
+    return "rows" if _row_form(lift, rank) else "gram"
+
+
+_FORM_NOTES = {"rows": "row form F = L R", "gram": "gram form M = L^T D^-1 L", "sparse_gram": "sparse gram form M = L^T D^-1 L"}
+
+
 def _factor(op: AddedDiagonal) -> _Factor:
     def compute() -> _Factor:
         lifted, noise = op.base, op.noise
@@ -328,9 +392,18 @@ def _factor(op: AddedDiagonal) -> _Factor:
             d = noise.diagonal().double() if jitter is None else noise.diagonal().double() + jitter[..., None]
             inv_noise, noise_logdet = 1 / d, d.log().sum(-1)
         rows = m = mr = None
-        if _row_form(lift, r.shape[-1]):
+        form = _form(op, r.shape[-1])
+        if form == "rows":
             rows = lift.matmul(r.to_dense(), values)  # F = L R
             rmr = rows.mT @ (inv_noise.unsqueeze(-1) * rows)
+        elif form == "sparse_gram":  # M R by one sparse product: nothing n_in x n_in
+            dense_root = r.to_dense()
+            mr = _sparse_gram_product(lift, values, None if scaled else inv_noise.detach(), dense_root)
+            rmr = dense_root.mT @ mr
+            if scaled:  # M = L^T L / s: the graph to s through the r x r product only
+                rmr = rmr * inv_noise[..., None]
+                scale_inv = inv_noise.detach()[..., None]
+                mr = mr.mul_(scale_inv) if not mr.requires_grad else mr * scale_inv
         else:
             if scaled:
                 gram = cached(lift, "gram", lambda: lift_gram(lift, lift.values.double()))
@@ -349,7 +422,7 @@ def _factor(op: AddedDiagonal) -> _Factor:
     if rep is not None:
         if f.spectral:
             rep.notes.append(f"spectral root of rank {f.root.shape[-1]} (the base is singular in float64; no jitter)")
-        rep.notes.append("row form F = L R" if f.rows is not None else "gram form M = L^T D^-1 L")
+        rep.notes.append(_FORM_NOTES["rows" if f.rows is not None else "gram" if f.gram is not None else "sparse_gram"])
     return f
 
 
@@ -432,14 +505,18 @@ class LiftedWoodbury(Engine):
     def why(self, op: AddedDiagonal) -> str:
         r, spectral = latent_rank(op.base.base)
         root_kind = " (the base's spectral root)" if spectral else ""
-        form = "F = L R" if _row_form(op.base.lift, r) else "M = L^T D^-1 L"
+        form = {"rows": "F = L R", "gram": "M = L^T D^-1 L", "sparse_gram": "a sparse M = L^T D^-1 L"}[_form(op, r)]
         return f"{describe(op)}: latent-space Woodbury with a {r} x {r} capacitance{root_kind} through {form}"
 
     def cost(self, op: AddedDiagonal) -> Cost:
         lift, batch = op.base.lift, op.batch_shape.numel()
         r, _ = latent_rank(op.base.base)
         gram, rows = _form_flops(lift, r)
-        if rows < gram:
+        form = _form(op, r)
+        if form == "sparse_gram":
+            flops = batch * (_sparse_gram_flops(lift, r) + r**3 / 3) + 4 * lift.nnz
+            nbytes = (3 * lift.n_in * r + 3 * r * r) * 8 + 3 * lift.n_pairs * 8
+        elif form == "rows":
             flops = batch * (rows + r**3 / 3) + 4 * lift.nnz
             nbytes = batch * (2 * lift.n_out * r + lift.n_in * r + 3 * r * r) * 8
         else:
