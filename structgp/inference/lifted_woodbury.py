@@ -374,7 +374,11 @@ def _form(op: AddedDiagonal, rank: int) -> str:
     return "rows" if _row_form(lift, rank) else "gram"
 
 
-_FORM_NOTES = {"rows": "row form F = L R", "gram": "gram form M = L^T D^-1 L", "sparse_gram": "sparse gram form M = L^T D^-1 L"}
+_FORM_NOTES = {
+    "rows": "row form F = L R",
+    "gram": "gram form M = L^T D^-1 L",
+    "sparse_gram": "sparse gram form M = L^T D^-1 L",
+}
 
 
 def _factor(op: AddedDiagonal) -> _Factor:
