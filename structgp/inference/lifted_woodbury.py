@@ -206,21 +206,25 @@ def _sparse_gram(lift: Lift, values: Tensor, weights: Tensor | None) -> tuple[Te
     return rows, cols, m.values()
 
 
-def _bilinear_sum(k: Operator, left: Tensor, right: Tensor) -> Tensor:
-    """``sum(left * (K right))`` ``(...)`` for ``left``, ``right`` ``(..., n, c)`` without graph, differentiable
-    in ``K``: in column chunks, each recomputed in the backward (checkpointed), so that ``K``'s product keeps
-    the intermediates of one chunk rather than of all ``c`` columns."""
-    c, step = right.shape[-1], max(1, Lift.CHUNK // max(1, right.shape[-2]))
-    if c <= step:
+def _capacitance_trace(k: Operator, p: Tensor, chol: Tensor) -> Tensor:
+    """``tr(C^{-1} P^T K P) = sum((P C^{-1}) * (K P))`` ``(...)`` for ``P`` ``(..., n, r)`` and the Cholesky
+    factor of ``C`` (both without graph), differentiable in ``K``. Past ``Lift.CHUNK`` elements it runs in
+    column chunks, ``P C^{-1}`` formed a chunk at a time and ``K``'s product recomputed in the backward
+    (checkpointed), so that nothing beyond ``P`` and one chunk is ``n x r``."""
+    r, step = p.shape[-1], max(1, Lift.CHUNK // max(1, p.shape[-2]))
+    if r <= step:
+        pc = torch.cholesky_solve(p.mT, chol).mT
+        return (pc * (k @ p)).sum((-2, -1))
+    eye = torch.eye(r, dtype=p.dtype, device=p.device)
+
+    def chunk(left: Tensor, right: Tensor) -> Tensor:
         return (left * (k @ right)).sum((-2, -1))
 
-    def chunk(lo: Tensor, ro: Tensor) -> Tensor:
-        return (lo * (k @ ro)).sum((-2, -1))
-
-    return sum(
-        checkpoint(chunk, left[..., s : s + step], right[..., s : s + step], use_reentrant=False)
-        for s in range(0, c, step)
-    )
+    total = 0
+    for s in range(0, r, step):
+        left = p @ torch.cholesky_solve(eye[:, s : s + step], chol)  # columns s.. of P C^{-1}
+        total = total + checkpoint(chunk, left, p[..., s : s + step], use_reentrant=False)
+    return total
 
 
 def _sparse_gram_product(lift: Lift, values: Tensor, weights: Tensor | None, x: Tensor) -> Tensor:
@@ -301,12 +305,11 @@ class _Factor:
         # over the sparse M's pattern (row form, see _trace_sparse_gram)
         k = self.base
         p = self._gram_root(lift).detach()
-        pc = torch.cholesky_solve(p.mT, self.chol).mT  # P C^{-1}
         if self.gram is not None:
             trace_mk = _trace_product(self.gram.detach(), k)
         else:
             trace_mk = _trace_sparse_gram(lift, self.values.detach(), self.inv_noise.detach(), k)
-        surrogate = trace_mk - _bilinear_sum(k, pc, p)
+        surrogate = trace_mk - _capacitance_trace(k, p, self.chol)
         return first_order_only(value + (surrogate - surrogate.detach()), *_WHAT)
 
     def _gram_root(self, lift: Lift) -> Tensor:
