@@ -17,7 +17,11 @@ With ``D = s I`` the pattern Gram ``L^T L`` is computed once and cached on the l
 need no gradient. Everything after the sparse products is float64, also for float32 data.
 Cost ``n_pairs + 2 n_in^2 r + r^3 / 3`` flops (``n_pairs = sum_r nnz_r^2``): the gram form. When ``R`` is
 narrow the row form ``C = I_r + F^T D^{-1} F`` with ``F = L R`` (``n_out x r``, ``2 nnz r + 2 n_out r^2``
-flops, ``n_out r`` memory) is cheaper and is taken instead.
+flops, ``n_out r`` memory) is cheaper and is taken instead. A latent grid whose dense ``M`` would pass
+``DENSE_GRAM_ENTRIES`` (``n_in = 64 000``: 30 GiB) keeps ``M`` sparse (``nnz(M) <= n_pairs`` entries, cached on the
+lift for ``s I`` noise): ``P = M R`` is one sparse product and ``C = I + R^T P`` (``2 nnz(M) r + 2 n_in r^2``
+flops, memory ``O(n_in r + nnz(M))``), taken where it is cheaper than the row form (unbatched, lift values
+without gradient, ``s I`` noise or noise without gradient).
 
 ``R`` is the base's Cholesky root when the base is positive definite in float64. A Kronecker or dense base
 that is singular to working precision (a smooth kernel on a fine grid) gets its truncated spectral root
