@@ -211,24 +211,19 @@ def _sparse_gram(lift: Lift, values: Tensor, weights: Tensor | None) -> tuple[Te
 
 
 def _capacitance_trace(k: Operator, p: Tensor, chol: Tensor) -> Tensor:
-    """``tr(C^{-1} P^T K P) = sum((P C^{-1}) * (K P))`` ``(...)`` for ``P`` ``(..., n, r)`` and the Cholesky
-    factor of ``C`` (both without graph), differentiable in ``K``. Past ``Lift.CHUNK`` elements it runs in
-    column chunks, ``P C^{-1}`` formed a chunk at a time and ``K``'s product recomputed in the backward
-    (checkpointed), so that nothing beyond ``P`` and one chunk is ``n x r``."""
-    r, step = p.shape[-1], max(1, Lift.CHUNK // max(1, p.shape[-2]))
+    """``tr(C^{-1} P^T K P) = sum(B * (K B))`` ``(...)`` with ``B = P L_C^{-T}`` (one triangular solve) for
+    ``P`` ``(..., n, r)`` and the Cholesky factor ``L_C`` of ``C`` (both without graph), differentiable in
+    ``K``. Past ``Lift.CHUNK`` elements ``K``'s product runs in column chunks of ``B``, each recomputed in the
+    backward (checkpointed), so that only one chunk's intermediates are kept."""
+    b = torch.linalg.solve_triangular(chol, p.mT, upper=False).mT  # (..., n, r); its columns are contiguous
+    r, step = b.shape[-1], max(1, Lift.CHUNK // max(1, b.shape[-2]))
     if r <= step:
-        pc = torch.cholesky_solve(p.mT, chol).mT
-        return (pc * (k @ p)).sum((-2, -1))
-    eye = torch.eye(r, dtype=p.dtype, device=p.device)
+        return (b * (k @ b)).sum((-2, -1))
 
-    def chunk(left: Tensor, right: Tensor) -> Tensor:
-        return (left * (k @ right)).sum((-2, -1))
+    def chunk(part: Tensor) -> Tensor:
+        return (part * (k @ part)).sum((-2, -1))
 
-    total = 0
-    for s in range(0, r, step):
-        left = p @ torch.cholesky_solve(eye[:, s : s + step], chol)  # columns s.. of P C^{-1}
-        total = total + checkpoint(chunk, left, p[..., s : s + step], use_reentrant=False)
-    return total
+    return sum(checkpoint(chunk, b[..., s : s + step], use_reentrant=False) for s in range(0, r, step))
 
 
 def _sparse_gram_product(lift: Lift, values: Tensor, weights: Tensor | None, x: Tensor) -> Tensor:
@@ -406,7 +401,10 @@ def _factor(op: AddedDiagonal) -> _Factor:
         form = _form(op, r.shape[-1])
         if form == "rows":
             rows = lift.matmul(r.to_dense(), values)  # F = L R
-            rmr = rows.mT @ (inv_noise.unsqueeze(-1) * rows)
+            if scaled:  # F^T F / s: the graph to s through the r x r product only
+                rmr = (rows.mT @ rows) * inv_noise[..., None]
+            else:
+                rmr = rows.mT @ (inv_noise.unsqueeze(-1) * rows)
         elif form == "sparse_gram":  # M R by one sparse product: nothing n_in x n_in
             dense_root = r.to_dense()
             mr = _sparse_gram_product(lift, values, None if scaled else inv_noise.detach(), dense_root)
