@@ -213,10 +213,10 @@ def _sparse_gram(lift: Lift, values: Tensor, weights: Tensor | None) -> tuple[Te
 def _capacitance_trace(k: Operator, p: Tensor, chol: Tensor) -> Tensor:
     """``tr(C^{-1} P^T K P) = sum(B * (K B))`` ``(...)`` with ``B = P L_C^{-T}`` (one triangular solve) for
     ``P`` ``(..., n, r)`` and the Cholesky factor ``L_C`` of ``C`` (both without graph), differentiable in
-    ``K``. Past ``Lift.CHUNK`` elements ``K``'s product runs in column chunks of ``B``, each recomputed in the
-    backward (checkpointed), so that only one chunk's intermediates are kept."""
+    ``K``. Past ``SURROGATE_CHUNK`` elements ``K``'s product runs in column chunks of ``B``, each recomputed in
+    the backward (checkpointed), so that only one chunk's intermediates are kept."""
     b = torch.linalg.solve_triangular(chol, p.mT, upper=False).mT  # (..., n, r); its columns are contiguous
-    r, step = b.shape[-1], max(1, Lift.CHUNK // max(1, b.shape[-2]))
+    r, step = b.shape[-1], max(1, SURROGATE_CHUNK // max(1, b.shape[-2]))
     if r <= step:
         return (b * (k @ b)).sum((-2, -1))
 
@@ -255,6 +255,8 @@ def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
 
 
 DENSE_GRAM_ENTRIES = 2**26  # entries of a dense M = L^T D^-1 L (512 MiB) above which a sparse M is kept
+# elements of a column chunk of the surrogate's K B (128 MiB in float64): wide enough for efficient products
+SURROGATE_CHUNK = 2**24
 
 _WHAT = (
     "the lifted Woodbury path with a spectral root",

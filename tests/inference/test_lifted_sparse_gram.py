@@ -6,7 +6,6 @@ import torch
 
 import structgp as sg
 from structgp.covariance import Diagonal, Kronecker, ScaledIdentity, SparseLifted
-from structgp.covariance.sparse_lifted import Lift
 from structgp.inference import lifted_woodbury
 from tests.inference.test_lifted_woodbury import interpolation_lift, smooth_grid
 from tests.memory_guard import LargestOutput
@@ -15,10 +14,10 @@ from tests.reference import F64, assert_close, dense_inv_quad_logdet, paired_gra
 
 @pytest.fixture
 def sparse_gram(monkeypatch):
-    """The sparse form whatever the size, and column chunks of 3 in the surrogate."""
+    """The sparse form whatever the size, and column chunks of 3 in the surrogate (n_in = 256)."""
     monkeypatch.setattr(lifted_woodbury, "DENSE_GRAM_ENTRIES", 0)
     monkeypatch.setattr(lifted_woodbury, "_form_flops", lambda lift, rank: (0.0, float("inf")))
-    monkeypatch.setattr(Lift, "CHUNK", 3 * 120)
+    monkeypatch.setattr(lifted_woodbury, "SURROGATE_CHUNK", 3 * 256)
 
 
 @pytest.mark.parametrize("noise", ["scaled", "fixed_diagonal"])
