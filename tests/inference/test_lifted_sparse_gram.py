@@ -1,15 +1,18 @@
 """The lifted Woodbury engine's sparse gram form (latent grids whose dense ``M = L^T D^-1 L`` would not fit)
 and its column-chunked surrogate, forced at small sizes, against dense float64 autograd."""
 
+import math
+
 import pytest
 import torch
+import torch.distributions as tdist
 
 import structgp as sg
 from structgp.covariance import Diagonal, Kronecker, ScaledIdentity, SparseLifted
 from structgp.inference import lifted_woodbury
 from tests.inference.test_lifted_woodbury import interpolation_lift, smooth_grid
 from tests.memory_guard import LargestOutput
-from tests.reference import F64, assert_close, dense_inv_quad_logdet, paired_grads, positive
+from tests.reference import F64, assert_close, paired_grads, positive
 
 
 @pytest.fixture
@@ -34,33 +37,36 @@ def test_sparse_gram_matches_dense_autograd(sparse_gram, noise):
         s, y = rest if noise == "scaled" else (None, rest[0])
         base = Kronecker(smooth_grid(g, ls), smooth_grid(g, 2 * ls))
         noise_op = ScaledIdentity(s, n) if noise == "scaled" else Diagonal(d_fixed)
-        if structured:
-            with sg.settings(method="woodbury"):
-                op = SparseLifted(lift, base) + noise_op
-                q, ld = op.inv_quad_logdet(y)
-                x = op.solve(y.mT)
-            report = str(sg.last_report())
-            assert "sparse gram form" in report and "spectral root" in report, report
-        else:
+        if not structured:  # log densities by torch.distributions, solves by torch.linalg, both dense
             dense_lift = lift.to_dense()
-            a = dense_lift @ base.to_dense() @ dense_lift.T + noise_op.to_dense()
-            q, ld = dense_inv_quad_logdet(a, y)
-            x = torch.linalg.solve(a, y.mT)
-        return q.sum() + ld.sum() + x.square().sum()
+            cov = dense_lift @ base.to_dense() @ dense_lift.T + noise_op.to_dense()
+            solved = torch.linalg.solve(cov, y.mT)
+            return tdist.MultivariateNormal(torch.zeros(n, dtype=F64), cov).log_prob(y).sum() + solved.square().sum()
+        with sg.settings(method="woodbury"):
+            op = SparseLifted(lift, base) + noise_op
+            q, ld = op.inv_quad_logdet(y)
+            solved = op.solve(y.mT)
+        report = str(sg.last_report())
+        assert "sparse gram form" in report and "spectral root" in report, report
+        return (-0.5 * (q + ld + n * math.log(2 * math.pi))).sum() + solved.square().sum()
 
     for name, got, ref in paired_grads(loss, leaves):
         assert torch.isfinite(got).all(), name
         assert_close(got, ref, rtol=1e-7, atol=1e-8)
 
 
+def random_rows(n_out: int, n_cells: int, gen: torch.Generator) -> torch.Tensor:
+    """A lift of ``n_out`` rows of 8 random cells with U(0, 1) weights, sparse COO."""
+    cols = torch.randint(0, n_cells, (n_out, 8), generator=gen)
+    rows = torch.arange(n_out).repeat_interleave(8)
+    values = torch.rand(8 * n_out, dtype=F64, generator=gen)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols.reshape(-1)]), values, (n_out, n_cells)).coalesce()
+
+
 def test_planned_for_a_large_latent_grid():
     """Metadata only: 10^5 rows of 8 of 40^3 cells, s I noise: the sparse form (the dense M would be 30 GiB)."""
     n_out, m = 100_000, 40
-    gen = torch.Generator().manual_seed(0)
-    cols = torch.randint(0, m**3, (n_out, 8), generator=gen)
-    rows = torch.arange(n_out).repeat_interleave(8)
-    lift = torch.sparse_coo_tensor(torch.stack([rows, cols.reshape(-1)]), torch.rand(8 * n_out, dtype=F64),
-                                   (n_out, m**3)).coalesce()
+    lift = random_rows(n_out, m**3, torch.Generator().manual_seed(0))
     k = smooth_grid(m, torch.tensor(0.2, dtype=F64))
     op = SparseLifted(lift, Kronecker(k, k, k)) + ScaledIdentity(torch.tensor(0.1, dtype=F64), n_out)
     with sg.settings(method="woodbury"):
@@ -76,10 +82,7 @@ def test_nothing_quadratic_is_allocated(sparse_gram, monkeypatch, form):
         monkeypatch.setattr(lifted_woodbury, "DENSE_GRAM_ENTRIES", 2**62)
     n_out, m = 3000, 16
     gen = torch.Generator().manual_seed(1)
-    cols = torch.randint(0, m**3, (n_out, 8), generator=gen)
-    rows = torch.arange(n_out).repeat_interleave(8)
-    lift = torch.sparse_coo_tensor(torch.stack([rows, cols.reshape(-1)]), torch.rand(8 * n_out, dtype=F64),
-                                   (n_out, m**3)).coalesce()
+    lift = random_rows(n_out, m**3, gen)
     ls = torch.tensor(2.0, dtype=F64, requires_grad=True)
     s = torch.tensor(0.1, dtype=F64, requires_grad=True)
     y = torch.randn(n_out, dtype=F64, generator=gen)
