@@ -272,9 +272,10 @@ def worker(spec: str, reps: int) -> None:
         t0 = time.perf_counter()
         value = fn()
         times.append(1e3 * (time.perf_counter() - t0))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
-    print(json.dumps({"ms": sorted(times)[len(times) // 2], "value": float(value), "peak_gib": peak,
-                      "report": str(sg.last_report())}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"ms": sorted(times)[len(times) // 2], "value": float(value),
+                      "peak_gib": usage.ru_maxrss * 1024 / 2**30, "cpu_s": usage.ru_utime + usage.ru_stime,
+                      "calls": reps + 1, "report": str(sg.last_report())}))
 
 
 def in_subprocess(case: str, spec: str, reps: int, exact: float | None, impl: str = "structgp") -> Result:
@@ -286,7 +287,8 @@ def in_subprocess(case: str, spec: str, reps: int, exact: float | None, impl: st
         return Result(case, impl, note=f"failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:150]}")
     got = json.loads(lines[-1])
     rel = abs(got["value"] - exact) / abs(exact) if exact is not None else None
-    note = "[subprocess, peak = process max RSS] " + got["report"][-160:]
+    note = (f"[subprocess, peak = process max RSS; {got['cpu_s']:.0f} CPU s over {got['calls']} calls and the set-up] "
+            + got["report"][-160:])
     return Result(case, impl, round(got["ms"], 1), round(got["peak_gib"], 3), got["value"], rel, note)
 
 

@@ -18,10 +18,10 @@ need no gradient. Everything after the sparse products is float64, also for floa
 Cost ``n_pairs + 2 n_in^2 r + r^3 / 3`` flops (``n_pairs = sum_r nnz_r^2``): the gram form. When ``R`` is
 narrow the row form ``C = I_r + F^T D^{-1} F`` with ``F = L R`` (``n_out x r``, ``2 nnz r + 2 n_out r^2``
 flops, ``n_out r`` memory) is cheaper and is taken instead. A latent grid whose dense ``M`` would pass
-``DENSE_GRAM_ENTRIES`` (``n_in = 64 000``: 30 GiB) keeps ``M`` sparse (``nnz(M) <= n_pairs`` entries, cached on the
-lift for ``s I`` noise): ``P = M R`` is one sparse product and ``C = I + R^T P`` (``2 nnz(M) r + 2 n_in r^2``
-flops, memory ``O(n_in r + nnz(M))``), taken where it is cheaper than the row form (unbatched, lift values
-without gradient, ``s I`` noise or noise without gradient).
+``DENSE_GRAM_ENTRIES`` (``n_in = 64 000``: 30 GiB) takes the latent form instead: ``P = M R = L^T D^{-1} (L R)``
+by two sparse products a column chunk at a time and ``C = I + R^T P`` (``4 nnz r + 2 n_in r^2`` flops, memory
+``O(n_in r)`` plus one chunk), where it is cheaper than the row form (unbatched, lift values without
+gradient, ``s I`` noise or noise without gradient).
 
 ``R`` is the base's Cholesky root when the base is positive definite in float64. A Kronecker or dense base
 that is singular to working precision (a smooth kernel on a fine grid) gets its truncated spectral root
@@ -226,16 +226,16 @@ def _capacitance_trace(k: Operator, p: Tensor, chol: Tensor) -> Tensor:
     return sum(checkpoint(chunk, b[..., s : s + step], use_reentrant=False) for s in range(0, r, step))
 
 
-def _sparse_gram_product(lift: Lift, values: Tensor, weights: Tensor | None, x: Tensor) -> Tensor:
-    """``L^T diag(w) L x`` ``(n_in, c)`` (``w = 1`` for None: then the pattern gram is cached on the lift) by a
-    sparse ``(n_in, n_in)`` product with ``nnz(M)`` entries, differentiable in ``x`` only."""
-    with torch.no_grad():
-        if weights is None:
-            rows, cols, vals = cached(lift, "sparse_gram", lambda: _sparse_gram(lift, values, None), detached=True)
-        else:
-            rows, cols, vals = _sparse_gram(lift, values, weights)
-        m = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (lift.n_in, lift.n_in), is_coalesced=True)
-    return torch.sparse.mm(m, x)
+def _latent_product(lift: Lift, values: Tensor, weights: Tensor | None, x: Tensor) -> Tensor:
+    """``L^T diag(w) L x`` ``(n_in, c)`` (``w = 1`` for None) by two sparse products, in column chunks of
+    ``x`` so that ``L x`` is never ``n_out x c`` at once (``4 nnz c`` flops, ``n_out`` times the chunk width
+    of memory); differentiable in ``x`` (and ``w``)."""
+    step = max(1, SURROGATE_CHUNK // max(1, lift.n_out))
+    parts = []
+    for s in range(0, x.shape[-1], step):
+        rows = lift.matmul(x[..., s : s + step], values)
+        parts.append(lift.tmatmul(rows if weights is None else weights.unsqueeze(-1) * rows, values))
+    return torch.cat(parts, dim=-1)
 
 
 def _backward_factor(capacitance: Tensor, chol: Tensor) -> Tensor:
@@ -254,7 +254,7 @@ def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
     return x.sum(dims, keepdim=True) if dims else x
 
 
-DENSE_GRAM_ENTRIES = 2**26  # entries of a dense M = L^T D^-1 L (512 MiB) above which a sparse M is kept
+DENSE_GRAM_ENTRIES = 2**26  # entries of a dense M = L^T D^-1 L (512 MiB) above which the latent form is taken
 # elements of a column chunk of the surrogate's K B (128 MiB in float64): wide enough for efficient products
 SURROGATE_CHUNK = 2**24
 
@@ -349,14 +349,14 @@ def _row_form(lift: Lift, rank: int) -> bool:
     return rows < gram
 
 
-def _sparse_gram_flops(lift: Lift, rank: int) -> float:
-    """Flops of the sparse gram form (``n_pairs`` bounds ``nnz(M)``)."""
-    return 2 * lift.n_pairs * rank + 2 * lift.n_in * rank * rank
+def _latent_flops(lift: Lift, rank: int) -> float:
+    """Flops of the latent form."""
+    return 4 * lift.nnz * rank + 2 * lift.n_in * rank * rank
 
 
-def _sparse_gram_ok(op: AddedDiagonal) -> bool:
-    """Whether the gram ``M`` may be kept sparse (metadata only): an unbatched operator whose dense ``M`` would
-    pass ``DENSE_GRAM_ENTRIES``, whose lift values need no gradient and whose noise is ``s I`` (``M = L^T L / s``
+def _latent_ok(op: AddedDiagonal) -> bool:
+    """Whether the latent form applies (metadata only): an unbatched operator whose dense ``M`` would pass
+    ``DENSE_GRAM_ENTRIES``, whose lift values need no gradient and whose noise is ``s I`` (``P = L^T L R / s``
     carries the graph to ``s``) or needs none."""
     lift, noise = op.base.lift, op.noise
     noise_ok = isinstance(noise, ScaledIdentity) or not any(t.requires_grad for t in noise._tensors())
@@ -370,18 +370,18 @@ def _sparse_gram_ok(op: AddedDiagonal) -> bool:
 
 def _form(op: AddedDiagonal, rank: int) -> str:
     """The capacitance's form for ``op`` with a root of ``rank`` columns: ``"rows"`` (``F = L R``), ``"gram"``
-    (dense ``M``) or ``"sparse_gram"`` (sparse ``M``, for latent grids whose dense ``M`` would not fit)."""
+    (dense ``M``) or ``"latent"`` (``P = L^T D^{-1} (L R)``, for latent grids whose dense ``M`` would not fit)."""
     lift = op.base.lift
-    if _sparse_gram_ok(op):
+    if _latent_ok(op):
         _, rows = _form_flops(lift, rank)
-        return "rows" if rows < _sparse_gram_flops(lift, rank) else "sparse_gram"
+        return "rows" if rows < _latent_flops(lift, rank) else "latent"
     return "rows" if _row_form(lift, rank) else "gram"
 
 
 _FORM_NOTES = {
     "rows": "row form F = L R",
     "gram": "gram form M = L^T D^-1 L",
-    "sparse_gram": "sparse gram form M = L^T D^-1 L",
+    "latent": "latent form P = L^T D^-1 (L R)",
 }
 
 
@@ -407,9 +407,9 @@ def _factor(op: AddedDiagonal) -> _Factor:
                 rmr = (rows.mT @ rows) * inv_noise[..., None]
             else:
                 rmr = rows.mT @ (inv_noise.unsqueeze(-1) * rows)
-        elif form == "sparse_gram":  # M R by one sparse product: nothing n_in x n_in
+        elif form == "latent":  # P = M R by sparse products: nothing n_in x n_in or n_out x r
             dense_root = r.to_dense()
-            mr = _sparse_gram_product(lift, values, None if scaled else inv_noise.detach(), dense_root)
+            mr = _latent_product(lift, values, None if scaled else inv_noise.detach(), dense_root)
             rmr = dense_root.mT @ mr
             if scaled:  # M = L^T L / s: the graph to s through the r x r product only
                 rmr = rmr * inv_noise[..., None]
@@ -433,7 +433,7 @@ def _factor(op: AddedDiagonal) -> _Factor:
     if rep is not None:
         if f.spectral:
             rep.notes.append(f"spectral root of rank {f.root.shape[-1]} (the base is singular in float64; no jitter)")
-        rep.notes.append(_FORM_NOTES["rows" if f.rows is not None else "gram" if f.gram is not None else "sparse_gram"])
+        rep.notes.append(_FORM_NOTES["rows" if f.rows is not None else "gram" if f.gram is not None else "latent"])
     return f
 
 
@@ -516,7 +516,7 @@ class LiftedWoodbury(Engine):
     def why(self, op: AddedDiagonal) -> str:
         r, spectral = latent_rank(op.base.base)
         root_kind = " (the base's spectral root)" if spectral else ""
-        form = {"rows": "F = L R", "gram": "M = L^T D^-1 L", "sparse_gram": "a sparse M = L^T D^-1 L"}[_form(op, r)]
+        form = {"rows": "F = L R", "gram": "M = L^T D^-1 L", "latent": "P = L^T D^-1 (L R)"}[_form(op, r)]
         return f"{describe(op)}: latent-space Woodbury with a {r} x {r} capacitance{root_kind} through {form}"
 
     def cost(self, op: AddedDiagonal) -> Cost:
@@ -524,9 +524,9 @@ class LiftedWoodbury(Engine):
         r, _ = latent_rank(op.base.base)
         gram, rows = _form_flops(lift, r)
         form = _form(op, r)
-        if form == "sparse_gram":
-            flops = batch * (_sparse_gram_flops(lift, r) + r**3 / 3) + 4 * lift.nnz
-            nbytes = (3 * lift.n_in * r + 3 * r * r) * 8 + 3 * lift.n_pairs * 8
+        if form == "latent":
+            flops = batch * (_latent_flops(lift, r) + r**3 / 3) + 4 * lift.nnz
+            nbytes = (3 * lift.n_in * r + 3 * r * r) * 8 + 3 * lift.n_pairs * 8 + SURROGATE_CHUNK * 8
         elif form == "rows":
             flops = batch * (rows + r**3 / 3) + 4 * lift.nnz
             nbytes = batch * (2 * lift.n_out * r + lift.n_in * r + 3 * r * r) * 8

@@ -1,4 +1,5 @@
-"""The lifted Woodbury engine's sparse gram form (latent grids whose dense ``M = L^T D^-1 L`` would not fit)
+"""The lifted Woodbury engine's latent form ``P = L^T D^-1 (L R)`` (latent grids whose dense ``M = L^T D^-1 L``
+would not fit)
 and its column-chunked surrogate, forced at small sizes, against dense float64 autograd."""
 
 import math
@@ -16,16 +17,16 @@ from tests.reference import F64, assert_close, paired_grads, positive
 
 
 @pytest.fixture
-def sparse_gram(monkeypatch):
-    """The sparse form whatever the size, and column chunks of 3 in the surrogate (n_in = 256)."""
+def latent_form(monkeypatch):
+    """The latent form whatever the size, and column chunks of 3 in the surrogate (n_in = 256)."""
     monkeypatch.setattr(lifted_woodbury, "DENSE_GRAM_ENTRIES", 0)
     monkeypatch.setattr(lifted_woodbury, "_form_flops", lambda lift, rank: (0.0, float("inf")))
     monkeypatch.setattr(lifted_woodbury, "SURROGATE_CHUNK", 3 * 256)
 
 
 @pytest.mark.parametrize("noise", ["scaled", "fixed_diagonal"])
-def test_sparse_gram_matches_dense_autograd(sparse_gram, noise):
-    """Values and gradients (lengthscale, noise scale, targets) of the spectral-root path through a sparse M."""
+def test_latent_form_matches_dense_autograd(latent_form, noise):
+    """Values and gradients (lengthscale, noise scale, targets) of the spectral-root path through P = L^T D^-1 (L R)."""
     g, n = 16, 120
     lift = interpolation_lift(n, g).coalesce()
     d_fixed = positive(n, low=0.02)
@@ -47,7 +48,7 @@ def test_sparse_gram_matches_dense_autograd(sparse_gram, noise):
             q, ld = op.inv_quad_logdet(y)
             solved = op.solve(y.mT)
         report = str(sg.last_report())
-        assert "sparse gram form" in report and "spectral root" in report, report
+        assert "latent form" in report and "spectral root" in report, report
         return (-0.5 * (q + ld + n * math.log(2 * math.pi))).sum() + solved.square().sum()
 
     for name, got, ref in paired_grads(loss, leaves):
@@ -64,17 +65,17 @@ def random_rows(n_out: int, n_cells: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def test_planned_for_a_large_latent_grid():
-    """Metadata only: 10^5 rows of 8 of 40^3 cells, s I noise: the sparse form (the dense M would be 30 GiB)."""
+    """Metadata only: 10^5 rows of 8 of 40^3 cells, s I noise: the latent form (the dense M would be 30 GiB)."""
     n_out, m = 100_000, 40
     lift = random_rows(n_out, m**3, torch.Generator().manual_seed(0))
     k = smooth_grid(m, torch.tensor(0.2, dtype=F64))
     op = SparseLifted(lift, Kronecker(k, k, k)) + ScaledIdentity(torch.tensor(0.1, dtype=F64), n_out)
     with sg.settings(method="woodbury"):
-        assert "sparse M" in sg.plan(op).reason
+        assert "P = L^T D^-1 (L R)" in sg.plan(op).reason
 
 
-@pytest.mark.parametrize("form", ["sparse", "dense"])
-def test_nothing_quadratic_is_allocated(sparse_gram, monkeypatch, form):
+@pytest.mark.parametrize("form", ["latent", "dense"])
+def test_nothing_quadratic_is_allocated(latent_form, monkeypatch, form):
     """Value + gradient on a 16^3 grid (n_in = 4096) with 3000 rows of 8 cells: no op outputs anything of
     n_out^2 / 2 elements or more (n_out x n_out, dense n_out x n_in and n_in x n_in are all larger); the
     spectral root (n_in x r) is far narrower than n_in. The dense gram form, the control, is caught."""
@@ -95,6 +96,6 @@ def test_nothing_quadratic_is_allocated(sparse_gram, monkeypatch, form):
     if form == "dense":
         assert "gram form M" in report and guard.largest >= m**6, report
         return
-    assert "sparse gram form" in report, report
+    assert "latent form" in report, report
     assert guard.largest < n_out * n_out // 2, guard.where
     assert ls.grad is not None and s.grad is not None
