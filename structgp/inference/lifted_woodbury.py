@@ -210,12 +210,10 @@ def _sparse_gram(lift: Lift, values: Tensor, weights: Tensor | None) -> tuple[Te
     return rows, cols, m.values()
 
 
-def _capacitance_trace(k: Operator, p: Tensor, chol: Tensor) -> Tensor:
-    """``tr(C^{-1} P^T K P) = sum(B * (K B))`` ``(...)`` with ``B = P L_C^{-T}`` (one triangular solve) for
-    ``P`` ``(..., n, r)`` and the Cholesky factor ``L_C`` of ``C`` (both without graph), differentiable in
-    ``K``. Past ``SURROGATE_CHUNK`` elements ``K``'s product runs in column chunks of ``B``, each recomputed in
-    the backward (checkpointed), so that only one chunk's intermediates are kept."""
-    b = torch.linalg.solve_triangular(chol, p.mT, upper=False).mT  # (..., n, r); its columns are contiguous
+def _capacitance_trace(k: Operator, b: Tensor) -> Tensor:
+    """``tr(C^{-1} P^T K P) = sum(B * (K B))`` ``(...)`` for ``B = P L_C^{-T}`` ``(..., n, r)`` (no graph),
+    differentiable in ``K``. Past ``SURROGATE_CHUNK`` elements ``K``'s product runs in column chunks of ``B``,
+    each recomputed in the backward (checkpointed), so that only one chunk's intermediates are kept."""
     r, step = b.shape[-1], max(1, SURROGATE_CHUNK // max(1, b.shape[-2]))
     if r <= step:
         return (b * (k @ b)).sum((-2, -1))
@@ -282,6 +280,7 @@ class _Factor:
     mr: Tensor | None  # the gram form's M R (..., n_in, r)
     spectral: bool  # R is the base's truncated spectral root (no graph)
     base: Operator | None  # the float64 base when R is a graph-free spectral root and it needs gradients
+    white: Tensor | None = None  # B = P L_C^{-T}, for the surrogate (see _whitened_root)
 
     def latent(self, lift: Lift, white: Tensor) -> Tensor:
         """``R^T L^T white`` ``(..., r, c)`` for ``white`` ``(..., n_out, c)`` float64."""
@@ -305,13 +304,27 @@ class _Factor:
         # tr(G K), G = L^T A^{-1} L = M - P C^{-1} P^T; tr(M K) over the dense M's entries (gram form) or
         # over the sparse M's pattern (row form, see _trace_sparse_gram)
         k = self.base
-        p = self._gram_root(lift).detach()
         if self.gram is not None:
             trace_mk = _trace_product(self.gram.detach(), k)
         else:
             trace_mk = _trace_sparse_gram(lift, self.values.detach(), self.inv_noise.detach(), k)
-        surrogate = trace_mk - _capacitance_trace(k, p, self.chol)
+        surrogate = trace_mk - _capacitance_trace(k, self._whitened_root(lift))
         return first_order_only(value + (surrogate - surrogate.detach()), *_WHAT)
+
+    def _whitened_root(self, lift: Lift) -> Tensor:
+        """``B = P L_C^{-T}`` ``(..., n_in, r)`` (no graph; ``B B^T = P C^{-1} P^T``), computed once. In the latent
+        form ``P`` is needed for nothing else: ``B`` overwrites it a row block at a time."""
+        if self.white is None:
+            p = self._gram_root(lift).detach()
+            if self.rows is None and self.gram is None and not self.mr.requires_grad:
+                step = max(1, SURROGATE_CHUNK // max(1, p.shape[-1]))
+                for s in range(0, p.shape[-2], step):
+                    block = p[..., s : s + step, :]
+                    block.copy_(torch.linalg.solve_triangular(self.chol, block.mT, upper=False).mT)
+                self.white, self.mr = p, None
+            else:
+                self.white = torch.linalg.solve_triangular(self.chol, p.mT, upper=False).mT
+        return self.white
 
     def _gram_root(self, lift: Lift) -> Tensor:
         """``P = M R = L^T D^{-1} L R`` ``(..., n_in, r)``."""
