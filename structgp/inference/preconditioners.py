@@ -33,7 +33,9 @@ the iterative engine are unbiased for any ``P`` (:mod:`.iterative`).
 :func:`build` picks one per structure (``settings(preconditioner="auto")``): Kronecker + diagonal noise
 gets the *deflated* Kronecker preconditioner ``Q_r Lambda_r Q_r^T + D`` (the top ``r`` eigenpairs of ``K``,
 the fewest that leave out a trace of at most ``REMAINDER_TOL * min(d)``; exact noise) when ``r`` is
-affordable, else ``(K + mean(d) I)``; SparseLifted + diagonal noise gets the latent eigen preconditioner;
+affordable, else ``(K + mean(d) I)``; a grid with missing cells (a selection lift of a Kronecker product plus
+diagonal noise) gets the projected Kronecker deflation of :mod:`.masked_kronecker_preconditioner`; any other
+SparseLifted + diagonal noise gets the latent eigen preconditioner;
 every other operator gets a pivoted Cholesky of rank up to
 ``precond_rank`` (rank 0: Jacobi).
 """
