@@ -9,7 +9,10 @@ float64 reference written here by hand, independent of both libraries):
   because it asks for an N x N capacitance.
 - an identity lift of a 30^3 grid, float64 (exact).
 - a masked grid: 70% of a 24^3 grid observed (a selection lift), RBF + sigma I, float64, against dense
-  Cholesky of the observed covariance.
+  Cholesky of the observed covariance; and 70% of a 64^3 grid (183 500 observations; no dense reference).
+- a general lift: 2e5 rows of 8 random cells of a 40^3 grid (n_in = 64 000), RBF + sigma I, float32, against
+  a float64 latent Woodbury written here by hand; ``general1e6``: 1e6 rows onto 64^3 (no reference).
+The large rows run structgp in a fresh subprocess and report its peak RSS (``ru_maxrss``).
 
     python benchmarks/bench_lifted_scale.py                 # all cases (a few minutes on 2 cores)
     python benchmarks/bench_lifted_scale.py --case seed002 --anchor-cap-gib 16
@@ -18,6 +21,7 @@ float64 reference written here by hand, independent of both libraries):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import resource
 import subprocess
@@ -135,7 +139,8 @@ def case_identity(m: int, reps: int) -> list[Result]:
     return [run_case(f"identity lift {m}^3 (N={n}) f64", "structgp", fn, exact, torch.device("cpu"), reps)]
 
 
-def case_masked(m: int, frac: float, reps: int) -> list[Result]:
+def masked_problem(m: int, frac: float):
+    """``frac`` of an ``m^3`` grid observed (a selection lift), RBF (lengthscale 0.2 on [0, 1]) + 0.1 I, float64."""
     n_in = m**3
     gen = torch.Generator().manual_seed(2)
     cols = torch.randperm(n_in, generator=gen)[: int(frac * n_in)].sort().values
@@ -143,45 +148,180 @@ def case_masked(m: int, frac: float, reps: int) -> list[Result]:
     rows = torch.arange(n)
     lift = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(n, dtype=torch.float64), (n, n_in))
     g = torch.linspace(0, 1, m, dtype=torch.float64)
+    y = torch.randn(n, dtype=torch.float64, generator=gen)
+    return lift, cols, g, y
+
+
+def dense_masked_ll(g, cols, y, ls, noise) -> torch.Tensor:
+    """The masked grid's log-likelihood by dense Cholesky of the observed covariance, by hand."""
+    n = cols.numel()
+    k = rbf_1d(g, ls)
+    a = torch.kron(torch.kron(k, k), k)[cols][:, cols] + noise * torch.eye(n, dtype=torch.float64)
+    chol = torch.linalg.cholesky(a)
+    z = torch.linalg.solve_triangular(chol, y[:, None], upper=False)
+    return gauss_ll(z.square().sum(), 2 * chol.diagonal().log().sum(), n)
+
+
+def case_masked(m: int, frac: float, reps: int, dense: bool = True) -> list[Result]:
+    lift, cols, g, y = masked_problem(m, frac)
+    n = cols.numel()
     ls = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
     noise = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(n, dtype=torch.float64, generator=gen)
-    with torch.no_grad():  # dense Cholesky of the observed covariance, by hand
-        k = rbf_1d(g, 0.2)
-        full = torch.kron(torch.kron(k, k), k)
-        a = full[cols][:, cols] + 0.1 * torch.eye(n, dtype=torch.float64)
-        del full
-        chol = torch.linalg.cholesky(a)
-        z = torch.linalg.solve_triangular(chol, y[:, None], upper=False)
-        exact = float(gauss_ll(z.square().sum(), 2 * chol.diagonal().log().sum(), n))
-        del a, chol
+    exact = None
+    if dense:
+        with torch.no_grad():
+            exact = float(dense_masked_ll(g, cols, y, 0.2, 0.1))
 
     def structgp_fn():
         k = rbf_1d(g, ls)
         return backward(sg_ll(SparseLifted(lift, Kronecker(k, k, k)) + ScaledIdentity(noise, n), y))
 
-    def dense_fn():
-        k = rbf_1d(g, ls)
-        a = torch.kron(torch.kron(k, k), k)[cols][:, cols] + noise * torch.eye(n, dtype=torch.float64)
-        chol = torch.linalg.cholesky(a)
-        z = torch.linalg.solve_triangular(chol, y[:, None], upper=False)
-        return backward(gauss_ll(z.square().sum(), 2 * chol.diagonal().log().sum(), n))
-
     name = f"masked grid {frac:.0%} of {m}^3 (N={n}) f64"
     dev = torch.device("cpu")
+    k = rbf_1d(g, 0.2)
+    print(sg.plan(SparseLifted(lift, Kronecker(k, k, k)) + ScaledIdentity(torch.tensor(0.1, dtype=torch.float64), n)))
+    out = []
+    if dense:
+        out.append(run_case(name, "torch dense", lambda: backward(dense_masked_ll(g, cols, y, ls, noise)), exact,
+                            dev, reps))
+    out.append(run_case(name, "structgp", structgp_fn, exact, dev, reps))
+    if not dense:
+        out[-1].note = "no dense reference (it would need " + f"{8 * n * n / 2**30:.0f} GiB)"
+    return out
+
+
+def general_problem(n_out: int, m: int, dtype: torch.dtype):
+    """``n_out`` rows of 8 random cells of an ``m^3`` grid (weights U(0, 1/8)), targets; CSR in ``dtype``."""
+    gen = torch.Generator().manual_seed(3)
+    n_in = m**3
+    cols = torch.randint(0, n_in, (n_out, 8), generator=gen)
+    vals = torch.rand(n_out, 8, generator=gen, dtype=torch.float64) / 8
+    rows = torch.arange(n_out).repeat_interleave(8)
+    lift = torch.sparse_coo_tensor(torch.stack([rows, cols.reshape(-1)]), vals.reshape(-1), (n_out, n_in))
+    y = torch.randn(n_out, generator=gen, dtype=torch.float64)
+    return lift.coalesce().to(dtype).to_sparse_csr(), torch.linspace(0, 1, m, dtype=dtype), y.to(dtype)
+
+
+def general_reference(lift, g, y, ls: float = 0.2, noise: float = 0.1, chunk: int = 20_000) -> float:
+    """log N(y | 0, L K L^T + noise I) in float64 by hand: K's eigenpairs above 1e-13 of the largest (per-factor
+    eigh; what is left out moves the value by < 1e-13 relative), C = I + R^T L^T L R / noise accumulated over
+    row chunks of F = L R, Cholesky."""
+    lam1, q1 = torch.linalg.eigh(rbf_1d(g.double(), ls))
+    lam = (lam1[:, None, None] * lam1[None, :, None] * lam1[None, None, :]).reshape(-1)
+    keep = (lam > 1e-13 * lam.max()).nonzero().squeeze(-1)
+    m = g.numel()
+    i, j, k = keep // (m * m), (keep // m) % m, keep % m
+    r = q1[:, i].repeat_interleave(m * m, 0) * q1[:, j].repeat(m, 1).repeat_interleave(m, 0) * q1[:, k].repeat(m * m, 1)
+    r = r * lam[keep].sqrt()
+    l64 = lift.to_sparse_coo().double().coalesce()
+    y64 = y.double()
+    cap = torch.eye(keep.numel(), dtype=torch.float64)
+    u = torch.zeros(keep.numel(), dtype=torch.float64)
+    for s0 in range(0, y.numel(), chunk):
+        s1 = min(s0 + chunk, y.numel())
+        idx = l64.indices()
+        sel = (idx[0] >= s0) & (idx[0] < s1)
+        shifted = idx[:, sel] - torch.tensor([[s0], [0]])
+        part = torch.sparse_coo_tensor(shifted, l64.values()[sel], (s1 - s0, r.shape[0]))
+        f = torch.sparse.mm(part, r)
+        cap += f.T @ f / noise
+        u += f.T @ y64[s0:s1] / noise
+    chol = torch.linalg.cholesky(cap)
+    w = torch.cholesky_solve(u[:, None], chol)[:, 0]
+    inv_quad = (y64 @ y64) / noise - u @ w
+    logdet = 2 * chol.diagonal().log().sum() + y.numel() * math.log(noise)
+    return float(gauss_ll(inv_quad, logdet, y.numel()))
+
+
+def _structgp_general(n_out: int, m: int, method: str = "auto"):
+    lift, g, y = general_problem(n_out, m, torch.float32)
+    ls = torch.tensor(0.2, requires_grad=True)
+    noise = torch.tensor(0.1, requires_grad=True)
+
+    def fn():
+        k = rbf_1d(g, ls)
+        with sg.settings(method=method):
+            return backward(sg_ll(SparseLifted(lift, Kronecker(k, k, k)) + ScaledIdentity(noise, n_out), y))
+
+    return fn
+
+
+def _structgp_masked(m: int, frac: float):
+    lift, cols, g, y = masked_problem(m, frac)
+    ls = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    noise = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+
+    def fn():
+        k = rbf_1d(g, ls)
+        return backward(sg_ll(SparseLifted(lift, Kronecker(k, k, k)) + ScaledIdentity(noise, cols.numel()), y))
+
+    return fn
+
+
+WORKERS = {"general": _structgp_general, "masked": _structgp_masked}
+
+
+def worker(spec: str, reps: int) -> None:
+    """Run one structgp case in this process (``name:arg:arg``): one warm-up, ``reps`` timed value + gradient
+    calls; print a JSON line with the median ms, the value, the process's peak RSS and the last report."""
+    name, *raw = spec.split(":")
+    fn = WORKERS[name](*(a if a.isalpha() else float(a) if "." in a else int(a) for a in raw))
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        value = fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"ms": sorted(times)[len(times) // 2], "value": float(value),
+                      "peak_gib": usage.ru_maxrss * 1024 / 2**30, "cpu_s": usage.ru_utime + usage.ru_stime,
+                      "calls": reps + 1, "report": str(sg.last_report())}))
+
+
+def in_subprocess(case: str, spec: str, reps: int, exact: float | None, impl: str = "structgp") -> Result:
+    """structgp's row from a fresh process (its peak RSS is the whole run's, problem data included)."""
+    out = subprocess.run([sys.executable, __file__, "--worker", spec, "--reps", str(reps)], capture_output=True,
+                         text=True, timeout=1800)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode or not lines:
+        return Result(case, impl, note=f"failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:150]}")
+    got = json.loads(lines[-1])
+    rel = abs(got["value"] - exact) / abs(exact) if exact is not None else None
+    note = (f"[subprocess, peak = process max RSS; {got['cpu_s']:.0f} CPU s over {got['calls']} calls and the set-up] "
+            + got["report"][-160:])
+    return Result(case, impl, round(got["ms"], 1), round(got["peak_gib"], 3), got["value"], rel, note)
+
+
+def case_general(n_out: int, m: int, reps: int, reference: bool) -> list[Result]:
+    name = f"general lift {n_out:.0e} x 8 of {m}^3 f32"
+    exact = None
+    if reference:
+        lift, g, y = general_problem(n_out, m, torch.float32)
+        exact = general_reference(lift, g, y)
+        del lift, g, y
+    # "auto" plans before the grid's spectral rank is known (the upper bound n_in puts the latent Woodbury over
+    # the memory budget, so CG runs); "woodbury" forces the exact path, whose spectral root is then narrow
     return [
-        run_case(name, "torch dense", dense_fn, exact, dev, reps),
-        run_case(name, "structgp", structgp_fn, exact, dev, reps),
+        in_subprocess(name, f"general:{n_out}:{m}:auto", reps, exact, "structgp auto"),
+        in_subprocess(name, f"general:{n_out}:{m}:woodbury", reps, exact, "structgp woodbury"),
     ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=["all", "seed002", "identity", "masked"], default="all")
+    parser.add_argument("--case", choices=["all", "seed002", "identity", "masked", "masked64", "general", "general1e6"],
+                        default="all")
+    parser.add_argument("--general-n", type=int, default=200_000)
+    parser.add_argument("--general-m", type=int, default=40)
+    parser.add_argument("--no-reference", action="store_true", help="skip the float64 by-hand reference of 'general'")
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seed-m", type=int, default=50)
     parser.add_argument("--anchor-cap-gib", type=float, default=16.0)
     args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.reps)
+        return
     results: list[Result] = []
     if args.case in ("all", "seed002"):
         results += case_seed002(args.seed_m, args.reps, args.anchor_cap_gib)
@@ -189,6 +329,12 @@ def main() -> None:
         results += case_identity(30, args.reps)
     if args.case in ("all", "masked"):
         results += case_masked(24, 0.7, max(1, args.reps // 2))
+    if args.case in ("all", "masked64"):
+        results.append(in_subprocess("masked grid 70% of 64^3 (N=183500) f64", "masked:64:0.7", 1, None))
+    if args.case in ("all", "general"):
+        results += case_general(args.general_n, args.general_m, 1, not args.no_reference)
+    if args.case == "general1e6":  # not in "all": about 10 minutes
+        results += case_general(1_000_000, 64, 1, reference=False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print_table(results, anchor="linear_operator")
     for r in results:

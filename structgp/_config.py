@@ -16,7 +16,7 @@ import torch
 # "auto", the engine families and the engines' own names (structgp.inference.plan.engine_names())
 METHODS = (
     "auto", "cholesky", "woodbury", "low_rank_woodbury", "lifted_woodbury", "spectral_woodbury", "eigen",
-    "blockwise", "diagonal", "permuted", "lift_reduction", "cg",
+    "blockwise", "diagonal", "permuted", "lift_reduction", "cg", "masked_grid",
 )
 # when method="auto" may take an inexact (iterative) engine; see the Settings docstring
 ITERATIVE = ("auto", "fallback", "never")

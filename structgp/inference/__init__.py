@@ -21,6 +21,7 @@ from structgp.inference import (  # noqa: F401  (registration)
     kronecker_eigen,
     lift_reduction,
     lifted_woodbury,
+    masked_grid,
     permuted,
     spectral_woodbury,
     woodbury,

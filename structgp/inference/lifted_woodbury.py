@@ -17,7 +17,11 @@ With ``D = s I`` the pattern Gram ``L^T L`` is computed once and cached on the l
 need no gradient. Everything after the sparse products is float64, also for float32 data.
 Cost ``n_pairs + 2 n_in^2 r + r^3 / 3`` flops (``n_pairs = sum_r nnz_r^2``): the gram form. When ``R`` is
 narrow the row form ``C = I_r + F^T D^{-1} F`` with ``F = L R`` (``n_out x r``, ``2 nnz r + 2 n_out r^2``
-flops, ``n_out r`` memory) is cheaper and is taken instead.
+flops, ``n_out r`` memory) is cheaper and is taken instead. A latent grid whose dense ``M`` would pass
+``DENSE_GRAM_ENTRIES`` (``n_in = 64 000``: 30 GiB) takes the latent form instead: ``P = M R = L^T D^{-1} (L R)``
+by two sparse products a column chunk at a time and ``C = I + R^T P`` (``4 nnz r + 2 n_in r^2`` flops, memory
+``O(n_in r)`` plus one chunk), where it is cheaper than the row form (unbatched, lift values without
+gradient, ``s I`` noise or noise without gradient).
 
 ``R`` is the base's Cholesky root when the base is positive definite in float64. A Kronecker or dense base
 that is singular to working precision (a smooth kernel on a fine grid) gets its truncated spectral root
@@ -44,6 +48,7 @@ import dataclasses
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.indexing import entries
@@ -205,6 +210,32 @@ def _sparse_gram(lift: Lift, values: Tensor, weights: Tensor | None) -> tuple[Te
     return rows, cols, m.values()
 
 
+def _capacitance_trace(k: Operator, b: Tensor) -> Tensor:
+    """``tr(C^{-1} P^T K P) = sum(B * (K B))`` ``(...)`` for ``B = P L_C^{-T}`` ``(..., n, r)`` (no graph),
+    differentiable in ``K``. Past ``SURROGATE_CHUNK`` elements ``K``'s product runs in column chunks of ``B``,
+    each recomputed in the backward (checkpointed), so that only one chunk's intermediates are kept."""
+    r, step = b.shape[-1], max(1, SURROGATE_CHUNK // max(1, b.shape[-2]))
+    if r <= step:
+        return (b * (k @ b)).sum((-2, -1))
+
+    def chunk(part: Tensor) -> Tensor:
+        return (part * (k @ part)).sum((-2, -1))
+
+    return sum(checkpoint(chunk, b[..., s : s + step], use_reentrant=False) for s in range(0, r, step))
+
+
+def _latent_product(lift: Lift, values: Tensor, weights: Tensor | None, x: Tensor) -> Tensor:
+    """``L^T diag(w) L x`` ``(n_in, c)`` (``w = 1`` for None) by two sparse products, in column chunks of
+    ``x`` so that ``L x`` is never ``n_out x c`` at once (``4 nnz c`` flops, ``n_out`` times the chunk width
+    of memory); differentiable in ``x`` (and ``w``)."""
+    step = max(1, SURROGATE_CHUNK // max(1, lift.n_out))
+    parts = []
+    for s in range(0, x.shape[-1], step):
+        rows = lift.matmul(x[..., s : s + step], values)
+        parts.append(lift.tmatmul(rows if weights is None else weights.unsqueeze(-1) * rows, values))
+    return torch.cat(parts, dim=-1)
+
+
 def _backward_factor(capacitance: Tensor, chol: Tensor) -> Tensor:
     """The graph-free factor; under ``create_graph`` one that is differentiable in ``C`` instead, so that
     second derivatives are exact."""
@@ -220,6 +251,10 @@ def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
     dims = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
     return x.sum(dims, keepdim=True) if dims else x
 
+
+DENSE_GRAM_ENTRIES = 2**26  # entries of a dense M = L^T D^-1 L (512 MiB) above which the latent form is taken
+# elements of a column chunk of the surrogate's K B (128 MiB in float64): wide enough for efficient products
+SURROGATE_CHUNK = 2**24
 
 _WHAT = (
     "the lifted Woodbury path with a spectral root",
@@ -245,6 +280,7 @@ class _Factor:
     mr: Tensor | None  # the gram form's M R (..., n_in, r)
     spectral: bool  # R is the base's truncated spectral root (no graph)
     base: Operator | None  # the float64 base when R is a graph-free spectral root and it needs gradients
+    white: Tensor | None = None  # B = P L_C^{-T}, for the surrogate (see _whitened_root)
 
     def latent(self, lift: Lift, white: Tensor) -> Tensor:
         """``R^T L^T white`` ``(..., r, c)`` for ``white`` ``(..., n_out, c)`` float64."""
@@ -268,14 +304,27 @@ class _Factor:
         # tr(G K), G = L^T A^{-1} L = M - P C^{-1} P^T; tr(M K) over the dense M's entries (gram form) or
         # over the sparse M's pattern (row form, see _trace_sparse_gram)
         k = self.base
-        p = self._gram_root(lift).detach()
-        pc = torch.cholesky_solve(p.mT, self.chol).mT  # P C^{-1}
         if self.gram is not None:
             trace_mk = _trace_product(self.gram.detach(), k)
         else:
             trace_mk = _trace_sparse_gram(lift, self.values.detach(), self.inv_noise.detach(), k)
-        surrogate = trace_mk - (pc * (k @ p)).sum((-2, -1))
+        surrogate = trace_mk - _capacitance_trace(k, self._whitened_root(lift))
         return first_order_only(value + (surrogate - surrogate.detach()), *_WHAT)
+
+    def _whitened_root(self, lift: Lift) -> Tensor:
+        """``B = P L_C^{-T}`` ``(..., n_in, r)`` (no graph; ``B B^T = P C^{-1} P^T``), computed once. In the latent
+        form ``P`` is needed for nothing else: ``B`` overwrites it a row block at a time."""
+        if self.white is None:
+            p = self._gram_root(lift).detach()
+            if self.rows is None and self.gram is None and not self.mr.requires_grad:
+                step = max(1, SURROGATE_CHUNK // max(1, p.shape[-1]))
+                for s in range(0, p.shape[-2], step):
+                    block = p[..., s : s + step, :]
+                    block.copy_(torch.linalg.solve_triangular(self.chol, block.mT, upper=False).mT)
+                self.white, self.mr = p, None
+            else:
+                self.white = torch.linalg.solve_triangular(self.chol, p.mT, upper=False).mT
+        return self.white
 
     def _gram_root(self, lift: Lift) -> Tensor:
         """``P = M R = L^T D^{-1} L R`` ``(..., n_in, r)``."""
@@ -313,6 +362,42 @@ def _row_form(lift: Lift, rank: int) -> bool:
     return rows < gram
 
 
+def _latent_flops(lift: Lift, rank: int) -> float:
+    """Flops of the latent form."""
+    return 4 * lift.nnz * rank + 2 * lift.n_in * rank * rank
+
+
+def _latent_ok(op: AddedDiagonal) -> bool:
+    """Whether the latent form applies (metadata only): an unbatched operator whose dense ``M`` would pass
+    ``DENSE_GRAM_ENTRIES``, whose lift values need no gradient and whose noise is ``s I`` (``P = L^T L R / s``
+    carries the graph to ``s``) or needs none."""
+    lift, noise = op.base.lift, op.noise
+    noise_ok = isinstance(noise, ScaledIdentity) or not any(t.requires_grad for t in noise._tensors())
+    return (
+        op.batch_shape == torch.Size()
+        and lift.n_in * lift.n_in > DENSE_GRAM_ENTRIES
+        and not lift.values.requires_grad
+        and noise_ok
+    )
+
+
+def _form(op: AddedDiagonal, rank: int) -> str:
+    """The capacitance's form for ``op`` with a root of ``rank`` columns: ``"rows"`` (``F = L R``), ``"gram"``
+    (dense ``M``) or ``"latent"`` (``P = L^T D^{-1} (L R)``, for latent grids whose dense ``M`` would not fit)."""
+    lift = op.base.lift
+    if _latent_ok(op):
+        _, rows = _form_flops(lift, rank)
+        return "rows" if rows < _latent_flops(lift, rank) else "latent"
+    return "rows" if _row_form(lift, rank) else "gram"
+
+
+_FORM_NOTES = {
+    "rows": "row form F = L R",
+    "gram": "gram form M = L^T D^-1 L",
+    "latent": "latent form P = L^T D^-1 (L R)",
+}
+
+
 def _factor(op: AddedDiagonal) -> _Factor:
     def compute() -> _Factor:
         lifted, noise = op.base, op.noise
@@ -328,9 +413,21 @@ def _factor(op: AddedDiagonal) -> _Factor:
             d = noise.diagonal().double() if jitter is None else noise.diagonal().double() + jitter[..., None]
             inv_noise, noise_logdet = 1 / d, d.log().sum(-1)
         rows = m = mr = None
-        if _row_form(lift, r.shape[-1]):
+        form = _form(op, r.shape[-1])
+        if form == "rows":
             rows = lift.matmul(r.to_dense(), values)  # F = L R
-            rmr = rows.mT @ (inv_noise.unsqueeze(-1) * rows)
+            if scaled:  # F^T F / s: the graph to s through the r x r product only
+                rmr = (rows.mT @ rows) * inv_noise[..., None]
+            else:
+                rmr = rows.mT @ (inv_noise.unsqueeze(-1) * rows)
+        elif form == "latent":  # P = M R by sparse products: nothing n_in x n_in or n_out x r
+            dense_root = r.to_dense()
+            mr = _latent_product(lift, values, None if scaled else inv_noise.detach(), dense_root)
+            rmr = dense_root.mT @ mr
+            if scaled:  # M = L^T L / s: the graph to s through the r x r product only
+                rmr = rmr * inv_noise[..., None]
+                scale_inv = inv_noise.detach()[..., None]
+                mr = mr.mul_(scale_inv) if not mr.requires_grad else mr * scale_inv
         else:
             if scaled:
                 gram = cached(lift, "gram", lambda: lift_gram(lift, lift.values.double()))
@@ -349,7 +446,7 @@ def _factor(op: AddedDiagonal) -> _Factor:
     if rep is not None:
         if f.spectral:
             rep.notes.append(f"spectral root of rank {f.root.shape[-1]} (the base is singular in float64; no jitter)")
-        rep.notes.append("row form F = L R" if f.rows is not None else "gram form M = L^T D^-1 L")
+        rep.notes.append(_FORM_NOTES["rows" if f.rows is not None else "gram" if f.gram is not None else "latent"])
     return f
 
 
@@ -432,14 +529,18 @@ class LiftedWoodbury(Engine):
     def why(self, op: AddedDiagonal) -> str:
         r, spectral = latent_rank(op.base.base)
         root_kind = " (the base's spectral root)" if spectral else ""
-        form = "F = L R" if _row_form(op.base.lift, r) else "M = L^T D^-1 L"
+        form = {"rows": "F = L R", "gram": "M = L^T D^-1 L", "latent": "P = L^T D^-1 (L R)"}[_form(op, r)]
         return f"{describe(op)}: latent-space Woodbury with a {r} x {r} capacitance{root_kind} through {form}"
 
     def cost(self, op: AddedDiagonal) -> Cost:
         lift, batch = op.base.lift, op.batch_shape.numel()
         r, _ = latent_rank(op.base.base)
         gram, rows = _form_flops(lift, r)
-        if rows < gram:
+        form = _form(op, r)
+        if form == "latent":
+            flops = batch * (_latent_flops(lift, r) + r**3 / 3) + 4 * lift.nnz
+            nbytes = (3 * lift.n_in * r + 3 * r * r) * 8 + 3 * lift.n_pairs * 8 + SURROGATE_CHUNK * 8
+        elif form == "rows":
             flops = batch * (rows + r**3 / 3) + 4 * lift.nnz
             nbytes = batch * (2 * lift.n_out * r + lift.n_in * r + 3 * r * r) * 8
         else:

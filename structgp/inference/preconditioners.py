@@ -37,7 +37,9 @@ fixed, whose exact log-det derivative is the control variate of the engine's gra
 :func:`build` picks one per structure (``settings(preconditioner="auto")``): Kronecker + diagonal noise
 gets the *deflated* Kronecker preconditioner ``Q_r Lambda_r Q_r^T + D`` (the top ``r`` eigenpairs of ``K``,
 the fewest that leave out a trace of at most ``REMAINDER_TOL * min(d)``; exact noise) when ``r`` is
-affordable, else ``(K + mean(d) I)``; SparseLifted + diagonal noise gets the latent eigen preconditioner;
+affordable, else ``(K + mean(d) I)``; a grid with missing cells (a selection lift of a Kronecker product plus
+diagonal noise) gets the projected Kronecker deflation of :mod:`.masked_kronecker_preconditioner`; any other
+SparseLifted + diagonal noise gets the latent eigen preconditioner;
 every other operator gets a pivoted Cholesky of rank up to
 ``precond_rank`` (rank 0: Jacobi).
 """
@@ -349,6 +351,11 @@ def build(op: Operator, cfg: Settings) -> Preconditioner:
             return lifted_eigen_preconditioner(op, cfg)
         if kind == "auto" and _is_kronecker_sum(op):
             return kronecker_preconditioner(op, cfg, "auto")
+        # a grid with missing cells (its module imports this one: imported here)
+        from structgp.inference.masked_kronecker_preconditioner import is_masked_grid, masked_preconditioner
+
+        if kind == "auto" and is_masked_grid(op):
+            return masked_preconditioner(op)
         if kind == "auto" and _is_lifted_sum(op):
             return lifted_eigen_preconditioner(op, cfg)
         return pivoted_cholesky_preconditioner(op, cfg.precond_rank)

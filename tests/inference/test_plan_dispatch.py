@@ -76,6 +76,9 @@ def structures():
         "SparseLifted(identity, Kronecker) + Diagonal": SparseLifted(
             torch.eye(48, dtype=F64).to_sparse(), Kronecker(rbf(8, 0.5), rbf(6, 0.5))
         ) + Diagonal(positive(48)),
+        "SparseLifted(selection, Kronecker) + ScaledIdentity (masked grid)": SparseLifted(
+            torch.eye(48, dtype=F64)[::2].to_sparse(), Kronecker(rbf(8, 0.5), rbf(6, 0.5))
+        ) + ScaledIdentity(0.1, 24),
     }
 
 
