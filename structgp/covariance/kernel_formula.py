@@ -64,15 +64,16 @@ def kernel_formula(
     return Formula(family, nu, lengthscale, scale)
 
 
-def evaluate_formula(formula: Formula, x1: Tensor, x2: Tensor) -> Tensor:
-    """``k(x1, x2)`` ``(n1, n2)`` for ``x1`` ``(n1, d)``, ``x2`` ``(n2, d)`` (differentiable)."""
+def evaluate_formula(formula: Formula, x1: Tensor, x2: Tensor, out: Tensor | None = None) -> Tensor:
+    """``k(x1, x2)`` ``(n1, n2)`` for ``x1`` ``(n1, d)``, ``x2`` ``(n2, d)`` (differentiable); without autograd
+    an RBF block is written into ``out`` ``(n1, n2)`` when given."""
     family, nu, lengthscale, scale = formula
     inplace = not torch.is_grad_enabled()  # the product's forward and the CG runs: no graph to keep
     center = x2.mean(-2, keepdim=True).detach()  # any shift gives the same kernel: it only limits cancellation
     z1, z2 = (x1 - center) / lengthscale, (x2 - center) / lengthscale
     log_scale = torch.zeros((), dtype=x1.dtype, device=x1.device) if scale is None else scale.log()
     if family == "rbf":  # log s - |z1 - z2|^2 / 2 = z1.z2 + (log s - |z1|^2 / 2) - |z2|^2 / 2, one product
-        exponent = _augmented(z1, z2, log_scale)
+        exponent = _augmented(z1, z2, log_scale, out if inplace else None)
         if inplace:
             return exponent.clamp_max_(log_scale).exp_()
         return torch.minimum(exponent, log_scale).exp()
@@ -89,9 +90,9 @@ def evaluate_formula(formula: Formula, x1: Tensor, x2: Tensor) -> Tensor:
     return k if scale is None else scale * k
 
 
-def _augmented(z1: Tensor, z2: Tensor, shift: Tensor) -> Tensor:
+def _augmented(z1: Tensor, z2: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
     """``shift - |z1_i - z2_j|^2 / 2`` ``(n1, n2)`` as one matrix product of inputs with two more columns."""
     ones1, ones2 = torch.ones_like(z1[:, :1]), torch.ones_like(z2[:, :1])
     left = torch.cat([z1, shift - 0.5 * z1.square().sum(-1, keepdim=True), ones1], -1)
     right = torch.cat([z2, ones2, -0.5 * z2.square().sum(-1, keepdim=True)], -1)
-    return left @ right.mT
+    return torch.matmul(left, right.mT, out=out) if out is not None else left @ right.mT
