@@ -40,7 +40,7 @@ from structgp import _config, distributed
 from structgp.covariance.keops_backend import keops_available, keops_matmul
 from structgp.covariance.kernel_formula import evaluate_formula, kernel_formula
 from structgp.covariance.operator import Operator
-from structgp.covariance.validation import value_checks_enabled
+from structgp.covariance.validation import sum_to, value_checks_enabled
 
 MAX_BLOCK_ENTRIES = 2**21  # entries of one block x n kernel block (8 MiB in float32; larger were not faster)
 BUDGET_SHARE = 32  # a block's matrix takes at most memory_budget / BUDGET_SHARE (kernel temporaries, backward)
@@ -270,7 +270,7 @@ class _BlockProduct(torch.autograd.Function):
             grad_rhs = None
             if ctx.needs_input_grad[1]:
                 grad_rhs = _product(kernel, names, params, x, grad, rows, parts, "a kernel product's gradient")
-                grad_rhs = _sum_to(grad_rhs, rhs.shape)
+                grad_rhs = sum_to(grad_rhs, rhs.shape)
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
         grad_params = [torch.zeros_like(p) if ctx.needs_input_grad[3 + i] else None for i, p in enumerate(params)]
         if grad_x is not None or any(g is not None for g in grad_params):
@@ -282,7 +282,7 @@ class _BlockProduct(torch.autograd.Function):
                     return kernel_block(kernel, names, pp, xx[..., b, :], xx)
 
                 _, pull = torch.func.vjp(block, x, *params)
-                pulled = pull(_sum_to(weight, _block_shape(kernel, names, params, x, b)))
+                pulled = pull(sum_to(weight, _block_shape(kernel, names, params, x, b)))
                 if grad_x is not None:
                     grad_x = grad_x + pulled[0]
                 grad_params = [g if g is None else g + d for g, d in zip(grad_params, pulled[1:])]
@@ -296,13 +296,14 @@ def _product(kernel, names, params, x: Tensor, rhs: Tensor, rows: int, parts, wh
     n = x.shape[-2]
     start, stop = (0, n) if parts is None else parts[distributed.rank()]
     formula = kernel_formula(kernel, names, params) if x.dim() == 2 else None
-    if formula is not None and not torch.is_grad_enabled():
-        # one block buffer for the whole product: blocks allocated and freed by the thousand fragment the C
-        # heap (glibc then holds freed blocks: 8 GB of resident memory at N = 60 000 instead of 0.8)
+    if formula is None:
+        block = lambda b: evaluate_kernel(kernel, names, params, x[..., b, :], x)  # noqa: E731
+    else:
+        # one block buffer for the whole product (written in place: products run without autograd): blocks
+        # allocated and freed by the thousand fragment the C heap (glibc then held 8 GB of resident memory at
+        # N = 60 000 instead of 0.8)
         buffer = x.new_empty(min(rows, stop - start), n)
         block = lambda b: evaluate_formula(formula, x[b], x, out=buffer[: b.stop - b.start])  # noqa: E731
-    else:
-        block = lambda b: kernel_block(kernel, names, params, x[..., b, :], x)  # noqa: E731
     local = _blocked(block, rhs, start, stop, rows)
     if parts is None:
         return local
@@ -325,12 +326,3 @@ def _block_shape(kernel, names, params, x: Tensor, b: slice) -> torch.Size:
     """The shape of ``k(x[b], x)`` (its batch dims come from the kernel and ``x``)."""
     batch = torch.broadcast_shapes(x.shape[:-2], kernel.batch_shape)
     return batch + (b.stop - b.start, x.shape[-2])
-
-
-def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
-    """``t`` summed over the leading dims it has beyond ``shape`` (a broadcast's gradient)."""
-    extra = t.dim() - len(shape)
-    if extra > 0:
-        t = t.sum(dim=tuple(range(extra)))
-    keep = [i for i, (a, s) in enumerate(zip(t.shape, shape)) if s == 1 and a != 1]
-    return t.sum(dim=keep, keepdim=True) if keep else t

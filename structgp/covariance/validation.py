@@ -161,6 +161,14 @@ def broadcast_batch(*shapes: torch.Size, names: tuple[str, ...] = ()) -> torch.S
         raise ValueError(f"batch shapes do not broadcast ({what})") from None
 
 
+def sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t`` summed over the dims that broadcasting added to ``shape`` (the gradient of a broadcast)."""
+    extra = t.dim() - len(shape)
+    t = t.sum(tuple(range(extra))) if extra > 0 else t
+    dims = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
 def check_symmetric(t: Tensor, name: str) -> bool:
     """``t`` ``(..., n, n)`` is symmetric: ``|(A - A^T) u| <= tol (|A u| + |A^T u|)`` for a fixed generic ``u``
     (two matrix-vector products, no second ``n x n`` tensor), ``tol`` ``1e-3`` (float32) / ``1e-5`` (float64).

@@ -59,6 +59,7 @@ from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift, SparseLifted, lifted_diagonal
 from structgp.covariance.sum import AddedDiagonal, Sum
+from structgp.covariance.validation import sum_to
 from structgp.inference import report
 from structgp.inference._cache import cached
 from structgp.inference.cholesky import cholesky_logdet, inverse_from_cholesky, psd_cholesky
@@ -159,8 +160,8 @@ class _CapacitanceSolve(torch.autograd.Function):
         u, x = torch.cholesky_solve(grad, factor), torch.cholesky_solve(t, factor)
         grad_c = None
         if ctx.needs_input_grad[0]:
-            grad_c = _sum_to(-0.5 * (u @ x.mT + x @ u.mT), capacitance.shape)
-        grad_t = _sum_to(u, t.shape) if ctx.needs_input_grad[2] else None
+            grad_c = sum_to(-0.5 * (u @ x.mT + x @ u.mT), capacitance.shape)
+        grad_t = sum_to(u, t.shape) if ctx.needs_input_grad[2] else None
         return grad_c, None, grad_t
 
 
@@ -244,12 +245,6 @@ def _backward_factor(capacitance: Tensor, chol: Tensor) -> Tensor:
     return chol
 
 
-def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
-    """``x`` summed over the dims that broadcasting added to ``shape``."""
-    extra = x.dim() - len(shape)
-    x = x.sum(tuple(range(extra))) if extra else x
-    dims = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
-    return x.sum(dims, keepdim=True) if dims else x
 
 
 DENSE_GRAM_ENTRIES = 2**26  # entries of a dense M = L^T D^-1 L (512 MiB) above which the latent form is taken

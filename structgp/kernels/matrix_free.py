@@ -46,18 +46,22 @@ class MatrixFreeKernel(DenseKernel):
         return self.forward(x)
 
 
+def dense_bytes(kernel: gpytorch.kernels.Kernel, x: Tensor) -> int:
+    """Bytes of the dense ``k(x, x)`` ``(..., n, n)``."""
+    batch = torch.broadcast_shapes(x.shape[:-2], kernel.batch_shape).numel()
+    return batch * x.shape[-2] ** 2 * x.dtype.itemsize
+
+
 def dense_fits(kernel: gpytorch.kernels.Kernel, x: Tensor) -> bool:
     """Whether the dense ``k(x, x)`` fits ``settings(memory_budget=...)``."""
-    batch = torch.broadcast_shapes(x.shape[:-2], kernel.batch_shape).numel()
-    return batch * x.shape[-2] ** 2 * x.dtype.itemsize <= _config.current().memory_budget
+    return dense_bytes(kernel, x) <= _config.current().memory_budget
 
 
 def matrix_free_reason(kernel: gpytorch.kernels.Kernel, x: Tensor) -> str:
     """The operator name that says why a ``DenseKernel`` went matrix-free."""
     n = x.shape[-2]
-    need = torch.broadcast_shapes(x.shape[:-2], kernel.batch_shape).numel() * n * n * x.dtype.itemsize
     return (
-        f"k(x, x), matrix-free: the dense {n} x {n} matrix ({need / 2**30:.1f} GiB) exceeds "
+        f"k(x, x), matrix-free: the dense {n} x {n} matrix ({dense_bytes(kernel, x) / 2**30:.1f} GiB) exceeds "
         f"memory_budget ({_config.current().memory_budget / 2**30:.1f} GiB)"
     )
 
