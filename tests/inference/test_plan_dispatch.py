@@ -105,8 +105,8 @@ def test_plan_after_a_run_reads_the_facts_the_engine_cached():
 @pytest.mark.parametrize("smooth", [False, True])
 def test_lifted_kronecker_factorises_each_factor_once(smooth):
     """One inv_quad_logdet + backward of ``SparseLifted(L, K1 (x) K2 (x) K3) + Diagonal(d)``: each factor is
-    factorised once (positive definite: one Cholesky; singular in float64: the failing Cholesky, which stops
-    at the first bad pivot, then one eigendecomposition)."""
+    factorised at most once by each method (positive definite: one Cholesky; singular in float64: Choleskys
+    until one fails, then one eigendecomposition each)."""
     sizes = (9, 10, 11)
     mats = [(rbf(n, 1.0) if smooth else spd(n)).requires_grad_() for n in sizes]
     n_in = 9 * 10 * 11
@@ -125,13 +125,15 @@ def test_lifted_kronecker_factorises_each_factor_once(smooth):
         return next(same, None)
 
     runs = [(name, factor_of(a)) for name, a in log.factorised]
-    per_factor = Counter(i for _, i in runs if i is not None)
+    per_factor_kind = Counter((name, i) for name, i in runs if i is not None)
     assert sg.last_report().method == "woodbury"
-    expected = 2 if smooth else 1
-    assert per_factor == {i: expected for i in range(3)}, runs
-    kinds = Counter(name for name, i in runs if i is not None)
-    if smooth:
-        assert kinds == {"linalg_cholesky_ex": 3, "_linalg_eigh": 3}, kinds
+    assert all(count == 1 for count in per_factor_kind.values()), runs  # nothing factorised twice
+    if smooth:  # each factor one eigendecomposition; Choleskys only until the first fails (float64 rounding
+        # decides which of the nearly singular factors fail first)
+        assert {i for name, i in per_factor_kind if name == "_linalg_eigh"} == {0, 1, 2}, runs
+        assert any(name == "linalg_cholesky_ex" for name, _ in per_factor_kind), runs
+    else:
+        assert set(per_factor_kind) == {("linalg_cholesky_ex", i) for i in range(3)}, runs
     assert all(m.grad is not None and torch.isfinite(m.grad).all() for m in mats)
 
 
