@@ -42,6 +42,7 @@ from structgp.covariance.kernel_formula import evaluate_formula, kernel_formula
 from structgp.covariance.operator import Operator
 from structgp.covariance.validation import sum_to, value_checks_enabled
 
+DEFAULT_NAME = "k(x, x)"  # what an operator is called when its maker gave no reason of its own
 MAX_BLOCK_ENTRIES = 2**21  # entries of one block x n kernel block (8 MiB in float32; larger were not faster)
 BUDGET_SHARE = 32  # a block's matrix takes at most memory_budget / BUDGET_SHARE (kernel temporaries, backward)
 
@@ -66,7 +67,7 @@ class KernelOperator(Operator):
         params: Sequence[Tensor] | None = None,
         *,
         scale: Tensor | None = None,
-        name: str = "k(x, x)",
+        name: str = DEFAULT_NAME,
         backend: str = "torch",
     ) -> None:
         super().__init__()

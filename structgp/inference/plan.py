@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from structgp import _config
+from structgp.covariance.kernel_operator import DEFAULT_NAME, KernelOperator
 from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal
 from structgp.inference import cost_model
@@ -390,6 +391,8 @@ def describe(op: Operator) -> str:
     """A short name of the structure, e.g. ``"LowRank + Diagonal"``."""
     if isinstance(op, AddedDiagonal):
         return f"{describe(op.base)} + {type(op.noise).__name__}"
+    if isinstance(op, KernelOperator) and op.name != DEFAULT_NAME:  # e.g. why a DenseKernel went matrix-free
+        return f"KernelOperator [{op.name}]"
     return type(op).__name__
 
 

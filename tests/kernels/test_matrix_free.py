@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import structgp as sg
-from structgp.covariance import Dense, KernelOperator
+from structgp.covariance import Dense, KernelOperator, ScaledIdentity
 from structgp.kernels import DenseKernel, MatrixFreeKernel
 from structgp.models import ExactGP
 
@@ -64,6 +64,9 @@ def test_dense_kernel_goes_matrix_free_when_the_matrix_exceeds_the_budget():
         op = kernel(x)
         assert isinstance(op, KernelOperator)
         assert "matrix-free" in repr(op) and "exceeds memory_budget" in repr(op)
+        noisy = op + ScaledIdentity(torch.tensor(0.1, dtype=torch.float64), 500)
+        with sg.settings(method="cg"):  # the plan says why the kernel went matrix-free
+            assert "matrix-free" in sg.plan(noisy).reason
         unit = torch.eye(500, dtype=torch.float64)[:, :3]
         torch.testing.assert_close(op @ unit, kernel.base_kernel(x, x).to_dense()[:, :3])
 
