@@ -173,8 +173,8 @@ def table(rows: list[dict]) -> None:
         if exact is not None and r["who"] != "reference":
             err = f"{abs(r['value'] - exact['value']) / abs(exact['value']):.1e}"
             grads = ", ".join(f"{abs(a - b) / abs(b):.1e}" for a, b in zip(r["grads"], exact["grads"]))
-        print(f"| {r['n']} | {r['dtype']} | {r['who']} | {r['seconds']:.1f} ({r['cpu_seconds']:.0f}) | {r['peak_gib']:.2f} "
-              f"({r['added_gib']:.2f}) | {err} | {grads} |")
+        print(f"| {r['n']} | {r['dtype']} | {r['who']} | {r['seconds']:.1f} ({r['cpu_seconds']:.0f}) "
+              f"| {r['peak_gib']:.2f} ({r['added_gib']:.2f}) | {err} | {grads} |")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -96,3 +96,39 @@ def _augmented(z1: Tensor, z2: Tensor, shift: Tensor, out: Tensor | None = None)
     left = torch.cat([z1, shift - 0.5 * z1.square().sum(-1, keepdim=True), ones1], -1)
     right = torch.cat([z2, ones2, -0.5 * z2.square().sum(-1, keepdim=True)], -1)
     return torch.matmul(left, right.mT, out=out) if out is not None else left @ right.mT
+
+
+def rbf_block_vjp(formula: Formula, x: Tensor, b: slice, weight: Tensor) -> tuple[Tensor, ...]:
+    """The gradients of ``sum(weight * k(x[b], x))`` for an RBF formula (detached tensors), in closed form:
+    ``(d/dx (n, d), d/d lengthscale (like it))`` and, where the formula has a scale, ``d/d scale``.
+
+    With ``u = x - c`` (``c`` the mean of ``x``: the kernel is shift-invariant), ``E = weight * K`` and its row
+    and column sums ``r``, ``s``: ``d/du_i = (E u - r u_b)_i / l^2`` (rows), ``(E^T u_b - s u)_j / l^2``
+    (columns), ``d/dl_d = sum_ij E_ij (u_id - u_jd)^2 / l_d^3`` (expanded into the same sums) and
+    ``d/d scale = sum E / scale``. Two products of ``E`` with ``d + 1`` columns instead of autograd's passes
+    through the formula; the sums are accumulated in float64 (the expansion of the squared differences
+    cancels)."""
+    _, _, lengthscale, scale = formula
+    u = x - x.mean(-2, keepdim=True)
+    ub = u[b]
+    kernel = evaluate_formula(formula, x[b], x, out=None)
+    e = (weight * kernel).double()
+    u64, ub64 = u.double(), ub.double()
+    ones_n = torch.ones_like(u64[:, :1])
+    left = e @ torch.cat([u64, ones_n], -1)  # (rows, d + 1): E u, r
+    right = e.mT @ torch.cat([ub64, torch.ones_like(ub64[:, :1])], -1)  # (n, d + 1): E^T u_b, s
+    eu, r = left[:, :-1], left[:, -1:]
+    etu, s = right[:, :-1], right[:, -1:]
+    inv_sq = lengthscale.double().reciprocal().square()  # (1, d) or (1, 1)
+    grad_u = (etu - s * u64) * inv_sq
+    grad_u[b] += (eu - r * ub64) * inv_sq
+    # sum_ij E_ij (u_id - u_jd)^2 = sum_i r_i u_id^2 + sum_j s_j u_jd^2 - 2 sum_i u_id (E u)_id, per d
+    squares = (r * ub64.square()).sum(0) + (s * u64.square()).sum(0) - 2 * (ub64 * eu).sum(0)
+    squares = squares.reshape(1, -1)
+    if lengthscale.shape[-1] == 1:  # one lengthscale for every dimension
+        squares = squares.sum(-1, keepdim=True)
+    grad_lengthscale = squares * inv_sq / lengthscale.double()
+    dtype = x.dtype
+    if scale is None:
+        return grad_u.to(dtype), grad_lengthscale.to(dtype)
+    return grad_u.to(dtype), grad_lengthscale.to(dtype), (e.sum() / scale.double()).to(dtype).reshape(scale.shape)

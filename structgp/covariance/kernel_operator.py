@@ -9,8 +9,10 @@ Products ``K V`` are computed in row blocks ``K(x[b], x) V[...]``: each block is
 so a product needs ``O(block * n)`` memory, never ``O(n^2)``. Their gradients come from a custom autograd
 function whose backward evaluates each block again (under :func:`torch.func.vjp`) to pull back
 ``G_b V^T`` onto ``x`` and the parameters (``G`` the output gradient), and multiplies ``K G`` for ``V``'s
-gradient: the same memory as the forward, about three times its time. The diagonal and single rows
-(``rows``: what the pivoted Cholesky preconditioner reads) cost ``O(n d)`` a row.
+gradient: the same memory as the forward, about three times its time. RBF formula kernels pull each block
+back in closed form instead (:func:`.kernel_formula.rbf_block_vjp`: two products with ``d + 1`` columns,
+then the chain rule to the raw parameters; sums in float64). The diagonal and single rows (``rows``: what
+the pivoted Cholesky preconditioner reads) cost ``O(n d)`` a row.
 
 With ``backend="keops"`` a product is one KeOps reduction instead (:mod:`.keops_backend`: no blocks, KeOps'
 own gradients), for the kernels KeOps can express.
@@ -38,7 +40,7 @@ from torch import Tensor
 
 from structgp import _config, distributed
 from structgp.covariance.keops_backend import keops_available, keops_matmul
-from structgp.covariance.kernel_formula import evaluate_formula, kernel_formula
+from structgp.covariance.kernel_formula import Formula, evaluate_formula, kernel_formula, rbf_block_vjp
 from structgp.covariance.operator import Operator
 from structgp.covariance.validation import sum_to, value_checks_enabled
 
@@ -274,22 +276,54 @@ class _BlockProduct(torch.autograd.Function):
                 grad_rhs = sum_to(grad_rhs, rhs.shape)
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
         grad_params = [torch.zeros_like(p) if ctx.needs_input_grad[3 + i] else None for i, p in enumerate(params)]
-        if grad_x is not None or any(g is not None for g in grad_params):
-            for first in range(start, stop, rows):
-                b = slice(first, min(first + rows, stop))
-                weight = grad[..., b, :] @ rhs.mT  # (..., rows, n): d loss / d K[b, :]
+        if grad_x is None and all(g is None for g in grad_params):
+            return (None, grad_rhs, None, *grad_params)
+        formula = kernel_formula(kernel, names, params) if x.dim() == 2 else None
+        if formula is not None and formula.family == "rbf":
+            grad_x, grad_params = _rbf_backward(kernel, names, params, x, rhs, grad, (start, stop, rows), parts, ctx)
+            return (None, grad_rhs, grad_x, *grad_params)
+        for first in range(start, stop, rows):
+            b = slice(first, min(first + rows, stop))
+            weight = grad[..., b, :] @ rhs.mT  # (..., rows, n): d loss / d K[b, :]
 
-                def block(xx: Tensor, *pp: Tensor, b: slice = b) -> Tensor:
-                    return kernel_block(kernel, names, pp, xx[..., b, :], xx)
+            def block(xx: Tensor, *pp: Tensor, b: slice = b) -> Tensor:
+                return kernel_block(kernel, names, pp, xx[..., b, :], xx)
 
-                _, pull = torch.func.vjp(block, x, *params)
-                pulled = pull(sum_to(weight, _block_shape(kernel, names, params, x, b)))
-                if grad_x is not None:
-                    grad_x = grad_x + pulled[0]
-                grad_params = [g if g is None else g + d for g, d in zip(grad_params, pulled[1:])]
-            if parts is not None:  # each rank pulled back its own rows: the gradient is their sum
-                grad_x, *grad_params = distributed.all_reduce_sum([grad_x, *grad_params], "kernel gradients")
+            _, pull = torch.func.vjp(block, x, *params)
+            pulled = pull(sum_to(weight, _block_shape(kernel, names, params, x, b)))
+            if grad_x is not None:
+                grad_x = grad_x + pulled[0]
+            grad_params = [g if g is None else g + d for g, d in zip(grad_params, pulled[1:])]
+        if parts is not None:  # each rank pulled back its own rows: the gradient is their sum
+            grad_x, *grad_params = distributed.all_reduce_sum([grad_x, *grad_params], "kernel gradients")
         return (None, grad_rhs, grad_x, *grad_params)
+
+
+def _rbf_backward(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, span: tuple, parts, ctx):
+    """``_BlockProduct``'s gradients for ``x`` and the raw parameters of an RBF formula kernel: each block's
+    closed-form pull-back (:func:`.kernel_formula.rbf_block_vjp`), then the chain rule from the lengthscale
+    and scale to the raw parameters through the kernel's constraints (``torch.func.vjp``: also under
+    ``torch.func.grad``)."""
+    start, stop, rows = span
+
+    def transform(*raw: Tensor) -> tuple[Tensor, ...]:
+        formula = kernel_formula(kernel, names, raw)
+        return (formula.lengthscale,) if formula.scale is None else (formula.lengthscale, formula.scale)
+
+    outputs, pull = torch.func.vjp(transform, *params)
+    detached = Formula("rbf", None, *(o.detach() for o in outputs), *([None] if len(outputs) == 1 else []))
+    sums = [torch.zeros_like(x)] + [torch.zeros_like(o) for o in outputs]
+    with torch.no_grad():
+        for first in range(start, stop, rows):
+            b = slice(first, min(first + rows, stop))
+            weight = sum_to(grad[..., b, :] @ rhs.mT, (b.stop - b.start, x.shape[-2]))  # d loss / d K[b, :]
+            parts_b = rbf_block_vjp(detached, x, b, weight)
+            sums = [total + part for total, part in zip(sums, parts_b)]
+        if parts is not None:  # each rank pulled back its own rows: the gradient is their sum
+            sums = distributed.all_reduce_sum(sums, "kernel gradients")
+    chained = pull(tuple(sums[1:]))
+    grad_params = [g if ctx.needs_input_grad[3 + i] else None for i, g in enumerate(chained)]
+    return (sums[0] if ctx.needs_input_grad[2] else None), grad_params
 
 
 def _product(kernel, names, params, x: Tensor, rhs: Tensor, rows: int, parts, what: str) -> Tensor:
