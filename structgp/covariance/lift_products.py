@@ -31,10 +31,11 @@ if TYPE_CHECKING:
 
 def own_rows(lift: Lift) -> tuple[Lift, int, int, int, tuple[tuple[int, int], ...]] | None:
     """This rank's rows of ``lift``: ``(their lift, start row, first entry a, last entry b, every rank's rows)``,
-    or None without an active process group."""
-    parts = distributed.row_range(lift.n_out)
-    if parts is None:
+    or None without an active process group, or for a lift with fewer rows than ranks (a few test points:
+    applied whole on every rank)."""
+    if not distributed.is_active() or lift.n_out < distributed.world():
         return None
+    parts = distributed.row_range(lift.n_out)
     start, stop = parts[distributed.rank()]
     local, a, b = lift.rows(start, stop)
     return local, start, a, b, parts

@@ -5,7 +5,7 @@ forward-mode derivatives (and their gradcheck); the log-likelihood of ``L K L^T 
 the grid lengthscales, the lift's values and the noise through the latent Woodbury engine (gram form
 ``M = L^T D^-1 L`` and row form ``F = L R``) and through ``method="cg"``, with the solves; and the seed 002
 model at a small size (an ``m^3`` RBF grid lifted by a random sparse lift, 4 entries a row) through
-``ExactGP``. The parent computes the same in this (single) process and against dense torch.
+``ExactGP``: loss, gradients and predictions. The parent computes the same in this (single) process and against dense torch.
 """
 
 from __future__ import annotations
@@ -117,7 +117,14 @@ def products() -> dict[str, object]:
     _, tangent = torch.func.jvp(lambda v: both(v, x.detach(), y.detach()), (v.detach(),), (torch.ones_like(v),))
     ok = torch.autograd.gradcheck(both, (v, x, y))
     flat = [lx, lty, *grads, *tangent]
-    return {"products": torch.cat([t.detach().reshape(-1) for t in flat]), "product gradcheck": ok}
+    # rows 3-5 empty: rank 1 (rows 3-5) holds no entries
+    sparse = Lift.from_tensor(sparse_csr(indices[:, :6], values[:6], (6, 5)))
+    w = values[:6].clone().requires_grad_()
+    lx, lty = sparse.matmul(x, w), sparse.tmatmul(y[:6], w)
+    grads = torch.autograd.grad((lx * lx.detach()).sum() + (lty * lty.detach()).sum(), [w, x, y])
+    flat += [lx, lty, *grads]
+    own = sorted(key for key in lift._cache if key[0] == "rows")  # the row views this rank applied
+    return {"products": torch.cat([t.detach().reshape(-1) for t in flat]), "product gradcheck": ok, "own rows": own}
 
 
 def seed002_model() -> ExactGP:
@@ -134,14 +141,18 @@ def seed002_model() -> ExactGP:
 
 
 def seed002(options: dict) -> dict[str, Tensor]:
-    """The seed 002 model's loss and its gradients in every parameter."""
+    """The seed 002 model's loss, its gradients in every parameter, and predictions at 5 new rows and at 1 (fewer
+    rows than ranks: that lift is applied whole on every rank)."""
     model = seed002_model()
     with sg.settings(**options):
         loss = model.loss()
         note = str(sg.last_report())
         grads = torch.autograd.grad(loss, [p for _, p in sorted(model.named_parameters())])
+        indices, values = random_lift(5, M**3, 4, seed=9)
+        mean, var = model.predict(sparse_csr(indices, values, (5, M**3)))
+        one = torch.cat(model.predict(sparse_csr(indices[:, :4], values[:4], (1, M**3))))
     tag = f"seed002 {options.get('method', 'auto')}"
-    out = {f"{tag} value": loss.detach(), f"{tag} report": note}
+    out = {f"{tag} value": loss.detach(), f"{tag} report": note, f"{tag} predict": torch.cat([mean, var, one]).detach()}
     out.update({f"{tag} grad {i}": g for i, g in enumerate(grads)})
     return out
 
@@ -203,7 +214,7 @@ def numbers(out: dict) -> dict[str, Tensor]:
 def test_two_processes_equal_one_process(ranks, reference):
     assert ranks[0]["parts"] == ((0, 76), (76, 151))
     expected = numbers(reference)
-    assert len(expected) == 43
+    assert len(expected) == 46
     for out in ranks:
         assert numbers(out).keys() == expected.keys()
         for key, value in expected.items():
@@ -212,6 +223,11 @@ def test_two_processes_equal_one_process(ranks, reference):
     # and step count: the latent vectors are summed in another order, which moves the stopping point by a step)
     for key in (k for k in reference if k.endswith("report")):
         assert same_report(ranks[0][key]) == same_report(ranks[1][key]) == same_report(reference[key]), key
+
+
+def test_each_rank_applies_only_its_rows(ranks, reference):
+    assert reference["own rows"] == []
+    assert [out["own rows"] for out in ranks] == [[("rows", 0, 4)], [("rows", 4, 7)]]
 
 
 def test_ranks_hold_bitwise_identical_results(ranks):
