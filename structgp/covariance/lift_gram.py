@@ -53,7 +53,7 @@ class _LiftGram(torch.autograd.Function):
         if mine is None:
             grad_v, grad_w = _gram_backward(lift, values, w, grad, needs)
         else:
-            if torch.is_grad_enabled() and grad.requires_grad:
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (grad, values, weights)):
                 raise NotImplementedError(
                     "create_graph: second derivatives through the lift Gram L^T D^-1 L are not available while "
                     "the lift's rows are partitioned across processes (structgp.distributed)"

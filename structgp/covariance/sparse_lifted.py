@@ -64,7 +64,9 @@ class Lift(PyTreeNode):
         return cls._from_triplets(row, col, values, shape)
 
     @classmethod
-    def _from_triplets(cls, row: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int], kind: str | None = None):
+    def _from_triplets(
+        cls, row: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int], kind: str | None = None
+    ) -> Lift:
         """The lift of entries ``(row, col, values)`` ``(nnz,)`` in row-major order, unique; ``kind`` found
         from them unless given."""
         n_out, n_in = shape
