@@ -1,16 +1,25 @@
 """Strong scaling of an exact GP across processes (structgp.distributed, gloo on CPU / NCCL on GPU).
 
-One value + gradient of the marginal likelihood of an ``ExactGP`` on a matrix-free RBF kernel
-(``MatrixFreeKernel``, ``settings(method="cg")``), N points in 3-d, float64, with 1, 2, ... processes of
-one intra-op thread each (and one process with as many threads as the largest world, the fair comparison
-on the same cores). Each configuration runs in fresh processes spawned by ``torch.multiprocessing``:
+One value + gradient of the marginal likelihood of an ``ExactGP`` (``settings(method="cg")``, float64), with
+1, 2, ... processes of one intra-op thread each (and one process with as many threads as the largest world,
+the fair comparison on the same cores), for one of two models:
+
+    kernel   a matrix-free RBF kernel (``MatrixFreeKernel``) on N points in d dimensions: each rank computes
+             its whole row blocks of every kernel product
+    lifted   the seed 002 model with a general lift: an m^3 RBF grid lifted to N observations by a random
+             sparse lift of ``--per-row`` cells a row (``AggregationKernel``, ``SparseLifted``): each rank
+             applies its rows of the lift (one all-reduce of the latent vectors, one all-gather of the rows)
+
+Each configuration runs in fresh processes spawned by ``torch.multiprocessing``:
 
     seconds wall time of one value + gradient (the slowest rank), after ``--warmup`` untimed calls
     cpu     each rank's CPU seconds over that call (robust to other jobs on a shared machine)
     peak    each rank's resident-set growth over the timed call (CPU; torch's peak on a GPU)
-    block   the height of the kernel row blocks each rank evaluates (a block is block x N entries)
+    rows    rank 0's rows of the operator (kernel: with the height of the row blocks it evaluates, a block
+            being block x N entries)
 
     PYTHONPATH=. python benchmarks/bench_distributed.py --n 30000 --worlds 1 2
+    PYTHONPATH=. python benchmarks/bench_distributed.py --model lifted --n 200000 --m 16
     python benchmarks/bench_distributed.py --device cuda --n 200000 --worlds 1 2 4 8
 """
 
@@ -22,6 +31,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,8 +43,11 @@ from _harness import _RssPeak  # noqa: E402
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=30000)
-    parser.add_argument("--d", type=int, default=3)
+    parser.add_argument("--model", choices=("kernel", "lifted"), default="kernel")
+    parser.add_argument("--n", type=int, default=30000, help="observations")
+    parser.add_argument("--d", type=int, default=3, help="input dimensions (kernel)")
+    parser.add_argument("--m", type=int, default=16, help="grid points a dimension of the 3-d latent grid (lifted)")
+    parser.add_argument("--per-row", type=int, default=4, help="grid cells a row of the lift (lifted)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--num-probes", type=int, default=8)
@@ -46,11 +59,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _worker(rank: int, world: int, threads: int, port: int, args: argparse.Namespace, folder: str) -> None:
     torch.set_num_threads(threads)
-    import gpytorch
-
     import structgp as sg
-    from structgp.kernels import MatrixFreeKernel
-    from structgp.models import ExactGP
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -58,11 +67,7 @@ def _worker(rank: int, world: int, threads: int, port: int, args: argparse.Names
             os.environ["LOCAL_RANK"] = str(rank)
         sg.distributed.init(timeout=1800)
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(args.n, args.d, generator=gen, dtype=torch.float64) * 4
-    y = torch.sin(x.sum(-1)) + 0.1 * torch.randn(args.n, generator=gen, dtype=torch.float64)
-    kernel = MatrixFreeKernel(gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()))
-    model = ExactGP(x.to(device), y.to(device), kernel).to(device, torch.float64)
+    model = (_kernel_model if args.model == "kernel" else _lifted_model)(args).to(device, torch.float64)
     params = list(model.parameters())
     # a fixed iteration count (cg_tol unreachable): every configuration does the same work
     options = dict(method="cg", num_probes=args.num_probes, max_iter=args.max_iter, cg_tol=1e-30, precond_rank=32)
@@ -74,8 +79,6 @@ def _worker(rank: int, world: int, threads: int, port: int, args: argparse.Names
             torch.cuda.synchronize()
         return float(loss)
 
-    import warnings
-
     with sg.settings(**options), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the CG iteration cap is reached on purpose
         for _ in range(args.warmup):
@@ -86,11 +89,54 @@ def _worker(rank: int, world: int, threads: int, port: int, args: argparse.Names
             start, cpu = time.perf_counter(), time.process_time()
             value = value_and_gradient()
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        block = model.train_covariance().base.block_rows()
+        op = model.train_covariance().base
+        parts = sg.distributed.row_range(op.n)
+        rows = op.n if parts is None else parts[0][1] - parts[0][0]
+        block = op.block_rows() if args.model == "kernel" else None
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak - rss.base
-    result = {"rank": rank, "seconds": seconds, "cpu": cpu, "peak_mib": peak / 2**20, "value": value, "block": block}
+    result = {"rank": rank, "seconds": seconds, "cpu": cpu, "peak_mib": peak / 2**20, "value": value, "rows": rows,
+              "block": block}
     Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
     sg.distributed.shutdown()
+
+
+def _kernel_model(args: argparse.Namespace):
+    """An ExactGP on a matrix-free RBF kernel, N points in d dimensions."""
+    import gpytorch
+
+    from structgp.kernels import MatrixFreeKernel
+    from structgp.models import ExactGP
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(args.n, args.d, generator=gen, dtype=torch.float64) * 4
+    y = torch.sin(x.sum(-1)) + 0.1 * torch.randn(args.n, generator=gen, dtype=torch.float64)
+    return ExactGP(x, y, MatrixFreeKernel(gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())))
+
+
+def _lifted_model(args: argparse.Namespace):
+    """The seed 002 model with a general lift: an m^3 RBF grid on [-5, 5]^3, N rows of ``per_row`` random cells
+    with random positive weights."""
+    import gpytorch
+
+    from structgp.kernels import AggregationKernel
+    from structgp.models import ExactGP
+
+    gen = torch.Generator().manual_seed(0)
+    cells, k = args.m**3, args.per_row
+    cols = torch.randint(cells, (args.n, k), generator=gen).sort(-1).values
+    keep = torch.ones_like(cols, dtype=torch.bool)
+    keep[:, 1:] = cols[:, 1:] != cols[:, :-1]  # a cell drawn twice in a row is kept once
+    rows = torch.arange(args.n).unsqueeze(-1).expand_as(cols)
+    values = torch.rand(args.n, k, generator=gen, dtype=torch.float64) + 0.2
+    indices = torch.stack([rows[keep], cols[keep]])
+    lift = torch.sparse_coo_tensor(indices, values[keep], (args.n, cells), check_invariants=True)
+    y = torch.randn(args.n, generator=gen, dtype=torch.float64)
+    axis = torch.linspace(-5, 5, args.m, dtype=torch.float64)
+    rbf = gpytorch.kernels.RBFKernel()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        lift = lift.coalesce().to_sparse_csr()
+    return ExactGP(lift, y, AggregationKernel([rbf, rbf, rbf], [axis, axis, axis]))
 
 
 def run(world: int, threads: int, args: argparse.Namespace, folder: Path) -> list[dict]:
@@ -117,17 +163,21 @@ def main(argv: list[str] | None = None) -> None:
                      "seconds": max(r["seconds"] for r in ranks)})
         print(f"  done: {world} process(es) x {threads} thread(s): {rows[-1]['seconds']:.2f} s", flush=True)
     base = rows[0]["seconds"]
-    print(f"\nstrong scaling, N = {args.n}, d = {args.d}, float64, {args.device}, {args.num_probes} probes, "
+    what = f"N = {args.n}, d = {args.d}" if args.model == "kernel" else (
+        f"N = {args.n} rows of {args.per_row} cells of a {args.m}^3 grid")
+    print(f"\nstrong scaling, {args.model}: {what}, float64, {args.device}, {args.num_probes} probes, "
           f"{args.max_iter} CG iterations (one value + gradient)")
     head = (f"{'processes':>9} {'threads':>7} {'seconds':>9} {'vs 1x1':>7} {'cpu s / rank':>16} "
-            f"{'peak MiB / rank':>16} {'block rows':>10} {'loss':>14}")
+            f"{'peak MiB / rank':>16} {'rows (block)':>14} {'loss':>14}")
     print(head)
     print("-" * len(head))
     for row in rows:
         peaks = " ".join(f"{r['peak_mib']:.0f}" for r in row["ranks"])
         cpus = " ".join(f"{r['cpu']:.1f}" for r in row["ranks"])
+        first = row["ranks"][0]
+        part = f"{first['rows']}" + ("" if first["block"] is None else f" ({first['block']})")
         print(f"{row['world']:9d} {row['threads']:7d} {row['seconds']:9.2f} {row['seconds'] / base:6.2f}x "
-              f"{cpus:>16} {peaks:>16} {row['ranks'][0]['block']:10d} {row['ranks'][0]['value']:14.10f}")
+              f"{cpus:>16} {peaks:>16} {part:>14} {first['value']:14.10f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

@@ -9,7 +9,6 @@ under ``torchrun``. The parent compares with the same computations in this (sing
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,13 @@ from pathlib import Path
 import gpytorch
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import structgp as sg
 from structgp.covariance import KernelOperator
 from structgp.distributed import DistributedError, rows_of
 from structgp.kernels import MatrixFreeKernel
 from structgp.models import ExactGP
+from tests.distributed.spawn import join, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 N, D = 203, 2
@@ -106,19 +105,8 @@ def batched_product() -> torch.Tensor:
 # -- the spawned ranks ------------------------------------------------------------------------------------
 
 
-def _join(rank: int, world: int, port: int, folder: str, timeout: float) -> None:
-    """Form the group: every rank waits at a file barrier first (imports take uneven time on a loaded
-    machine, and the rendezvous shares the collectives' timeout)."""
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    Path(folder, f"ready{rank}").touch()
-    while not all(Path(folder, f"ready{r}").exists() for r in range(world)):
-        time.sleep(0.01)
-    assert sg.distributed.init(timeout=timeout) == world
-
-
 def _healthy_session(rank: int, world: int, port: int, folder: str) -> None:
-    _join(rank, world, port, folder, timeout=60.0)
+    join(rank, world, port, folder, timeout=60.0)
     out: dict[str, object] = {**evaluate(), **evaluate_float32(), "gradcheck": product_gradcheck(),
                                "batched": batched_product()}
     out["world"], out["rank"], out["active"] = sg.distributed.world(), sg.distributed.rank(), sg.distributed.is_active()
@@ -146,7 +134,7 @@ def _healthy_session(rank: int, world: int, port: int, folder: str) -> None:
 
 
 def _absent_session(rank: int, world: int, port: int, folder: str) -> None:
-    _join(rank, world, port, folder, timeout=SHORT_TIMEOUT)
+    join(rank, world, port, folder, timeout=SHORT_TIMEOUT)
     x, y, _ = data()
     gp = model(x, y)  # collective (the fingerprint check): both ranks
     if rank == 1:  # alive, but never arrives at the collective: it waits until rank 0 has given up
@@ -170,17 +158,9 @@ def _failing_loss(gp: ExactGP) -> tuple[str | None, float]:
     return None, time.perf_counter() - start
 
 
-def _spawn(session, folder: Path, world: int = 2) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(session, args=(world, port, str(folder)), nprocs=world, join=True, start_method="spawn")
-    return [torch.load(folder / f"rank{r}.pt") if (folder / f"rank{r}.pt").exists() else None for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory) -> list[dict]:
-    return _spawn(_healthy_session, tmp_path_factory.mktemp("healthy"))
+    return spawn(_healthy_session, tmp_path_factory.mktemp("healthy"))
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +238,7 @@ def test_a_dead_rank_gives_a_clear_error(healthy):
 
 
 def test_a_rank_that_never_arrives_times_out_with_a_clear_error(tmp_path):
-    out = _spawn(_absent_session, tmp_path)[0]
+    out = spawn(_absent_session, tmp_path)[0]
     assert "rank 0 of 2: gathering the row blocks of a kernel product did not complete" in out["error"]
     assert "Timed out" in out["error"] and "never arrived within the process group's timeout" in out["error"]
     assert SHORT_TIMEOUT * 0.9 <= out["seconds"] < SHORT_TIMEOUT + 10

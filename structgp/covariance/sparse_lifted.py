@@ -9,7 +9,8 @@ diagonal; ``solve``/``logdet`` go to the latent-space Woodbury engine
 Sparse products go through a custom autograd function: the forward is torch's CSR @ dense product and
 the backward is written out (``L^T g`` for the dense input; the sampled product ``sum_c g[i, c] x[j, c]``
 over the stored entries ``(i, j)`` for the values), because torch's own CSR backward is orders of
-magnitude slower and returns wrong gradients for CSR tensors whose columns are not sorted.
+magnitude slower and returns wrong gradients for CSR tensors whose columns are not sorted. Under
+``torch.distributed`` each rank applies only its rows of ``L`` (:mod:`.lift_products`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from structgp.covariance import lift_products
 from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator, as_operator
 from structgp.covariance.pytree_node import PyTreeNode
@@ -57,8 +59,17 @@ class Lift(PyTreeNode):
         _check_layout(lift, name)
         if like is not None:
             check_lift_matches(lift, name, *like)
-        row, col, values, (n_out, n_in) = _triplets(lift, name)
+        row, col, values, shape = _triplets(lift, name)
         check_finite(values, name)
+        return cls._from_triplets(row, col, values, shape)
+
+    @classmethod
+    def _from_triplets(
+        cls, row: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int], kind: str | None = None
+    ) -> Lift:
+        """The lift of entries ``(row, col, values)`` ``(nnz,)`` in row-major order, unique; ``kind`` found
+        from them unless given."""
+        n_out, n_in = shape
         crow = torch.zeros(n_out + 1, dtype=torch.int64, device=row.device)
         crow[1:] = torch.bincount(row, minlength=n_out).cumsum(0)
         t_perm = torch.argsort(col * n_out + row)
@@ -66,10 +77,22 @@ class Lift(PyTreeNode):
         t_crow[1:] = torch.bincount(col, minlength=n_in).cumsum(0)
         counts = crow.diff()
         n_pairs = int(counts.square().sum())
-        kind = _kind(counts, col, values, t_crow, (n_out, n_in))
-        return cls._from_children(
-            [crow, col, row, values, t_crow, row[t_perm], t_perm], (n_out, n_in, n_pairs, kind)
-        )
+        kind = _kind(counts, col, values, t_crow, shape) if kind is None else kind
+        return cls._from_children([crow, col, row, values, t_crow, row[t_perm], t_perm], (n_out, n_in, n_pairs, kind))
+
+    def rows(self, start: int, stop: int) -> tuple[Lift, int, int]:
+        """Rows ``start:stop`` of ``L``: their pattern as a lift ``(stop - start, n_in)`` and the range ``a:b`` of
+        their entries among this lift's (pass ``values[a:b]`` to its products: its own values are zeros,
+        placeholders). Built once per range (the pattern never changes) and kept on this lift."""
+        key = ("rows", start, stop)
+        if key not in self._cache:
+            a, b = int(self.crow[start]), int(self.crow[stop])
+            placeholder = torch.zeros(b - a, dtype=self.dtype, device=self.device)
+            view = Lift._from_triplets(
+                self.row[a:b] - start, self.col[a:b], placeholder, (stop - start, self.n_in), "general"
+            )
+            self._cache[key] = (view, a, b)
+        return self._cache[key]
 
     @property
     def shape(self) -> torch.Size:
@@ -147,11 +170,12 @@ class _LiftProduct(torch.autograd.Function):
     """``L x`` (or ``L^T x``) for a 2-D dense ``x``; differentiable in ``values`` and ``x``, forward mode
     (``jvp``: ``d(L x) = L dx + L(dvalues) x``, linear in each) and under ``torch.func.vmap`` (a batched ``x``
     becomes more columns of one sparse product; batched values, one product per member), so ``jacfwd``,
-    ``jacrev`` and ``vmap`` see through the lift."""
+    ``jacrev`` and ``vmap`` see through the lift. Under an active process group each rank applies only its rows
+    of ``L``, forward and backward (:mod:`.lift_products`); inputs, outputs and gradients are whole on every rank."""
 
     @staticmethod
     def forward(values: Tensor, x: Tensor, lift: Lift, transpose: bool) -> Tensor:
-        return lift.csr(values, transpose) @ x
+        return lift_products.product(values, x, lift, transpose)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -187,22 +211,10 @@ class _LiftProduct(torch.autograd.Function):
         lift, transpose = ctx.lift, ctx.transpose
         grad_values = grad_x = None
         if ctx.needs_input_grad[0]:
-            out_idx, in_idx = (lift.col, lift.row) if transpose else (lift.row, lift.col)
-            grad_values = _sampled_rowdot(grad, x, out_idx, in_idx)
+            grad_values = lift_products.values_gradient(grad, x, lift, transpose)
         if ctx.needs_input_grad[1]:
             grad_x = _LiftProduct.apply(values, grad, lift, not transpose)
         return grad_values, grad_x, None, None
-
-
-
-
-def _sampled_rowdot(g: Tensor, x: Tensor, g_idx: Tensor, x_idx: Tensor) -> Tensor:
-    """``sum_c g[g_idx[k], c] x[x_idx[k], c]`` for each ``k`` (in chunks), shape ``(nnz,)``."""
-    step = max(1, Lift.CHUNK // max(1, g.shape[-1]))
-    parts = [
-        (g[g_idx[s : s + step]] * x[x_idx[s : s + step]]).sum(-1) for s in range(0, g_idx.shape[0], step)
-    ]
-    return torch.cat(parts) if parts else g.new_zeros(0)
 
 
 KINDS = ("identity", "permutation", "selection", "general")

@@ -9,6 +9,13 @@ identically on every rank; the backward of a product reduces the hyperparameter 
 all-reduce. Products are bitwise those of one process (so are values and predictions); gradients differ
 only by the summation order of the reduction.
 
+A :class:`~structgp.covariance.SparseLifted` ``L B L^T`` partitions the observation rows of its lift the
+same way (:mod:`structgp.covariance.lift_products`): each rank applies its rows of ``L``, ``L^T y`` is summed
+over the ranks with one all-reduce of the latent vector and ``L x`` is all-gathered, so ``L B L^T v`` costs one
+all-reduce and one all-gather; the lift Gram ``L^T D^{-1} L`` of the latent Woodbury engine is one
+all-reduce of the ranks' row sums. Sums over ranks differ from one process by rounding only; every rank
+holds the same numbers.
+
 Without :func:`init` (or with one process) nothing is distributed and nothing is an error.
 
 This package depends on nothing else in structgp (like ``structgp._config``), so every layer may use it.

@@ -11,8 +11,9 @@ For ``A = L B L^T + D`` with a sparse lift ``L`` (``n_out x n_in``), ``B = R R^T
 
 ``M`` (``M[c_a, c_b] = sum_r v_a v_b / d_r`` over the pairs of entries of row ``r``) is formed by a
 sparse-sparse product ``L^T (D^{-1} L)`` (CSR, densified to ``n_in x n_in``) in a custom autograd function
-whose backward gathers ``dM`` per row block of the lift (``sum_r nnz_r^2`` entries, in chunks), so memory
-stays ``O(n_in^2 + nnz(M) + chunk)``; nothing ``n_out x n_out`` or dense ``n_out x n_in`` is formed.
+(:mod:`structgp.covariance.lift_gram`, partitioned by rows under torch.distributed) whose backward gathers
+``dM`` per row block of the lift (``sum_r nnz_r^2`` entries, in chunks), so memory stays
+``O(n_in^2 + nnz(M) + chunk)``; nothing ``n_out x n_out`` or dense ``n_out x n_in`` is formed.
 With ``D = s I`` the pattern Gram ``L^T L`` is computed once and cached on the lift while its values
 need no gradient. Everything after the sparse products is float64, also for float32 data.
 Cost ``n_pairs + 2 n_in^2 r + r^3 / 3`` flops (``n_pairs = sum_r nnz_r^2``): the gram form. When ``R`` is
@@ -54,6 +55,7 @@ from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.indexing import entries
 from structgp.covariance.kron import kron_dense
 from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.lift_gram import lift_gram
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator
@@ -68,57 +70,6 @@ from structgp.inference.plan import Cost, Engine, describe, register
 from structgp.inference.roots import root
 from structgp.inference.spectral_jitter import eigenvalue_jitter
 from structgp.inference.spectral_root import exact_root, known_root_rank, spectral_matrices, spectral_uncertainty
-
-
-def lift_gram(lift: Lift, values: Tensor, weights: Tensor | None = None) -> Tensor:
-    """``L^T diag(w) L`` ``(..., n_in, n_in)`` for the lift's pattern with ``values`` ``(nnz,)`` and
-    ``weights`` ``(..., n_out)`` (None: ``L^T L``); differentiable in both, memory ``O(n_in^2 + chunk)``."""
-    return _LiftGram.apply(values, weights, lift)
-
-
-class _LiftGram(torch.autograd.Function):
-    """``M = L^T W L``: forward by a sparse-sparse product (one per batch member of ``w``); backward from
-    the row blocks, ``dM = G``:
-
-        grad w_r = l_r^T G l_r,      grad v_a = w_r t_a,      t = (G + G^T)[c_r, c_r] v_r (per row r),
-
-    gathering ``sum_r nnz_r^2`` entries of ``G + G^T`` in chunks.
-    """
-
-    @staticmethod
-    def forward(values: Tensor, weights: Tensor | None, lift: Lift) -> Tensor:
-        lt = lift.csr(values, transpose=True)
-        if weights is None:
-            return (lt @ lift.csr(values, transpose=False)).to_dense()
-        flat = weights.reshape(-1, lift.n_out)
-        grams = [(lt @ lift.csr(values * w[lift.row], transpose=False)).to_dense() for w in flat]
-        return torch.stack(grams).view(*weights.shape[:-1], lift.n_in, lift.n_in)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        values, weights, ctx.lift = inputs
-        ctx.save_for_backward(values, weights)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        values, weights = ctx.saved_tensors
-        lift = ctx.lift
-        n = lift.n_in
-        sym = (grad + grad.mT).reshape(-1, n * n)  # (B, n^2)
-        w = None if weights is None else weights.reshape(-1, lift.n_out)
-        grad_v = torch.zeros_like(values) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if w is not None and ctx.needs_input_grad[1] else None
-        for rows, pos in lift.row_blocks(max(1, Lift.CHUNK // sym.shape[0])):
-            v, c = values[pos], lift.col[pos]  # (k, m)
-            block = sym[:, c.unsqueeze(-1) * n + c.unsqueeze(-2)]  # (B, k, m, m)
-            t = (block @ v.unsqueeze(-1)).squeeze(-1)  # (B, k, m)
-            if grad_w is not None:
-                grad_w[:, rows] = 0.5 * (t * v).sum(-1)
-            if grad_v is not None:
-                grad_v[pos] = t.sum(0) if w is None else (w[:, rows, None] * t).sum(0)
-        if grad_w is not None:
-            grad_w = grad_w.view(weights.shape)
-        return grad_v, grad_w, None
 
 
 class _CapacitanceLogdet(torch.autograd.Function):
