@@ -23,6 +23,13 @@ by two sparse products a column chunk at a time and ``C = I + R^T P`` (``4 nnz r
 ``O(n_in r)`` plus one chunk), where it is cheaper than the row form (unbatched, lift values without
 gradient, ``s I`` noise or noise without gradient).
 
+A Kronecker base's truncated spectral root ``R = R_1 (x) ... (x) R_d`` is never formed on such grids: the
+Kronecker form (:mod:`structgp.inference.kronecker_latent`) builds ``C`` by column chunks of ``R`` (two sparse
+products and mode products with the narrow ``R_i^T``), memory ``O((n_out + n_in) c + r^2)``, and owes the base's
+gradients through the factors' partial traces. Its rank (the factors' numerical ranks) is learned from the
+factors when a call is planned under ``"auto"`` (:meth:`LiftedWoodbury.learn`), so the planner weighs the exact
+path at its real size, not the upper bound ``n_in``.
+
 ``R`` is the base's Cholesky root when the base is positive definite in float64. A Kronecker or dense base
 that is singular to working precision (a smooth kernel on a fine grid) gets its truncated spectral root
 instead (:mod:`structgp.inference.spectral_root`): no jitter, so the answers stay exact, and a capacitance
