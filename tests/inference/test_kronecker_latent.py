@@ -97,6 +97,7 @@ def test_auto_learns_the_rank_from_the_factors_and_picks_the_kron_form(monkeypat
     choose the exact path; the call learns the rank from the 16 x 16 factors alone and "auto" then takes the
     exact Kronecker form (which fits), as sg.plan says afterwards."""
     monkeypatch.setattr(lifted_woodbury, "DENSE_GRAM_ENTRIES", 0)
+    monkeypatch.setattr(kronecker_latent, "CHUNK_ELEMENTS", 2**24)  # the Kronecker form then needs ~610 MiB
 
     def budget():
         return sg.settings(memory_budget=700 * 2**20)
