@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.distributions as tdist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import structgp as sg
@@ -158,3 +159,40 @@ def test_nothing_n_in_by_r_is_allocated(kron_form, monkeypatch, form):
     assert "through the Kronecker root's factors" in report, report
     assert guard.largest < m**3 * rank // 2, guard.where
     assert ls.grad is not None and s.grad is not None
+
+
+def test_float32_data_gradients_within_one_percent(kron_form, monkeypatch):
+    """Float32 data (the root then truncates at float32 rounding, 1.2e-7 of each factor's largest eigenvalue,
+    and the factors' partial traces use R_k R_k^T for K_k): value and gradients in lengthscale and noise equal
+    the dense gram form's (which contracts G with the exact K) to 1e-6, and dense float64 autograd of the same
+    float32 inputs to 1e-4 (the truncation itself, shared by every form: 1.8e-5 here) and 1 %."""
+    sizes, n = (16, 14, 12), 150
+    monkeypatch.setattr(kronecker_latent, "CHUNK_ELEMENTS", 7 * math.prod(sizes))
+    lift = random_rows(n, math.prod(sizes), torch.Generator().manual_seed(5)).float()
+    y = torch.randn(n, generator=torch.Generator().manual_seed(6))
+
+    def loss(kind, ls, s):
+        # the factors rounded to float32 on every side (the dense reference in float64 from there)
+        dtype = torch.float64 if kind == "dense" else torch.float32
+        base = Kronecker(*(smooth_grid(m, ls * (1 + 0.5 * i)).float().to(dtype) for i, m in enumerate(sizes)))
+        if kind == "dense":
+            dense_lift = lift.double().to_dense()
+            cov = dense_lift @ base.to_dense() @ dense_lift.T + s * torch.eye(n, dtype=F64)
+            return tdist.MultivariateNormal(torch.zeros(n, dtype=F64), cov).log_prob(y.double())
+        if kind == "gram":
+            monkeypatch.setattr(lifted_woodbury, "DENSE_GRAM_ENTRIES", 2**62)
+        with sg.settings(method="woodbury"):
+            q, ld = (SparseLifted(lift, base) + ScaledIdentity(s.float(), n)).inv_quad_logdet(y)
+        note = "through the Kronecker root's factors" if kind == "kron" else "gram form"
+        assert note in str(sg.last_report()), str(sg.last_report())
+        return -0.5 * (q + ld + n * math.log(2 * math.pi))
+
+    results = {}
+    for kind in ("kron", "gram", "dense"):
+        ls, s = torch.tensor(0.6, dtype=F64, requires_grad=True), torch.tensor(0.05, dtype=F64, requires_grad=True)
+        value = loss(kind, ls, s)
+        results[kind] = (value.detach().double(), *torch.autograd.grad(value, (ls, s)))
+    for got, ref in zip(results["kron"], results["gram"]):
+        assert_close(got.double(), ref.double(), rtol=1e-6, atol=0)
+    for got, ref, rtol in zip(results["kron"], results["dense"], (1e-4, 1e-2, 1e-2)):
+        assert_close(got.double(), ref, rtol=rtol, atol=0)
