@@ -11,8 +11,10 @@ float64 reference written here by hand, independent of both libraries):
 - a masked grid: 70% of a 24^3 grid observed (a selection lift), RBF + sigma I, float64, against dense
   Cholesky of the observed covariance; and 70% of a 64^3 grid (183 500 observations; no dense reference).
 - a general lift: 2e5 rows of 8 random cells of a 40^3 grid (n_in = 64 000), RBF + sigma I, float32, against
-  a float64 latent Woodbury written here by hand; ``general1e6``: 1e6 rows onto 64^3 (no reference).
-The large rows run structgp in a fresh subprocess and report its peak RSS (``ru_maxrss``).
+  a float64 latent Woodbury written here by hand; ``general1e6``: 1e6 rows onto 64^3 (its reference with
+  ``--reference-1e6``).
+The large rows run structgp in a fresh subprocess and report its peak RSS (``VmHWM`` of its own address space:
+``ru_maxrss`` would include the parent's resident set at the fork, e.g. the float64 reference's).
 
     python benchmarks/bench_lifted_scale.py                 # all cases (a few minutes on 2 cores)
     python benchmarks/bench_lifted_scale.py --case seed002 --anchor-cap-gib 16
@@ -202,35 +204,38 @@ def general_problem(n_out: int, m: int, dtype: torch.dtype):
     return lift.coalesce().to(dtype).to_sparse_csr(), torch.linspace(0, 1, m, dtype=dtype), y.to(dtype)
 
 
-def general_reference(lift, g, y, ls: float = 0.2, noise: float = 0.1, chunk: int = 20_000) -> float:
+def general_reference(lift, g, y, ls: float = 0.2, noise: float = 0.1, chunk: int = 1000) -> float:
     """log N(y | 0, L K L^T + noise I) in float64 by hand: K's eigenpairs above 1e-13 of the largest (per-factor
     eigh; what is left out moves the value by < 1e-13 relative), C = I + R^T L^T L R / noise accumulated over
-    row chunks of F = L R, Cholesky."""
+    row chunks of F = L R (the rows of R each chunk touches built from the factor eigenvectors), Cholesky."""
     lam1, q1 = torch.linalg.eigh(rbf_1d(g.double(), ls))
     lam = (lam1[:, None, None] * lam1[None, :, None] * lam1[None, None, :]).reshape(-1)
     keep = (lam > 1e-13 * lam.max()).nonzero().squeeze(-1)
     m = g.numel()
     i, j, k = keep // (m * m), (keep // m) % m, keep % m
-    r = q1[:, i].repeat_interleave(m * m, 0) * q1[:, j].repeat(m, 1).repeat_interleave(m, 0) * q1[:, k].repeat(m * m, 1)
-    r = r * lam[keep].sqrt()
+    scale = lam[keep].sqrt()
     l64 = lift.to_sparse_coo().double().coalesce()
+    rows, cols = l64.indices()
+    vals = l64.values()
     y64 = y.double()
+    n_out = y.numel()
+    bounds = torch.searchsorted(rows, torch.arange(0, n_out + chunk, chunk)).tolist()
     cap = torch.eye(keep.numel(), dtype=torch.float64)
     u = torch.zeros(keep.numel(), dtype=torch.float64)
-    for s0 in range(0, y.numel(), chunk):
-        s1 = min(s0 + chunk, y.numel())
-        idx = l64.indices()
-        sel = (idx[0] >= s0) & (idx[0] < s1)
-        shifted = idx[:, sel] - torch.tensor([[s0], [0]])
-        part = torch.sparse_coo_tensor(shifted, l64.values()[sel], (s1 - s0, r.shape[0]))
-        f = torch.sparse.mm(part, r)
+    for a, s0 in enumerate(range(0, n_out, chunk)):
+        s1 = min(s0 + chunk, n_out)
+        sel = slice(bounds[a], bounds[a + 1])
+        c = cols[sel]
+        r_rows = q1[c // (m * m)][:, i] * q1[(c // m) % m][:, j] * q1[c % m][:, k] * scale  # rows of R (nnz, keep)
+        f = torch.zeros(s1 - s0, keep.numel(), dtype=torch.float64)
+        f.index_add_(0, rows[sel] - s0, vals[sel, None] * r_rows)
         cap += f.T @ f / noise
         u += f.T @ y64[s0:s1] / noise
     chol = torch.linalg.cholesky(cap)
     w = torch.cholesky_solve(u[:, None], chol)[:, 0]
     inv_quad = (y64 @ y64) / noise - u @ w
-    logdet = 2 * chol.diagonal().log().sum() + y.numel() * math.log(noise)
-    return float(gauss_ll(inv_quad, logdet, y.numel()))
+    logdet = 2 * chol.diagonal().log().sum() + n_out * math.log(noise)
+    return float(gauss_ll(inv_quad, logdet, n_out))
 
 
 def _structgp_general(n_out: int, m: int, method: str = "auto"):
@@ -274,8 +279,17 @@ def worker(spec: str, reps: int) -> None:
         times.append(1e3 * (time.perf_counter() - t0))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"ms": sorted(times)[len(times) // 2], "value": float(value),
-                      "peak_gib": usage.ru_maxrss * 1024 / 2**30, "cpu_s": usage.ru_utime + usage.ru_stime,
+                      "peak_gib": peak_rss_gib(), "cpu_s": usage.ru_utime + usage.ru_stime,
                       "calls": reps + 1, "report": str(sg.last_report())}))
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set (``VmHWM``, GiB): its own address space's high-water mark since ``exec``
+    (``ru_maxrss`` keeps the parent's resident set at the fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
 
 
 def in_subprocess(case: str, spec: str, reps: int, exact: float | None, impl: str = "structgp") -> Result:
@@ -299,8 +313,8 @@ def case_general(n_out: int, m: int, reps: int, reference: bool) -> list[Result]
         lift, g, y = general_problem(n_out, m, torch.float32)
         exact = general_reference(lift, g, y)
         del lift, g, y
-    # "auto" plans before the grid's spectral rank is known (the upper bound n_in puts the latent Woodbury over
-    # the memory budget, so CG runs); "woodbury" forces the exact path, whose spectral root is then narrow
+    # "auto" plans with the spectral rank estimated from the 40 x 40 factor spectra; "woodbury" forces the exact
+    # path (the same one where the estimate makes it the cheapest)
     return [
         in_subprocess(name, f"general:{n_out}:{m}:auto", reps, exact, "structgp auto"),
         in_subprocess(name, f"general:{n_out}:{m}:woodbury", reps, exact, "structgp woodbury"),
@@ -314,6 +328,8 @@ def main() -> None:
     parser.add_argument("--general-n", type=int, default=200_000)
     parser.add_argument("--general-m", type=int, default=40)
     parser.add_argument("--no-reference", action="store_true", help="skip the float64 by-hand reference of 'general'")
+    parser.add_argument("--reference-1e6", action="store_true",
+                        help="compute the float64 by-hand reference of 'general1e6' (about 30 minutes on 2 cores)")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seed-m", type=int, default=50)
@@ -333,8 +349,8 @@ def main() -> None:
         results.append(in_subprocess("masked grid 70% of 64^3 (N=183500) f64", "masked:64:0.7", 1, None))
     if args.case in ("all", "general"):
         results += case_general(args.general_n, args.general_m, 1, not args.no_reference)
-    if args.case == "general1e6":  # not in "all": about 10 minutes
-        results += case_general(1_000_000, 64, 1, reference=False)
+    if args.case == "general1e6":  # not in "all": about 10 minutes (40 more with --reference-1e6)
+        results += case_general(1_000_000, 64, 1, reference=args.reference_1e6)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print_table(results, anchor="linear_operator")
     for r in results:

@@ -24,6 +24,13 @@ by two sparse products a column chunk at a time and ``C = I + R^T P`` (``4 nnz r
 ``O(n_in r)`` plus one chunk), where it is cheaper than the row form (unbatched, lift values without
 gradient, ``s I`` noise or noise without gradient).
 
+A Kronecker base's truncated spectral root ``R = R_1 (x) ... (x) R_d`` is never formed on such grids: the
+Kronecker form (:mod:`structgp.inference.kronecker_latent`) builds ``C`` by column chunks of ``R`` (two sparse
+products and mode products with the narrow ``R_i^T``), memory ``O((n_out + n_in) c + r^2)``, and owes the base's
+gradients through the factors' partial traces. Its rank (the factors' numerical ranks) is learned from the
+factors when a call is planned under ``"auto"`` (:meth:`LiftedWoodbury.learn`), so the planner weighs the exact
+path at its real size, not the upper bound ``n_in``.
+
 ``R`` is the base's Cholesky root when the base is positive definite in float64. A Kronecker or dense base
 that is singular to working precision (a smooth kernel on a fine grid) gets its truncated spectral root
 instead (:mod:`structgp.inference.spectral_root`): no jitter, so the answers stay exact, and a capacitance
@@ -59,6 +66,7 @@ from structgp.covariance.lift_gram import lift_gram
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.map import LinearMap
 from structgp.covariance.operator import Operator
+from structgp.covariance.root import KroneckerRoot
 from structgp.covariance.sparse_lifted import Lift, SparseLifted, lifted_diagonal
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.covariance.validation import sum_to
@@ -66,6 +74,7 @@ from structgp.inference import report
 from structgp.inference._cache import cached
 from structgp.inference.cholesky import cholesky_logdet, inverse_from_cholesky, psd_cholesky
 from structgp.inference.first_order import first_order_only
+from structgp.inference.kronecker_latent import chunk_width, kronecker_capacitance, kronecker_surrogate
 from structgp.inference.plan import Cost, Engine, describe, register
 from structgp.inference.roots import root
 from structgp.inference.spectral_jitter import eigenvalue_jitter
@@ -198,6 +207,9 @@ def _backward_factor(capacitance: Tensor, chol: Tensor) -> Tensor:
 
 
 
+# Kronecker factors of at most this size are factorised when a call is planned (LiftedWoodbury.learn): sum n_i^3
+# flops, milliseconds
+LEARN_FACTOR_SIZE = 512
 DENSE_GRAM_ENTRIES = 2**26  # entries of a dense M = L^T D^-1 L (512 MiB) above which the latent form is taken
 # elements of a column chunk of the surrogate's K B (128 MiB in float64): wide enough for efficient products
 SURROGATE_CHUNK = 2**24
@@ -227,6 +239,7 @@ class _Factor:
     spectral: bool  # R is the base's truncated spectral root (no graph)
     base: Operator | None  # the float64 base when R is a graph-free spectral root and it needs gradients
     white: Tensor | None = None  # B = P L_C^{-T}, for the surrogate (see _whitened_root)
+    projections: list[Tensor] | None = None  # the Kronecker form's P~_i (see structgp.inference.kronecker_latent)
 
     def latent(self, lift: Lift, white: Tensor) -> Tensor:
         """``R^T L^T white`` ``(..., r, c)`` for ``white`` ``(..., n_out, c)`` float64."""
@@ -250,6 +263,11 @@ class _Factor:
         # tr(G K), G = L^T A^{-1} L = M - P C^{-1} P^T; tr(M K) over the dense M's entries (gram form) or
         # over the sparse M's pattern (row form, see _trace_sparse_gram)
         k = self.base
+        if self.projections is not None:  # the Kronecker form: the partial traces of G against the factors
+            surrogate = kronecker_surrogate(
+                lift, self.values.detach(), self.inv_noise.detach(), k.factor_matrices(), self.projections, self.chol
+            )
+            return first_order_only(value + (surrogate - surrogate.detach()), *_WHAT)
         if self.gram is not None:
             trace_mk = _trace_product(self.gram.detach(), k)
         else:
@@ -308,9 +326,10 @@ def _row_form(lift: Lift, rank: int) -> bool:
     return rows < gram
 
 
-def _latent_flops(lift: Lift, rank: int) -> float:
-    """Flops of the latent form."""
-    return 4 * lift.nnz * rank + 2 * lift.n_in * rank * rank
+def _latent_flops(lift: Lift, rank: int, gradient: bool = False) -> float:
+    """Flops of the latent form (``gradient``: with the base's surrogate, whose whitening ``P L_C^{-T}`` costs
+    ``n_in r^2``)."""
+    return 4 * lift.nnz * rank + (2 + gradient) * lift.n_in * rank * rank
 
 
 def _latent_ok(op: AddedDiagonal) -> bool:
@@ -327,13 +346,51 @@ def _latent_ok(op: AddedDiagonal) -> bool:
     )
 
 
-def _form(op: AddedDiagonal, rank: int) -> str:
+def _kron_flops(lift: Lift, rank: int, factors: int, gradient: bool = False) -> float:
+    """Flops of the Kronecker form (:mod:`.kronecker_latent`) for ``factors`` equal factors: the sparse products
+    and about three full-size mode products a column; with ``gradient`` the projections' triangular solves
+    (``r^3 n_i / k_i`` each) and the row pairs."""
+    k = rank ** (1 / factors)
+    flops = 4 * lift.nnz * rank + 6 * lift.n_in * k * rank
+    if gradient:
+        flops += factors * (lift.n_in ** (1 / factors) / k) * rank**3 + 2 * factors * lift.n_pairs
+    return flops
+
+
+def _kron_bytes(lift: Lift, rank: int, factors: int) -> float:
+    """Peak bytes of the Kronecker form: one column chunk's ``n_out x c`` and three ``n_in x c`` temporaries,
+    the capacitance and its factors, the projections ``P~_i`` (``r^2 n_i / k_i`` each) and one solve's copy."""
+    c = chunk_width(lift, rank)
+    ratio = (lift.n_in / rank) ** (1 / factors)
+    return 8 * ((lift.n_out + 3 * lift.n_in) * c + 4 * rank * rank + (factors + 2) * ratio * rank * rank)
+
+
+def _kron_factors(op: AddedDiagonal, spectral: bool | None) -> int:
+    """Factors of a Kronecker base whose spectral root the Kronecker form can use (0 where it cannot)."""
+    base = op.base.base
+    if not (spectral and isinstance(base, Kronecker) and len(base.factors) >= 2):
+        return 0
+    return len(base.factors)
+
+
+def _base_gradient(op: AddedDiagonal) -> bool:
+    """Whether the base's gradients will be asked for (metadata only)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in op.base.base._tensors())
+
+
+def _form(op: AddedDiagonal, rank: int, kron_factors: int = 0, gradient: bool = False) -> str:
     """The capacitance's form for ``op`` with a root of ``rank`` columns: ``"rows"`` (``F = L R``), ``"gram"``
-    (dense ``M``) or ``"latent"`` (``P = L^T D^{-1} (L R)``, for latent grids whose dense ``M`` would not fit)."""
+    (dense ``M``), ``"latent"`` (``P = L^T D^{-1} (L R)``, for latent grids whose dense ``M`` would not fit) or
+    ``"kron"`` (the latent form through a Kronecker root of ``kron_factors`` factors, never formed);
+    ``gradient``: the base's gradients are owed (the latent forms' surrogates differ in cost)."""
     lift = op.base.lift
     if _latent_ok(op):
         _, rows = _form_flops(lift, rank)
-        return "rows" if rows < _latent_flops(lift, rank) else "latent"
+        latent = _latent_flops(lift, rank, gradient)
+        form, best = ("rows", rows) if rows < latent else ("latent", latent)
+        if kron_factors and _kron_flops(lift, rank, kron_factors, gradient) < best:
+            form = "kron"
+        return form
     return "rows" if _row_form(lift, rank) else "gram"
 
 
@@ -341,6 +398,7 @@ _FORM_NOTES = {
     "rows": "row form F = L R",
     "gram": "gram form M = L^T D^-1 L",
     "latent": "latent form P = L^T D^-1 (L R)",
+    "kron": "latent form P = L^T D^-1 (L R) through the Kronecker root's factors (nothing n_in x r)",
 }
 
 
@@ -358,9 +416,16 @@ def _factor(op: AddedDiagonal) -> _Factor:
         else:
             d = noise.diagonal().double() if jitter is None else noise.diagonal().double() + jitter[..., None]
             inv_noise, noise_logdet = 1 / d, d.log().sum(-1)
-        rows = m = mr = None
-        form = _form(op, r.shape[-1])
-        if form == "rows":
+        rows = m = mr = proj = None
+        kron = isinstance(r, KroneckerRoot) and r.batch_shape == torch.Size()
+        form = _form(op, r.shape[-1], _kron_factors(op, spectral) if kron else 0, base is not None)
+        if form == "kron":  # C = I + R^T M R by column chunks of R = R_1 (x) ... (x) R_d, never formed
+            weights = None if scaled else inv_noise.detach()
+            rmr, proj = kronecker_capacitance(lift, values.detach(), weights, r.factors, base is not None)
+            if scaled:  # M = L^T L / s: the graph to s through the r x r product only
+                rmr = rmr * inv_noise[..., None]
+                proj = None if proj is None else [p.mul_(inv_noise.detach()) for p in proj]
+        elif form == "rows":
             rows = lift.matmul(r.to_dense(), values)  # F = L R
             if scaled:  # F^T F / s: the graph to s through the r x r product only
                 rmr = (rows.mT @ rows) * inv_noise[..., None]
@@ -385,15 +450,24 @@ def _factor(op: AddedDiagonal) -> _Factor:
         capacitance = rmr + torch.eye(rmr.shape[-1], dtype=rmr.dtype, device=rmr.device)
         # eigenvalues >= 1: never needs jitter; the graph goes through _Capacitance* instead
         chol = psd_cholesky(capacitance.detach(), "the latent Woodbury capacitance I + R^T L^T D^-1 L R")
-        return _Factor(inv_noise, noise_logdet, values, r, capacitance, chol, rows, m, mr, spectral, base)
+        return _Factor(inv_noise, noise_logdet, values, r, capacitance, chol, rows, m, mr, spectral, base,
+                       projections=proj)
 
     f = cached(op, "lifted_woodbury", compute)
     rep = report.current_report()
     if rep is not None:
         if f.spectral:
             rep.notes.append(f"spectral root of rank {f.root.shape[-1]} (the base is singular in float64; no jitter)")
-        rep.notes.append(_FORM_NOTES["rows" if f.rows is not None else "gram" if f.gram is not None else "latent"])
+        rep.notes.append(_FORM_NOTES[_form_of(f)])
     return f
+
+
+def _form_of(f: _Factor) -> str:
+    if f.rows is not None:
+        return "rows"
+    if f.gram is not None:
+        return "gram"
+    return "latent" if f.mr is not None or f.white is not None else "kron"
 
 
 def _truncation_jitter(op: AddedDiagonal) -> Tensor | None:
@@ -442,7 +516,8 @@ def _latent_root(base: Operator) -> tuple[LinearMap, bool, Operator | None]:
 def latent_rank(base: Operator) -> tuple[int, bool | None]:
     """Columns of the root the engine will use and whether it is spectral, from metadata and cached facts
     only. A Kronecker or Dense base may be singular in float64 (then its spectral root is narrower): until
-    the engine has run on these values that is unknown (``None``) and the rank given is the upper bound."""
+    the engine has run on these values, or learned them (:meth:`LiftedWoodbury.learn`), that is unknown
+    (``None``) and the rank given is the upper bound."""
     if spectral_matrices(base) is None:
         return _root_rank(base), False
     known = known_root_rank(base)
@@ -474,17 +549,37 @@ class LiftedWoodbury(Engine):
 
     def why(self, op: AddedDiagonal) -> str:
         r, spectral = latent_rank(op.base.base)
-        root_kind = " (the base's spectral root)" if spectral else ""
-        form = {"rows": "F = L R", "gram": "M = L^T D^-1 L", "latent": "P = L^T D^-1 (L R)"}[_form(op, r)]
+        # unknown (None): the upper bound n_in, until a call has factorised the base (or learned its rank)
+        root_kind = " (the base's spectral root: its numerical rank, from the factor spectra)" if spectral else ""
+        form = {"rows": "F = L R", "gram": "M = L^T D^-1 L", "latent": "P = L^T D^-1 (L R)",
+                "kron": "P = L^T D^-1 (L R) by column chunks of the Kronecker root's factors"}[
+            _form(op, r, _kron_factors(op, spectral), _base_gradient(op))]
         return f"{describe(op)}: latent-space Woodbury with a {r} x {r} capacitance{root_kind} through {form}"
+
+    def learn(self, op: AddedDiagonal) -> bool:
+        """The root facts of a Kronecker base of factors of at most ``LEARN_FACTOR_SIZE`` rows (their Cholesky
+        factorisations or spectra, cached on the base for the engine): whether the root is spectral and its
+        rank, which decide the capacitance's size, form and memory."""
+        base = op.base.base
+        if torch.compiler.is_compiling() or not isinstance(base, Kronecker) or base.is_diagonal:
+            return False
+        if known_root_rank(base) is not None or max(f.n for f in base.factors) > LEARN_FACTOR_SIZE:
+            return False
+        with torch.no_grad():
+            exact_root(base)
+        return known_root_rank(base) is not None
 
     def cost(self, op: AddedDiagonal) -> Cost:
         lift, batch = op.base.lift, op.batch_shape.numel()
-        r, _ = latent_rank(op.base.base)
+        r, spectral = latent_rank(op.base.base)
         gram, rows = _form_flops(lift, r)
-        form = _form(op, r)
-        if form == "latent":
-            flops = batch * (_latent_flops(lift, r) + r**3 / 3) + 4 * lift.nnz
+        factors, gradient = _kron_factors(op, spectral), _base_gradient(op)
+        form = _form(op, r, factors, gradient)
+        if form == "kron":
+            flops = _kron_flops(lift, r, factors, gradient) + r**3 / 3 + 4 * lift.nnz
+            nbytes = _kron_bytes(lift, r, factors)
+        elif form == "latent":
+            flops = batch * (_latent_flops(lift, r, gradient) + r**3 / 3) + 4 * lift.nnz
             nbytes = (3 * lift.n_in * r + 3 * r * r) * 8 + 3 * lift.n_pairs * 8 + SURROGATE_CHUNK * 8
         elif form == "rows":
             flops = batch * (rows + r**3 / 3) + 4 * lift.nnz

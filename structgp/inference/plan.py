@@ -99,6 +99,13 @@ class Engine:
         """Flops and bytes, from metadata and cached facts only."""
         raise NotImplementedError
 
+    def learn(self, op: Operator) -> bool:
+        """Compute and cache a fact of ``op``'s values that this engine's cost depends on and planning cannot
+        read (factor-sized work only, e.g. the numerical rank of a grid kernel from its factors' spectra); True
+        when something was learned. Called when a call is about to run under ``"auto"`` (:func:`settled`), never
+        by :func:`plan`: the call is then planned again, with the fact known. Most engines have none."""
+        return False
+
     def settle(self, op: Operator) -> bool:
         """Check a premise that planning could not (computing and caching what it needs); False hands the
         call back to the planner, which then knows the fact. Most engines have none."""
@@ -305,7 +312,16 @@ def plan_part(part: Operator, context: str, *, settle: bool) -> Plan:
 
 def settled(p: Plan, op: Operator) -> Plan:
     """``p`` when its engine's premise holds for ``op`` (:meth:`Engine.settle`), else a new plan, made now that
-    the engine has cached the fact that refuted it."""
+    the engine has cached the fact that refuted it. Under ``"auto"`` with alternatives, the engines that read
+    facts first learn the cheap ones they lack (:meth:`Engine.learn`), and the call is planned again when one
+    did."""
+    if not p.forced and p.alternatives and not p.engine.structural:
+        learned = False
+        for eng in candidates(op):  # a loop: every engine learns (no short circuit)
+            if eng.reads_facts and eng.learn(op):
+                learned = True
+        if learned:
+            p = plan(op)
     return p if p.engine.settle(op) else plan(op)
 
 

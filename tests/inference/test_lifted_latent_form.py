@@ -18,25 +18,23 @@ from tests.reference import F64, assert_close, paired_grads, positive
 
 @pytest.fixture
 def latent_form(monkeypatch):
-    """The latent form whatever the size, and column chunks of 3 in the surrogate (n_in = 256)."""
+    """The latent form whatever the size (not its Kronecker variant, tested in test_kronecker_latent), and column
+    chunks of 3 in the surrogate (n_in = 256)."""
     monkeypatch.setattr(lifted_woodbury, "DENSE_GRAM_ENTRIES", 0)
     monkeypatch.setattr(lifted_woodbury, "_form_flops", lambda lift, rank: (0.0, float("inf")))
+    monkeypatch.setattr(lifted_woodbury, "_kron_flops", lambda *args: float("inf"))
     monkeypatch.setattr(lifted_woodbury, "SURROGATE_CHUNK", 3 * 256)
 
 
-@pytest.mark.parametrize("noise", ["scaled", "fixed_diagonal"])
-def test_latent_form_matches_dense_autograd(latent_form, noise):
-    """Values and gradients (lengthscale, noise scale, targets) of the spectral-root path through P = L^T D^-1 (L R)."""
-    g, n = 16, 120
-    lift = interpolation_lift(n, g).coalesce()
-    d_fixed = positive(n, low=0.02)
-    leaves = {"ls": torch.tensor(0.5, dtype=F64), "s": torch.tensor(0.05, dtype=F64), "y": torch.randn(2, n, dtype=F64)}
-    if noise != "scaled":
-        del leaves["s"]
+def lifted_loss(lift, make_base, noise: str, d_fixed, check_report):
+    """``loss(structured, ls, [s,] y)``: log N(y | 0, L K L^T + noise) + |A^-1 y^T|^2 for ``K = make_base(ls)``
+    and ``s I`` (``noise="scaled"``) or ``Diagonal(d_fixed)`` noise: dense (torch.distributions, torch.linalg)
+    or structured (``method="woodbury"``; ``check_report`` asserts on the report)."""
+    n = lift.shape[0]
 
     def loss(structured: bool, ls, *rest):
         s, y = rest if noise == "scaled" else (None, rest[0])
-        base = Kronecker(smooth_grid(g, ls), smooth_grid(g, 2 * ls))
+        base = make_base(ls)
         noise_op = ScaledIdentity(s, n) if noise == "scaled" else Diagonal(d_fixed)
         if not structured:  # log densities by torch.distributions, solves by torch.linalg, both dense
             dense_lift = lift.to_dense()
@@ -47,11 +45,34 @@ def test_latent_form_matches_dense_autograd(latent_form, noise):
             op = SparseLifted(lift, base) + noise_op
             q, ld = op.inv_quad_logdet(y)
             solved = op.solve(y.mT)
-        report = str(sg.last_report())
-        assert "latent form" in report and "spectral root" in report, report
+        check_report(str(sg.last_report()), base)
         return (-0.5 * (q + ld + n * math.log(2 * math.pi))).sum() + solved.square().sum()
 
-    for name, got, ref in paired_grads(loss, leaves):
+    return loss
+
+
+def loss_leaves(n: int, ls: float, noise: str) -> dict[str, torch.Tensor]:
+    """The leaves of :func:`lifted_loss`: lengthscale, the noise scale (``"scaled"`` only), two target rows."""
+    leaves = {"ls": torch.tensor(ls, dtype=F64), "s": torch.tensor(0.05, dtype=F64), "y": torch.randn(2, n, dtype=F64)}
+    if noise != "scaled":
+        del leaves["s"]
+    return leaves
+
+
+@pytest.mark.parametrize("noise", ["scaled", "fixed_diagonal"])
+def test_latent_form_matches_dense_autograd(latent_form, noise):
+    """Values and gradients (lengthscale, noise scale, targets) of the spectral-root path through P = L^T D^-1 (L R)."""
+    g, n = 16, 120
+    lift = interpolation_lift(n, g).coalesce()
+
+    def check_report(report, base):
+        assert "latent form" in report and "spectral root" in report and "Kronecker root" not in report, report
+
+    loss = lifted_loss(
+        lift, lambda ls: Kronecker(smooth_grid(g, ls), smooth_grid(g, 2 * ls)), noise, positive(n, low=0.02),
+        check_report,
+    )
+    for name, got, ref in paired_grads(loss, loss_leaves(n, 0.5, noise)):
         assert torch.isfinite(got).all(), name
         assert_close(got, ref, rtol=1e-7, atol=1e-8)
 
@@ -74,6 +95,22 @@ def test_planned_for_a_large_latent_grid():
         assert "P = L^T D^-1 (L R)" in sg.plan(op).reason
 
 
+def guarded_value_and_grad(n_out: int, m: int, ls: float):
+    """Log-likelihood terms + gradient for ``n_out`` rows of 8 of ``m^3`` cells (an RBF Kronecker base of
+    lengthscale ``ls``, ``s I`` noise) under :class:`LargestOutput`: ``(guard, report, base, ls, s)``."""
+    gen = torch.Generator().manual_seed(1)
+    lift = random_rows(n_out, m**3, gen)
+    ls = torch.tensor(ls, dtype=F64, requires_grad=True)
+    s = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    y = torch.randn(n_out, dtype=F64, generator=gen)
+    with LargestOutput() as guard, sg.settings(method="woodbury"):
+        k = smooth_grid(m, ls)
+        base = Kronecker(k, k, k)
+        q, ld = (SparseLifted(lift, base) + ScaledIdentity(s, n_out)).inv_quad_logdet(y)
+        (q + ld).backward()
+    return guard, str(sg.last_report()), base, ls, s
+
+
 @pytest.mark.parametrize("form", ["latent", "dense"])
 def test_nothing_quadratic_is_allocated(latent_form, monkeypatch, form):
     """Value + gradient on a 16^3 grid (n_in = 4096) with 3000 rows of 8 cells: no op outputs anything of
@@ -82,16 +119,7 @@ def test_nothing_quadratic_is_allocated(latent_form, monkeypatch, form):
     if form == "dense":
         monkeypatch.setattr(lifted_woodbury, "DENSE_GRAM_ENTRIES", 2**62)
     n_out, m = 3000, 16
-    gen = torch.Generator().manual_seed(1)
-    lift = random_rows(n_out, m**3, gen)
-    ls = torch.tensor(2.0, dtype=F64, requires_grad=True)
-    s = torch.tensor(0.1, dtype=F64, requires_grad=True)
-    y = torch.randn(n_out, dtype=F64, generator=gen)
-    with LargestOutput() as guard, sg.settings(method="woodbury"):
-        k = smooth_grid(m, ls)
-        q, ld = (SparseLifted(lift, Kronecker(k, k, k)) + ScaledIdentity(s, n_out)).inv_quad_logdet(y)
-        (q + ld).backward()
-    report = str(sg.last_report())
+    guard, report, _, ls, s = guarded_value_and_grad(n_out, m, 2.0)
     assert "spectral root" in report, report
     if form == "dense":
         assert "gram form M" in report and guard.largest >= m**6, report
