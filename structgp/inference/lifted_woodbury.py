@@ -560,14 +560,17 @@ class LiftedWoodbury(Engine):
         """The root facts of a Kronecker base of factors of at most ``LEARN_FACTOR_SIZE`` rows (their Cholesky
         factorisations or spectra, cached on the base for the engine): whether the root is spectral and its
         rank, which decide the capacitance's size, form and memory."""
+        if not self.would_learn(op):
+            return False
+        with torch.no_grad():
+            exact_root(op.base.base)
+        return known_root_rank(op.base.base) is not None
+
+    def would_learn(self, op: AddedDiagonal) -> bool:
         base = op.base.base
         if torch.compiler.is_compiling() or not isinstance(base, Kronecker) or base.is_diagonal:
             return False
-        if known_root_rank(base) is not None or max(f.n for f in base.factors) > LEARN_FACTOR_SIZE:
-            return False
-        with torch.no_grad():
-            exact_root(base)
-        return known_root_rank(base) is not None
+        return known_root_rank(base) is None and max(f.n for f in base.factors) <= LEARN_FACTOR_SIZE
 
     def cost(self, op: AddedDiagonal) -> Cost:
         lift, batch = op.base.lift, op.batch_shape.numel()

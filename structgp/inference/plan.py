@@ -106,6 +106,11 @@ class Engine:
         by :func:`plan`: the call is then planned again, with the fact known. Most engines have none."""
         return False
 
+    def would_learn(self, op: Operator) -> bool:
+        """Whether :meth:`learn` would compute something for ``op`` (metadata and cached facts only), so that
+        ``plan`` can say the call's choice may differ from its own."""
+        return False
+
     def settle(self, op: Operator) -> bool:
         """Check a premise that planning could not (computing and caching what it needs); False hands the
         call back to the planner, which then knows the fact. Most engines have none."""
@@ -263,6 +268,12 @@ def plan(op: Operator) -> Plan:
             "op + ScaledIdentity(s, n) or op + Diagonal(d)"
         )
     chosen, forced, decision = _choose(op, options, cfg)
+    learners = [e.name for e in engines if e.reads_facts and e.would_learn(op)] if not forced else []
+    if learners:  # the call learns these facts first (settled) and plans again: say so rather than mislead
+        decision = (f"{decision}; " if decision else "") + (
+            f"not yet known: {', '.join(learners)}'s facts (factor-sized work); a call under 'auto' learns "
+            "them first and plans again, so its choice may differ from this one"
+        )
     memoisable = not any(e.reads_facts for e in engines)
     others = tuple(o for e, o in options if e is not chosen[0])
     eng, option = chosen

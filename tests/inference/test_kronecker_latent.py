@@ -108,6 +108,7 @@ def test_auto_learns_the_rank_from_the_factors_and_picks_the_kron_form(monkeypat
         before = sg.plan(op)
     assert not [name for name in ops.names if "linalg" in name or "cholesky" in name], ops.names
     assert before.engine.name != "lifted_woodbury", str(before)
+    assert "lifted_woodbury's facts" in before.decision and "may differ" in before.decision, before.decision
     assert any("4096 x 4096 capacitance through" in o.reason and not o.fits for o in before.alternatives), before
     with LargestOutput() as guard:
         assert instance_of(LiftedWoodbury).learn(op)
@@ -117,6 +118,7 @@ def test_auto_learns_the_rank_from_the_factors_and_picks_the_kron_form(monkeypat
     with budget():
         after = sg.plan(op)
     assert after.engine.name == "lifted_woodbury", str(after)
+    assert "not yet known" not in after.decision, after.decision
     assert f"{rank} x {rank} capacitance (the base's spectral root" in after.reason, after.reason
     assert "Kronecker root's factors" in after.reason, after.reason
     fresh, _ = planned_problem(16, 20_000, 0.4)
