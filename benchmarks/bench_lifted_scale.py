@@ -321,7 +321,7 @@ def case_general(n_out: int, m: int, reps: int, reference: bool) -> list[Result]
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=["all", "seed002", "identity", "masked", "masked64", "general", "general1e6"],
                         default="all")
@@ -334,7 +334,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seed-m", type=int, default=50)
     parser.add_argument("--anchor-cap-gib", type=float, default=16.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.reps)
         return

@@ -22,6 +22,6 @@ if [ "$what" = tests ]; then
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/models/test_cuda_models.py 2>&1 | tee "$out/cuda_tests.log"
     exit "${PIPESTATUS[0]}"
 fi
-all=covariance,iterative,models,scaling,overhead,matrix_free
+all=covariance,iterative,models,scaling,overhead,lifted,matrix_free
 skip=$(echo "$all" | tr , '\n' | grep -vx "$what" | paste -sd, -)
 python3 benchmarks/run_all.py --device cuda --size full --out "$out" --skip "$skip" 2>&1 | tee "$out/$what.log"

@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=["small", "full"], default="small")
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--skip", default="",
-                        help="comma-separated subset of: covariance,iterative,models,scaling,overhead,matrix_free")
+    parser.add_argument("--skip", default="", help="comma-separated subset of: covariance,iterative,models,"
+                        "scaling,overhead,lifted,matrix_free")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n== small-call overhead (MultivariateNormal log_prob + backward on a small dense covariance)")
         bench_overhead.main(["--device", args.device, "--json", str(out / "overhead.json")])
+    if "lifted" not in skip:
+        import bench_lifted_scale
+
+        print("\n== lifted covariances at the seeds' scale (seed 002, identity lift, masked grid, general lift)")
+        cases = ["all"] if args.size == "full" else ["identity", "masked"]
+        for case in cases:
+            bench_lifted_scale.main(["--case", case, "--reps", "1"])
     if "matrix_free" not in skip:
         import bench_matrix_free
 
