@@ -18,8 +18,9 @@ With ``backend="keops"`` a product is one KeOps reduction instead (:mod:`.keops_
 own gradients), for the kernels KeOps can express.
 
 The block height comes from ``settings(memory_budget=...)``: a block's ``block x n`` matrix takes at most
-``memory_budget / BUDGET_SHARE`` bytes and at most ``MAX_BLOCK_ENTRIES`` entries (a kernel's own
-temporaries are a few such matrices; larger blocks are not faster).
+``memory_budget / BUDGET_SHARE`` bytes and at most ``MAX_BLOCK_ENTRIES`` entries or ``MIN_BLOCK_ROWS`` rows,
+whichever is more (a kernel's own temporaries are a few such matrices; larger blocks are not faster, thinner
+ones are slower).
 
 Across processes (an active :mod:`structgp.distributed` process group of ``P`` ranks): each rank computes
 the contiguous whole row blocks :func:`~structgp.distributed.partition` gives it and all-gathers them, so
@@ -45,6 +46,7 @@ from structgp.covariance.operator import Operator
 from structgp.covariance.validation import sum_to, value_checks_enabled
 
 DEFAULT_NAME = "k(x, x)"  # what an operator is called when its maker gave no reason of its own
+MIN_BLOCK_ROWS = 64  # fewer rows a block than this only where the memory budget says so
 MAX_BLOCK_ENTRIES = 2**21  # entries of one block x n kernel block (8 MiB in float32; larger were not faster)
 BUDGET_SHARE = 32  # a block's matrix takes at most memory_budget / BUDGET_SHARE (kernel temporaries, backward)
 
@@ -214,7 +216,11 @@ def block_rows(n: int, batch: int, dtype: torch.dtype) -> int:
             f"matrix-free kernel product, less than one row ({per_row} bytes, n = {n}); raise "
             f"structgp.settings(memory_budget=...) to at least {per_row * BUDGET_SHARE}"
         )
-    return max(1, min(budget // per_row, MAX_BLOCK_ENTRIES // max(1, batch * n), n))
+    # MAX_BLOCK_ENTRIES caps the block, but never below MIN_BLOCK_ROWS rows: thinner blocks make the product a
+    # GEMM with too few rows (N = 200 000, 33 columns, float64: 236 s a product in blocks of 10 rows, 128 s
+    # in blocks of 83)
+    rows = max(MAX_BLOCK_ENTRIES // max(1, batch * n), MIN_BLOCK_ROWS)
+    return max(1, min(budget // per_row, rows, n))
 
 
 def _check_backend(op: KernelOperator) -> None:
