@@ -98,7 +98,7 @@ def test_gradcheck_unscaled_rbf_closed_form_backward(ard):
 def test_block_rows_keep_a_minimum_height_within_the_budget():
     from structgp.covariance.kernel_operator import MAX_BLOCK_ENTRIES, MIN_BLOCK_ROWS, block_rows
 
-    assert block_rows(1000, 1, torch.float32) == MAX_BLOCK_ENTRIES // 1000  # the entry cap
+    assert block_rows(10_000, 1, torch.float32) == MAX_BLOCK_ENTRIES // 10_000  # the entry cap
     assert block_rows(200_000, 1, torch.float64) == MIN_BLOCK_ROWS  # not 10 rows
     with sg.settings(memory_budget=32 * 8 * 200_000 * 5):  # the budget allows 5 rows: it wins
         assert block_rows(200_000, 1, torch.float64) == 5
