@@ -111,11 +111,9 @@ def rbf_block_vjp(formula: Formula, x: Tensor, b: slice, weight: Tensor) -> tupl
     _, _, lengthscale, scale = formula
     u = x - x.mean(-2, keepdim=True)
     ub = u[b]
-    kernel = evaluate_formula(formula, x[b], x, out=None)
-    e = (weight * kernel).double()
+    e = (weight * evaluate_formula(formula, x[b], x)).double()
     u64, ub64 = u.double(), ub.double()
-    ones_n = torch.ones_like(u64[:, :1])
-    left = e @ torch.cat([u64, ones_n], -1)  # (rows, d + 1): E u, r
+    left = e @ torch.cat([u64, torch.ones_like(u64[:, :1])], -1)  # (rows, d + 1): E u, r
     right = e.mT @ torch.cat([ub64, torch.ones_like(ub64[:, :1])], -1)  # (n, d + 1): E^T u_b, s
     eu, r = left[:, :-1], left[:, -1:]
     etu, s = right[:, :-1], right[:, -1:]

@@ -317,7 +317,8 @@ def _rbf_backward(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, s
         return (formula.lengthscale,) if formula.scale is None else (formula.lengthscale, formula.scale)
 
     outputs, pull = torch.func.vjp(transform, *params)
-    detached = Formula("rbf", None, *(o.detach() for o in outputs), *([None] if len(outputs) == 1 else []))
+    scale = outputs[1].detach() if len(outputs) == 2 else None
+    detached = Formula("rbf", None, outputs[0].detach(), scale)
     sums = [torch.zeros_like(x)] + [torch.zeros_like(o) for o in outputs]
     with torch.no_grad():
         for first in range(start, stop, rows):

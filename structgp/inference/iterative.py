@@ -153,6 +153,7 @@ class _Run:
     logdet: Tensor | None  # float64 (...)
     solver: functools.partial  # rhs (..., n, c) -> CGResult, with the same operator and preconditioner
     family: Family | None = None  # P(theta) of the preconditioner, for the gradient's control variate
+    working: torch.dtype | None = None  # the dtype PCG ran in (:func:`_working_dtype`), the family's too
 
 
 def _detached(op: Operator) -> Operator:
@@ -234,7 +235,7 @@ def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
             noise_stderr = _noise_direction_stderr(det, family, u, v)
             u, v = u.to(op.dtype), v.to(op.dtype)
     _record(result, precond, cfg, stderr, noise_stderr, promoted=working != op.dtype)
-    return _Run(x, u, v, logdet, functools.partial(_solve_columns, det, precond, cfg), family)
+    return _Run(x, u, v, logdet, functools.partial(_solve_columns, det, precond, cfg), family, working)
 
 
 def _noise_direction_stderr(op: Operator, family: Family | None, u: Tensor, v: Tensor) -> Tensor | None:
@@ -372,7 +373,7 @@ def _logdet_surrogate(op: Operator, run: _Run, a_v: Tensor | None) -> Tensor:
         a_v = op._matmul(run.v)
     g = (run.u * a_v).sum(-2).mean(-1).to(value.dtype)
     if run.family is not None:  # the family is evaluated in the dtype PCG ran in (its k x k parts need it)
-        working = _working_dtype(op)
+        working = run.working
         family_op = op.to(working) if working != op.dtype else op
         cv = run.family.control_variate(family_op, run.v.to(working), a_v.to(working)).to(value.dtype)
         g = g + (cv if run.family.use is None else torch.where(run.family.use, cv, 0.0))

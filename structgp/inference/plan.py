@@ -326,7 +326,8 @@ def settled(p: Plan, op: Operator) -> Plan:
     the engine has cached the fact that refuted it. Under ``"auto"`` with alternatives, the engines that read
     facts first learn the cheap ones they lack (:meth:`Engine.learn`), and the call is planned again when one
     did."""
-    if not p.forced and p.alternatives and not p.engine.structural:
+    # a memoisable plan's engines read no facts (plan()), so none has anything to learn
+    if not p.forced and p.alternatives and not p.engine.structural and not p.memoisable:
         learned = False
         for eng in candidates(op):  # a loop: every engine learns (no short circuit)
             if eng.reads_facts and eng.learn(op):
