@@ -28,8 +28,9 @@ from tests.distributed.spawn import join, spawn
 ROOT = Path(__file__).resolve().parent.parent
 N, D = 203, 2
 BLOCK = 16  # rows of a kernel block in float64 (the memory budget below): 13 blocks, 7 on rank 0, 6 on rank 1
-SETTINGS = {  # a low preconditioner rank: 35 CG steps
-    "method": "cg", "precond_rank": 20, "num_probes": 8, "cg_tol": 1e-10, "memory_budget": 32 * BLOCK * N * 8,
+SETTINGS = {  # a low preconditioner rank: 35 CG steps to 1e-10; solved to 1e-12 (two correct solves differ by about
+    # the solver tolerance, and the ranks sum over rows in another order than one process)
+    "method": "cg", "precond_rank": 20, "num_probes": 8, "cg_tol": 1e-12, "memory_budget": 32 * BLOCK * N * 8,
 }
 FIT_ITERATIONS = 5
 SHORT_TIMEOUT = 3.0  # seconds a rank waits for one that never arrives
@@ -176,9 +177,8 @@ def test_two_processes_equal_one_process(healthy, reference):
     for out in healthy:
         assert (out["world"], out["active"]) == (2, True)
         assert out["part"] == ((0, 7 * BLOCK), (7 * BLOCK, N))  # whole blocks
-        for key in ("loss", "mean", "var"):  # the blocks one process computes, gathered: bitwise its products
-            assert torch.equal(out[key], reference[key]), key
-        for key in (k for k in reference if k.startswith("grad")):  # summed in another order
+        # the same pivots, probes and recursion on each rank's rows; only the order of the sums over rows differs
+        for key in ("loss", "mean", "var", *(k for k in reference if k.startswith("grad"))):
             torch.testing.assert_close(out[key], reference[key], rtol=1e-10, atol=1e-10, msg=key)
     # the gradient is not trivially zero, and the predictions are a fit (a test that can fail)
     assert any(reference[k].abs().max() > 1e-3 for k in reference if k.startswith("grad"))
@@ -232,14 +232,15 @@ def test_more_ranks_than_rows_is_an_error(healthy):
 
 def test_a_dead_rank_gives_a_clear_error(healthy):
     message = healthy[0]["dead rank"]
-    assert "rank 0 of 2: gathering the row blocks of a kernel product did not complete" in message
+    # the first collective of a loss: the partitioned pivoted Cholesky preconditioner's first pivot
+    assert "rank 0 of 2: gathering the largest diagonal did not complete" in message
     assert "another rank died" in message
     assert healthy[0]["dead rank seconds"] < 30
 
 
 def test_a_rank_that_never_arrives_times_out_with_a_clear_error(tmp_path):
     out = spawn(_absent_session, tmp_path)[0]
-    assert "rank 0 of 2: gathering the row blocks of a kernel product did not complete" in out["error"]
+    assert "rank 0 of 2: gathering the largest diagonal did not complete" in out["error"]
     assert "Timed out" in out["error"] and "never arrived within the process group's timeout" in out["error"]
     assert SHORT_TIMEOUT * 0.9 <= out["seconds"] < SHORT_TIMEOUT + 10
 

@@ -170,10 +170,17 @@ class KernelOperator(Operator):
         x = self.x.expand(*batch_shape, *self.x.shape[-2:])
         return self._replace(x=x, scale=self.scale.expand(batch_shape))
 
+    def _matmul_rows(self, rhs: Tensor, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of ``self @ rhs`` ``(..., stop - start, c)`` for the full ``rhs`` ``(..., n, c)``,
+        differentiable, with no collective in the forward or the backward: a partitioned computation's
+        share (:mod:`structgp.distributed.rows`; its caller sums the gradients' shares over the ranks)."""
+        spec = (self.kernel, self.names, self.block_rows(), None, (start, stop))
+        return self.scale[..., None, None] * _BlockProduct.apply(spec, rhs, self.x, *self.params)
+
     def _spec(self) -> tuple:
         rows = self.block_rows()
         parts = distributed.row_range(self.n, rows)  # every rank's rows (whole blocks), or None: one process
-        return (self.kernel, self.names, rows, parts)
+        return (self.kernel, self.names, rows, parts, None)
 
 
 def evaluate_kernel(
@@ -252,17 +259,19 @@ def _check_x(x: Tensor) -> Tensor:
 class _BlockProduct(torch.autograd.Function):
     """``k(x, x) @ rhs`` by row blocks; backward recomputes each block (see the module docstring).
 
-    ``spec`` is ``(kernel, names, rows, parts)``: ``parts`` is every rank's ``(start, stop)`` rows under an
-    active process group (:mod:`structgp.distributed`), else ``None``. Partitioned, the forward computes
+    ``spec`` is ``(kernel, names, rows, parts, span)``: ``parts`` is every rank's ``(start, stop)`` rows under
+    an active process group (:mod:`structgp.distributed`), else ``None``. Partitioned, the forward computes
     only this rank's rows and all-gathers the blocks (every rank returns the full product); the backward's
     ``K G`` is gathered the same way and its contributions to the gradients of ``x`` and the parameters,
     from this rank's rows, are summed over the ranks. The output gradient ``G`` is the same on every rank,
-    as everything downstream of the gathered product is."""
+    as everything downstream of the gathered product is. ``span`` ``(start, stop)`` (with ``parts`` None)
+    asks for those rows only: the forward returns them, the backward's gradients are those rows' share
+    (``rhs``'s is ``K[span, :]^T G``) and nothing is gathered or summed."""
 
     @staticmethod
     def forward(spec: tuple, rhs: Tensor, x: Tensor, *params: Tensor) -> Tensor:
-        kernel, names, rows, parts = spec
-        return _product(kernel, names, params, x, rhs, rows, parts, "a kernel product")
+        kernel, names, rows, parts, span = spec
+        return _product(kernel, names, params, x, rhs, rows, parts, "a kernel product", span)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -272,12 +281,14 @@ class _BlockProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        kernel, names, rows, parts = ctx.spec
+        kernel, names, rows, parts, span = ctx.spec
         rhs, x, *params = ctx.saved_tensors
-        start, stop = (0, x.shape[-2]) if parts is None else parts[distributed.rank()]
+        start, stop = _rows_of(x.shape[-2], parts, span)
         with torch.no_grad():
             grad_rhs = None
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[1] and span is not None:  # K[span, :]^T G: this rank's share
+                grad_rhs = sum_to(_transposed_product(kernel, names, params, x, grad, rows, span), rhs.shape)
+            elif ctx.needs_input_grad[1]:
                 grad_rhs = _product(kernel, names, params, x, grad, rows, parts, "a kernel product's gradient")
                 grad_rhs = sum_to(grad_rhs, rhs.shape)
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
@@ -285,12 +296,14 @@ class _BlockProduct(torch.autograd.Function):
         if grad_x is None and all(g is None for g in grad_params):
             return (None, grad_rhs, None, *grad_params)
         formula = kernel_formula(kernel, names, params) if x.dim() == 2 else None
+        offset = 0 if span is None else start  # the row of ``grad`` that holds row ``offset`` of the product
         if formula is not None and formula.family == "rbf":
-            grad_x, grad_params = _rbf_backward(kernel, names, params, x, rhs, grad, (start, stop, rows), parts, ctx)
+            span_rows = (start, stop, rows, offset)
+            grad_x, grad_params = _rbf_backward(kernel, names, params, x, rhs, grad, span_rows, parts, ctx)
             return (None, grad_rhs, grad_x, *grad_params)
         for first in range(start, stop, rows):
             b = slice(first, min(first + rows, stop))
-            weight = grad[..., b, :] @ rhs.mT  # (..., rows, n): d loss / d K[b, :]
+            weight = grad[..., b.start - offset : b.stop - offset, :] @ rhs.mT  # (..., rows, n): d loss / d K[b, :]
 
             def block(xx: Tensor, *pp: Tensor, b: slice = b) -> Tensor:
                 return kernel_block(kernel, names, pp, xx[..., b, :], xx)
@@ -310,7 +323,7 @@ def _rbf_backward(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, s
     closed-form pull-back (:func:`.kernel_formula.rbf_block_vjp`), then the chain rule from the lengthscale
     and scale to the raw parameters through the kernel's constraints (``torch.func.vjp``: also under
     ``torch.func.grad``)."""
-    start, stop, rows = span
+    start, stop, rows, offset = span
 
     def transform(*raw: Tensor) -> tuple[Tensor, ...]:
         formula = kernel_formula(kernel, names, raw)
@@ -323,7 +336,8 @@ def _rbf_backward(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, s
     with torch.no_grad():
         for first in range(start, stop, rows):
             b = slice(first, min(first + rows, stop))
-            weight = sum_to(grad[..., b, :] @ rhs.mT, (b.stop - b.start, x.shape[-2]))  # d loss / d K[b, :]
+            weight = grad[..., b.start - offset : b.stop - offset, :] @ rhs.mT  # d loss / d K[b, :]
+            weight = sum_to(weight, (b.stop - b.start, x.shape[-2]))
             parts_b = rbf_block_vjp(detached, x, b, weight)
             sums = [total + part for total, part in zip(sums, parts_b)]
         if parts is not None:  # each rank pulled back its own rows: the gradient is their sum
@@ -333,20 +347,30 @@ def _rbf_backward(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, s
     return (sums[0] if ctx.needs_input_grad[2] else None), grad_params
 
 
-def _product(kernel, names, params, x: Tensor, rhs: Tensor, rows: int, parts, what: str) -> Tensor:
-    """``k(x, x) @ rhs`` ``(..., n, c)``: all rows, or this rank's of ``parts`` gathered from every rank."""
-    n = x.shape[-2]
-    start, stop = (0, n) if parts is None else parts[distributed.rank()]
+def _rows_of(n: int, parts, span) -> tuple[int, int]:
+    """The rows this process computes: ``span``, else its rank's of ``parts``, else all ``n``."""
+    if span is not None:
+        return span
+    return (0, n) if parts is None else parts[distributed.rank()]
+
+
+def _block_source(kernel, names, params, x: Tensor, rows: int, start: int, stop: int):
+    """``b -> k(x[b], x)`` for row slices ``b`` within ``start:stop`` (at most ``rows`` rows each)."""
     formula = kernel_formula(kernel, names, params) if x.dim() == 2 else None
     if formula is None:
-        block = lambda b: evaluate_kernel(kernel, names, params, x[..., b, :], x)  # noqa: E731
-    else:
-        # one block buffer for the whole product (written in place: products run without autograd): blocks
-        # allocated and freed by the thousand fragment the C heap (glibc then held 8 GB of resident memory at
-        # N = 60 000 instead of 0.8)
-        buffer = x.new_empty(min(rows, stop - start), n)
-        block = lambda b: evaluate_formula(formula, x[b], x, out=buffer[: b.stop - b.start])  # noqa: E731
-    local = _blocked(block, rhs, start, stop, rows)
+        return lambda b: evaluate_kernel(kernel, names, params, x[..., b, :], x)
+    # one block buffer for the whole product (written in place: products run without autograd): blocks
+    # allocated and freed by the thousand fragment the C heap (glibc then held 8 GB of resident memory at
+    # N = 60 000 instead of 0.8)
+    buffer = x.new_empty(min(rows, stop - start), x.shape[-2])
+    return lambda b: evaluate_formula(formula, x[b], x, out=buffer[: b.stop - b.start])
+
+
+def _product(kernel, names, params, x: Tensor, rhs: Tensor, rows: int, parts, what: str, span=None) -> Tensor:
+    """``k(x, x) @ rhs`` ``(..., n, c)``: all rows, or this rank's of ``parts`` gathered from every rank, or
+    the rows ``span`` only ``(..., stop - start, c)``."""
+    start, stop = _rows_of(x.shape[-2], parts, span)
+    local = _blocked(_block_source(kernel, names, params, x, rows, start, stop), rhs, start, stop, rows)
     if parts is None:
         return local
     check = rhs.sum(-2).expand(*local.shape[:-2], rhs.shape[-1])  # the same on every rank, or they diverged
@@ -361,6 +385,18 @@ def _blocked(block, rhs: Tensor, start: int, stop: int, rows: int) -> Tensor:
     for first in range(start + rows, stop, rows):
         b = slice(first, min(first + rows, stop))
         torch.matmul(block(b), rhs, out=out[..., b.start - start : b.stop - start, :])
+    return out
+
+
+def _transposed_product(kernel, names, params, x: Tensor, grad: Tensor, rows: int, span) -> Tensor:
+    """``K[span, :]^T grad`` ``(..., n, c)`` for ``grad`` ``(..., stop - start, c)``, one row block at a time."""
+    start, stop = span
+    block = _block_source(kernel, names, params, x, rows, start, stop)
+    out = None
+    for first in range(start, stop, rows):
+        b = slice(first, min(first + rows, stop))
+        part = block(b).mT @ grad[..., b.start - start : b.stop - start, :]
+        out = part if out is None else out.add_(part)
     return out
 
 

@@ -100,6 +100,7 @@ def pcg(
     check_every: int = 10,
     what: str = "the operator",
     history: list[Tensor] | None = None,
+    dot: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> CGResult:
     """Solve ``A X = rhs`` column by column with preconditioned conjugate gradients.
 
@@ -108,18 +109,22 @@ def pcg(
     autograd. Warns (:class:`CGConvergenceWarning`, with the residual reached) when some column does not
     reach ``tol`` within ``max_iter`` iterations, and when the operator shows it is not positive definite.
     ``history``, if given, receives each iteration's relative residuals ``(..., c)`` (device tensors).
+    ``dot``: ``(U, V) -> (..., c)`` the column dot products (default ``(U * V).sum(-2)``): a computation
+    partitioned by rows passes its sum over the ranks (:mod:`.partitioned`; every norm is then ``dot``'s).
     Where ``rhs`` cannot be read on the host (vmap, compile) it runs ``max_iter`` masked iterations and
     does not warn (see the module docstring).
     """
     precondition = precondition or (lambda r: r)
+    column_norm = (lambda t: t.norm(dim=-2)) if dot is None else (lambda t: dot(t, t).sqrt())
+    dot = dot or (lambda a, b: (a * b).sum(-2))
     with torch.no_grad():
         x = torch.zeros_like(rhs)
         z0 = precondition(rhs)  # may be rhs itself (no preconditioner): only r is updated in place
         r = rhs.clone()
         p = z0  # p, z and rz are rebound, never updated in place: z0 and rz0 stay P^{-1} b and b^T P^{-1} b
-        rz = (r * z0).sum(-2)
+        rz = dot(r, z0)
         rz0 = rz
-        b_norm = rhs.norm(dim=-2)
+        b_norm = column_norm(rhs)
         active = b_norm > 0
         safe_b = torch.where(active, b_norm, torch.ones_like(b_norm))
         residual = torch.zeros_like(b_norm)
@@ -133,7 +138,7 @@ def pcg(
         steps = 0 if host_readable(active) and not bool(active.any()) else max_iter
         for j in range(steps):
             ap = matmul(p)
-            pap = (p * ap).sum(-2)
+            pap = dot(p, ap)
             broke = broke | (active & ~(pap > 0))
             took = active & (pap > 0)  # the columns that take step j
             alpha = torch.where(took, rz / torch.where(took, pap, torch.ones_like(pap)), 0.0)
@@ -145,7 +150,7 @@ def pcg(
                 r = torch.addcmul(r, alpha.unsqueeze(-2), ap, value=-1)
             alphas.append(alpha)
             iterations = iterations + took
-            residual = torch.where(took, r.norm(dim=-2) / safe_b, residual)
+            residual = torch.where(took, column_norm(r) / safe_b, residual)
             active = took & (residual > tol)
             if history is not None:
                 history.append(residual.clone())
@@ -159,7 +164,7 @@ def pcg(
                 betas.append(torch.zeros_like(alpha))
                 break
             z = precondition(r)
-            rz_new = (r * z).sum(-2)
+            rz_new = dot(r, z)
             beta = torch.where(took, rz_new / torch.where(took, rz, torch.ones_like(rz)), 0.0)
             p = torch.addcmul(z, beta.unsqueeze(-2), p)
             betas.append(beta)

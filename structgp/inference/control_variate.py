@@ -41,8 +41,10 @@ import torch
 from torch import Tensor
 
 from structgp.covariance.kron import kron_vector
+from structgp.covariance.local_rows import entries
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift
+from structgp.distributed.rows import Rows
 from structgp.inference.kronecker_spectrum import eigenvector_columns
 from structgp.inference.pivoted_cholesky import column
 
@@ -75,22 +77,27 @@ def _diagonal(op: Operator) -> Tensor:
     return op.diagonal().expand(*op.batch_shape, op.n)
 
 
-def _low_rank_logdet(factor: Tensor, d: Tensor) -> Tensor:
-    """``log det(F F^T + diag(d))`` ``(...)`` for ``F`` ``(..., n, k)``: determinant lemma, float64."""
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _low_rank_logdet(factor: Tensor, d: Tensor, reduce=_same) -> Tensor:
+    """``log det(F F^T + diag(d))`` ``(...)`` for ``F`` ``(..., n, k)``: determinant lemma, float64.
+    ``reduce``: the sum over ranks where ``F`` and ``d`` hold this rank's rows (differentiable)."""
     white = factor.double() * d.double().rsqrt().unsqueeze(-1)
     eye = torch.eye(factor.shape[-1], dtype=torch.float64, device=factor.device)
-    chol = torch.linalg.cholesky(eye + white.mT @ white)
-    return d.double().log().sum(-1) + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    chol = torch.linalg.cholesky(eye + reduce(white.mT @ white))
+    return reduce(d.double().log().sum(-1)) + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
 
 def _diag_quad(d: Tensor, v: Tensor) -> Tensor:
     return (d.unsqueeze(-1) * v.square()).sum(-2)
 
 
-def _low_rank_quad(factor: Tensor, d: Tensor, v: Tensor) -> Tensor:
-    """``v_i^T (F F^T + diag(d)) v_i`` ``(..., p)``, float64."""
+def _low_rank_quad(factor: Tensor, d: Tensor, v: Tensor, reduce=_same) -> Tensor:
+    """``v_i^T (F F^T + diag(d)) v_i`` ``(..., p)``, float64 (``reduce``: as for :func:`_low_rank_logdet`)."""
     v64 = v.double()
-    return _diag_quad(d, v64) + (factor.mT @ v64).square().sum(-2)
+    return reduce(_diag_quad(d, v64)) + reduce(factor.mT @ v64).square().sum(-2)
 
 
 class _TwoTermFamily(Family):
@@ -113,39 +120,49 @@ class NystromFamily(_TwoTermFamily):
     """``P = C W^{-1} C^T + D`` over the pivots ``(..., k)`` where ``active`` ``(..., k)`` (inactive ones are
     dropped: zero columns of ``C``, unit rows of ``W``); ``C`` and ``W`` are read from ``op.base`` where
     ``noise`` (then ``D`` is the noise), else from ``op`` (``D = diag(A) - diag(C W^{-1} C^T)``); ``D`` is
-    at least ``floor`` ``(..., 1)``, as in the built preconditioner."""
+    at least ``floor`` ``(..., 1)``, as in the built preconditioner. ``part``: this rank's rows of a
+    partitioned run (unbatched; ``v`` and ``a_v`` are this rank's rows; the value is every rank's sum and
+    the gradient this rank's share, :mod:`structgp.distributed.rows`)."""
 
-    def __init__(self, pivots: Tensor, active: Tensor, noise: bool, floor: Tensor) -> None:
-        self.pivots, self.active, self.noise, self.floor = pivots, active, noise, floor
+    def __init__(self, pivots: Tensor, active: Tensor, noise: bool, floor: Tensor, part: Rows | None = None) -> None:
+        self.pivots, self.active, self.noise, self.floor, self.part = pivots, active, noise, floor, part
 
     def _parts(self, op: Operator) -> tuple[Tensor, Tensor]:
-        """``(F = C L_W^{-T} (..., n, k), D (..., n))``, float64."""
+        """``(F = C L_W^{-T} (..., n, k), D (..., n))``, float64 (partitioned: this rank's rows)."""
         source = op.base if self.noise else op
         mask = self.active.to(torch.float64)
-        # one column per pivot: the pivot index's leading dimension is a batch dimension of ``column``
-        cols = column(source, self.pivots.movedim(-1, 0)).movedim(0, -1)  # (..., n, k)
+        if self.part is None:
+            # one column per pivot: the pivot index's leading dimension is a batch dimension of ``column``
+            cols = column(source, self.pivots.movedim(-1, 0)).movedim(0, -1)  # (..., n, k)
+            k = self.pivots.shape[-1]
+            index = self.pivots.unsqueeze(-1).expand(*self.pivots.shape, k)
+            w = cols.expand(*index.shape[:-2], *cols.shape[-2:]).gather(-2, index)  # A[S, S] (..., k, k)
+        else:
+            here = torch.arange(self.part.start, self.part.stop, device=self.pivots.device)
+            cols, w = entries(source, here, self.pivots), entries(source, self.pivots, self.pivots)
         cols = cols.double() * mask.unsqueeze(-2)
-        k = self.pivots.shape[-1]
-        index = self.pivots.unsqueeze(-1).expand(*self.pivots.shape, k)
-        w = cols.expand(*index.shape[:-2], *cols.shape[-2:]).gather(-2, index)  # A[S, S] (..., k, k)
-        w = w * mask.unsqueeze(-1) + torch.diag_embed(1 - mask)
+        w = w.double() * mask.unsqueeze(-2) * mask.unsqueeze(-1) + torch.diag_embed(1 - mask)
         chol = torch.linalg.cholesky((w + w.mT) / 2)
         factor = torch.linalg.solve_triangular(chol, cols.mT, upper=False).mT
-        if self.noise:
-            d = _noise(op).double()
-        else:
-            d = _diagonal(op).double() - factor.square().sum(-1)
+        d = _noise(op).double() if self.noise else _diagonal(op).double()
+        d = d if self.part is None else self.part.local(d, -1)
+        if not self.noise:
+            d = d - factor.square().sum(-1)
         return factor, torch.maximum(d, self.floor.double())
 
+    def _reduce(self):
+        return _same if self.part is None else self.part.sum_differentiable
+
     def logdet(self, op: Operator) -> Tensor:
-        return _low_rank_logdet(*self._parts(op))
+        return _low_rank_logdet(*self._parts(op), self._reduce())
 
     def quad(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
-        return _low_rank_quad(*self._parts(op), v)
+        return _low_rank_quad(*self._parts(op), v, self._reduce())
 
     def control_variate(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
         factor, d = self._parts(op)  # once for both terms
-        return _low_rank_logdet(factor, d) - _low_rank_quad(factor, d, v).mean(-1)
+        reduce = self._reduce()
+        return _low_rank_logdet(factor, d, reduce) - _low_rank_quad(factor, d, v, reduce).mean(-1)
 
 
 class SubspaceNystromFamily(Family):

@@ -17,6 +17,7 @@ through the decomposition.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -29,15 +30,18 @@ class GramSpectrum:
     factor: Tensor  # W (..., n, k)
     values: Tensor  # mu (..., k), >= 0, float64
     vectors: Tensor  # V (..., k, k)
+    # sums over ranks of products W^T X where W holds this rank's rows only (structgp.distributed.Rows.sum)
+    reduce: Callable[[Tensor], Tensor] | None = None
 
     def to(self, dtype: torch.dtype) -> GramSpectrum:
         """Factor, values and vectors in ``dtype`` (e.g. the data's, for products with it)."""
-        return GramSpectrum(self.factor.to(dtype), self.values.to(dtype), self.vectors.to(dtype))
+        return GramSpectrum(self.factor.to(dtype), self.values.to(dtype), self.vectors.to(dtype), self.reduce)
 
     def spectral_matmul(self, weights: Tensor, x: Tensor) -> Tensor:
         """``W V diag(weights) V^T W^T x`` for ``weights`` ``(..., k)`` and ``x`` ``(..., n, c)``."""
         w, v = self.factor, self.vectors
-        return w @ (v @ (weights.unsqueeze(-1) * (v.mT @ (w.mT @ x))))
+        wx = w.mT @ x if self.reduce is None else self.reduce(w.mT @ x)
+        return w @ (v @ (weights.unsqueeze(-1) * (v.mT @ wx)))
 
     def eigenvectors(self, vectors: Tensor, values: Tensor) -> Tensor:
         """``U = W V_S diag(mu_S)^{-1/2}`` ``(..., n, r)`` for chosen columns ``V_S`` ``(..., k, r)`` of ``V``
@@ -46,13 +50,18 @@ class GramSpectrum:
         return (self.factor @ vectors) * values.clamp_min(tiny).rsqrt().unsqueeze(-2)
 
 
-def gram_spectrum(w: Tensor, *, product_in_float64: bool = True) -> GramSpectrum:
+def gram_spectrum(
+    w: Tensor, *, product_in_float64: bool = True, reduce: Callable[[Tensor], Tensor] | None = None
+) -> GramSpectrum:
     """The Gram eigendecomposition of ``w`` ``(..., n, k)``.
 
     ``product_in_float64``: form ``W^T W`` from ``W`` in float64 (then the returned factor is float64); else
     form it in ``w``'s precision and only decompose it in float64, for callers whose set-up cost is this
-    ``n k^2`` product (the returned factor is ``w`` itself).
+    ``n k^2`` product (the returned factor is ``w`` itself). ``reduce``: where ``w`` is this rank's rows of
+    a factor partitioned across processes, the sum over ranks of ``W^T X`` products (``W^T W`` here and in
+    :meth:`GramSpectrum.spectral_matmul`).
     """
     factor = w.double() if product_in_float64 else w
-    mu, v = torch.linalg.eigh((factor.mT @ factor).double())
-    return GramSpectrum(factor, mu.clamp_min(0), v)
+    gram = factor.mT @ factor
+    mu, v = torch.linalg.eigh((gram if reduce is None else reduce(gram)).double())
+    return GramSpectrum(factor, mu.clamp_min(0), v, reduce)

@@ -69,11 +69,13 @@ from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kernel_operator import KernelOperator
 from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.local_rows import matmul_rows
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.covariance.validation import host_readable
-from structgp.inference import report
+from structgp.distributed.rows import Rows
+from structgp.inference import partitioned, report
 from structgp.inference.cg import CGResult, pcg
 from structgp.inference.control_variate import Family
 from structgp.inference.cost_model import Work, differentiated, seconds
@@ -147,13 +149,14 @@ def _(op: Sum, columns: int = 1) -> float:
 
 @dataclasses.dataclass
 class _Run:
-    x: Tensor | None  # A^{-1} b (..., n, c), detached
+    x: Tensor | None  # A^{-1} b (..., n, c), detached (partitioned: this rank's rows)
     u: Tensor | None  # A^{-1} z (..., n, p)
     v: Tensor | None  # P^{-1} z (..., n, p)
     logdet: Tensor | None  # float64 (...)
-    solver: functools.partial  # rhs (..., n, c) -> CGResult, with the same operator and preconditioner
+    solver: functools.partial  # rhs (..., n, c) -> its solution (..., n, c), the same operator and preconditioner
     family: Family | None = None  # P(theta) of the preconditioner, for the gradient's control variate
     working: torch.dtype | None = None  # the dtype PCG ran in (:func:`_working_dtype`), the family's too
+    part: Rows | None = None  # this rank's rows where the vectors are partitioned (:mod:`.partitioned`)
 
 
 def _detached(op: Operator) -> Operator:
@@ -189,10 +192,26 @@ def _explain_vmap() -> Iterator[None]:
         ) from err
 
 
-def _solve_columns(op: Operator, precond: Preconditioner, cfg: _config.Settings, rhs: Tensor) -> CGResult:
-    """PCG on ``op`` (the working copy, maybe promoted); ``rhs`` and the solution in the caller's dtype."""
-    result = pcg(op._matmul, rhs.to(op.dtype), precond.solve, tol=cfg.cg_tol, max_iter=cfg.max_iter, what=repr(op))
+def _solve_columns(
+    op: Operator, precond: Preconditioner, cfg: _config.Settings, rhs: Tensor, part: Rows | None = None
+) -> CGResult:
+    """PCG on ``op`` (the working copy, maybe promoted); ``rhs`` and the solution in the caller's dtype
+    (partitioned: this rank's rows of both)."""
+    matmul, dot = (op._matmul, None) if part is None else (partitioned.product(op, part), partitioned.dot(part))
+    result = pcg(
+        matmul, rhs.to(op.dtype), precond.solve, tol=cfg.cg_tol, max_iter=cfg.max_iter, what=repr(op), dot=dot
+    )
     return dataclasses.replace(result, solution=result.solution.to(rhs.dtype))
+
+
+def _solve_whole(
+    op: Operator, precond: Preconditioner, cfg: _config.Settings, part: Rows | None, rhs: Tensor
+) -> Tensor:
+    """The solution ``(..., n, c)`` for the whole ``rhs`` (partitioned: solved by rows, then gathered)."""
+    if part is None:
+        return _solve_columns(op, precond, cfg, rhs).solution
+    solution = _solve_columns(op, precond, cfg, part.local(rhs), part).solution
+    return part.gather(solution, "the solution")
 
 
 def _working_dtype(op: Operator) -> torch.dtype:
@@ -211,20 +230,24 @@ def _working_dtype(op: Operator) -> torch.dtype:
 
 
 def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
+    """One PCG run; partitioned by rows across processes where :func:`.partitioned.rows_for` says so (then
+    ``x``, ``u`` and ``v`` hold this rank's rows)."""
     cfg = _config.current()
     working = _working_dtype(op)
     det = _detached(op).to(working)
     n = op.n
+    part = partitioned.rows_for(det, rhs)
+    local = (lambda t: t) if part is None else (lambda t: part.local(t))
     batch = op.batch_shape if rhs is None else torch.broadcast_shapes(op.batch_shape, rhs.shape[:-2])
     with torch.no_grad(), _explain_vmap():
-        precond = build(det, cfg)
-        columns = [] if rhs is None else [rhs.detach().to(working).expand(*batch, n, rhs.shape[-1])]
-        if probes:
+        precond = build(det, cfg, part)
+        columns = [] if rhs is None else [local(rhs.detach().to(working).expand(*batch, n, rhs.shape[-1]))]
+        if probes:  # one process's probes (the seeded stream drawn whole), this rank's rows of them
             like = torch.empty((), dtype=working, device=op.device)
-            eps = rademacher((*op.batch_shape, n, cfg.num_probes), like, cfg.seed)
-            z = precond.root_matmul(eps).expand(*batch, n, cfg.num_probes)
+            eps = local(rademacher((*op.batch_shape, n, cfg.num_probes), like, cfg.seed))
+            z = precond.root_matmul(eps).expand(*batch, eps.shape[-2], cfg.num_probes)
             columns.append(z)
-        result = _solve_columns(det, precond, cfg, torch.cat(columns, dim=-1))
+        result = _solve_columns(det, precond, cfg, torch.cat(columns, dim=-1), part)
         c = 0 if rhs is None else rhs.shape[-1]
         x = result.solution[..., :c].to(op.dtype) if rhs is not None else None
         u = v = logdet = stderr = noise_stderr = None
@@ -232,25 +255,32 @@ def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
         if probes:  # v = P^{-1} z is PCG's first preconditioned residual of the probe columns
             u, v = result.solution[..., c:], result.preconditioned_rhs[..., c:]
             logdet, stderr = slq_logdet(result, slice(c, None), precond.logdet())
-            noise_stderr = _noise_direction_stderr(det, family, u, v)
+            noise_stderr = _noise_direction_stderr(det, family, u, v, part)
             u, v = u.to(op.dtype), v.to(op.dtype)
-    _record(result, precond, cfg, stderr, noise_stderr, promoted=working != op.dtype)
-    return _Run(x, u, v, logdet, functools.partial(_solve_columns, det, precond, cfg), family, working)
+    _record(result, precond, cfg, stderr, noise_stderr, promoted=working != op.dtype, part=part)
+    solver = functools.partial(_solve_whole, det, precond, cfg, part)
+    return _Run(x, u, v, logdet, solver, family, working, part)
 
 
-def _noise_direction_stderr(op: Operator, family: Family | None, u: Tensor, v: Tensor) -> Tensor | None:
+def _noise_direction_stderr(
+    op: Operator, family: Family | None, u: Tensor, v: Tensor, part: Rows | None = None
+) -> Tensor | None:
     """Standard error ``(...)`` of the engine's ``d log det A / d log s`` (every noise variance scaled by
     ``s``; ``dA = D``) from its per-probe terms ``u_i^T D v_i - v_i^T dP v_i`` (the control variate's part
     where it is used; ``tr(P^{-1} dP)`` is exact): a measured standard error of the log-det gradient
     along one direction, for operators with a noise term. Other directions (lengthscales) would need
-    per-probe derivatives, which the single backward pass does not give."""
+    per-probe derivatives, which the single backward pass does not give. ``part``: ``u`` and ``v`` are this
+    rank's rows."""
     if not isinstance(op, AddedDiagonal) or u.shape[-1] < 2:
         return None
-    noise = op.noise.diagonal().expand(*op.batch_shape, op.n).unsqueeze(-1)
+    noise = op.noise.diagonal().expand(*op.batch_shape, op.n)
+    noise = (noise if part is None else part.local(noise, -1)).unsqueeze(-1)
     terms = (u * noise * v).sum(-2)
     if family is not None:
         cv = (family.noise_direction(noise.squeeze(-1)).unsqueeze(-1) * v.square()).sum(-2)
         terms = terms - (cv if family.use is None else torch.where(family.use.unsqueeze(-1), cv, 0.0))
+    if part is not None:
+        terms = part.sum(terms, "the noise direction's terms")
     return terms.std(-1) / terms.shape[-1] ** 0.5
 
 
@@ -261,12 +291,17 @@ def _record(
     stderr: Tensor | None,
     noise_stderr: Tensor | None = None,
     promoted: bool = False,
+    part: Rows | None = None,
 ) -> None:
     rep = report.current_report()
     if rep is None or not host_readable(result.residual):
         return  # under vmap the iterations and residual cannot be read: the report keeps no numbers
     rep.iterations = int(result.iterations.max()) if result.iterations.numel() else 0
     rep.residual = float(result.residual.max()) if result.residual.numel() else 0.0
+    if part is not None:
+        rep.notes.append(
+            f"vectors partitioned by rows over {len(part.parts)} processes (this rank: rows {part.start}:{part.stop})"
+        )
     if promoted:
         rep.notes.append("PCG in float64 on a float64 copy of the operator's tensors (float32 products stall it)")
     rep.notes.append(f"preconditioner {precond.describe()}")
@@ -300,7 +335,7 @@ class _ResidualSolve(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        return ctx.solver(grad).solution, None
+        return ctx.solver(grad), None
 
 
 # -- the engine ---------------------------------------------------------------------------------------
@@ -340,37 +375,53 @@ class ConjugateGradients(Engine):
 
     def solve(self, op: Operator, rhs: Tensor) -> Tensor:
         run = _run(op, rhs, probes=False)
+        x = run.x if run.part is None else run.part.gather(run.x, "the solution")
         if not _needs_grad(op, rhs):
-            return run.x
-        residual = rhs - op._matmul(run.x)
-        return run.x + _ResidualSolve.apply(residual, run.solver)
+            return x
+        residual = rhs - op._matmul(x)
+        return x + _ResidualSolve.apply(residual, run.solver)
 
     def logdet(self, op: Operator) -> Tensor:
         run = _run(op, None, probes=True)
+        if run.part is not None and _needs_grad(op):
+            op = partitioned.shared(op, None, run.part)[0]
         return _logdet_surrogate(op, run, None).to(op.dtype)
 
     def inv_quad_logdet(self, op: Operator, rhs: Tensor) -> tuple[Tensor, Tensor]:
         run = _run(op, rhs, probes=True)
         c = rhs.shape[-1]
-        inv_quad = (rhs.detach() * run.x).sum(-2)
+        part = run.part
+        if part is not None and _needs_grad(op, rhs):  # every term below is this rank's share
+            op, rhs = partitioned.shared(op, rhs, part)
+        mine = rhs if part is None else part.local(rhs)
+        inv_quad = (mine.detach() * run.x).sum(-2)
+        inv_quad = inv_quad if part is None else part.sum(inv_quad, "b^T A^{-1} b")
         a_v = None
         if _needs_grad(op, rhs):  # the gradient only, by a term of value 0 (2 b.x - x^T A x cancels in float32)
-            a_w = op._matmul(torch.cat([run.x, run.v], dim=-1))  # one differentiable product
-            g = 2 * (rhs * run.x).sum(-2) - (run.x * a_w[..., :c]).sum(-2)
+            a_w = _product(op, torch.cat([run.x, run.v], dim=-1), part)  # one differentiable product
+            g = 2 * (mine * run.x).sum(-2) - (run.x * a_w[..., :c]).sum(-2)
             inv_quad = inv_quad + (g - g.detach())
             a_v = a_w[..., c:]
         return inv_quad, _logdet_surrogate(op, run, a_v).to(op.dtype)
 
 
+def _product(op: Operator, w: Tensor, part: Rows | None) -> Tensor:
+    """``A W``, differentiable; partitioned: this rank's rows of ``A W`` from this rank's rows of ``W``."""
+    if part is None:
+        return op._matmul(w)
+    return matmul_rows(op, part.gather(w), part.start, part.stop)
+
+
 def _logdet_surrogate(op: Operator, run: _Run, a_v: Tensor | None) -> Tensor:
     """``est + g - g.detach()`` with ``g = mean_i u_i^T A v_i`` (the Hutchinson gradient of the logdet),
     plus ``log det P(theta) - mean_i v_i^T P(theta) v_i`` where the preconditioner has a differentiable
-    family (its exact gradient as control variate, :mod:`.control_variate`)."""
+    family (its exact gradient as control variate, :mod:`.control_variate`). Partitioned, ``g`` is this
+    rank's share (its rows; the family sums over the ranks where it must)."""
     value = run.logdet
     if not _needs_grad(op):
         return value
     if a_v is None:
-        a_v = op._matmul(run.v)
+        a_v = _product(op, run.v, run.part)
     g = (run.u * a_v).sum(-2).mean(-1).to(value.dtype)
     if run.family is not None:  # the family is evaluated in the dtype PCG ran in (its k x k parts need it)
         working = run.working

@@ -8,6 +8,12 @@ Kronecker product of factor columns); other operators pay one product with a uni
 
 Any size works (no dead zone): at ``k >= n`` it is a full pivoted Cholesky, and a batch member whose
 remaining diagonal falls to rounding level gets zero columns from then on (no host synchronisation).
+
+Partitioned by rows across processes (``rows``, :class:`~structgp.distributed.rows.Rows`): each rank keeps its
+rows of ``L`` and ``d``; at each step one all-gather of every rank's largest remaining diagonal, its index and
+its row of ``L`` picks the pivot (the largest, the lowest index among equals: what one process picks) and
+hands every rank the pivot's row of ``L``; each rank fills its rows of the new column. The pivots, and
+each rank's rows of ``L``, are bitwise one process's.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.covariance.validation import host_readable
+from structgp.distributed.rows import Rows
 
 
 @functools.singledispatch
@@ -98,7 +105,8 @@ def _(op: Sum, index: Tensor) -> Tensor:
 
 
 class PivotedCholesky(NamedTuple):
-    """A partial pivoted Cholesky factorisation and the discrete choices it made."""
+    """A partial pivoted Cholesky factorisation and the discrete choices it made (partitioned: ``factor``
+    and ``remainder`` hold this rank's rows, ``pivots`` are global indices)."""
 
     factor: Tensor  # L (..., n, k), float64
     remainder: Tensor  # diagonal of op - L L^T (..., n), clamped at 0, float64
@@ -120,20 +128,23 @@ def pivoted_cholesky(
 
 
 def pivoted_cholesky_pivots(
-    op: Operator, rank: int, stop: Tensor | None = None, check_every: int = 8
+    op: Operator, rank: int, stop: Tensor | None = None, check_every: int = 8, part: Rows | None = None
 ) -> PivotedCholesky:
     """:func:`pivoted_cholesky` with its pivots and the mask of nonzero columns: with them fixed,
-    ``L L^T`` is the Nystrom form ``A[:, S] A[S, S]^{-1} A[S, :]`` over the active pivots ``S``."""
+    ``L L^T`` is the Nystrom form ``A[:, S] A[S, S]^{-1} A[S, :]`` over the active pivots ``S``. ``part``:
+    this rank's rows of an unbatched ``op`` (see the module)."""
     with torch.no_grad():
-        d = op.diagonal().expand(*op.batch_shape, op.n).to(torch.float64, copy=True)
+        d = op.diagonal().expand(*op.batch_shape, op.n)
+        d = (d if part is None else part.local(d, -1)).to(torch.float64, copy=True)
         k = min(rank, op.n)
         batch = d.shape[:-1]
         # L^T: row j is column j of L, contiguous for the products below; step j writes row j before any
         # read of it (zero-filled all the same, for a few microseconds).
-        rows = d.new_zeros(*batch, k, op.n)
+        rows = d.new_zeros(*batch, k, d.shape[-1])
         pivots = d.new_zeros(*batch, k, dtype=torch.long)  # new_zeros: batched like d under vmap
         active = d.new_zeros(*batch, k, dtype=torch.bool)
-        floor = 10 * torch.finfo(op.dtype).eps * d.abs().amax(-1)  # pivots below it are rounding noise
+        largest = d.abs().amax(-1) if part is None else part.amax(d.abs().amax(-1), "the largest diagonal")
+        floor = 10 * torch.finfo(op.dtype).eps * largest  # pivots below it are rounding noise
         # under vmap/compile the values cannot end the loop: all ``k`` steps run, and a member that would
         # have stopped gets zero columns (the same L L^T)
         readable = host_readable(d)
@@ -142,14 +153,20 @@ def pivoted_cholesky_pivots(
             stop = torch.maximum(torch.as_tensor(stop, dtype=d.dtype, device=d.device), op.n * floor)
         for j in range(k):
             if stop is not None and j % check_every == 0:
-                if readable and bool((d.sum(-1) <= stop).all()):
+                trace = d.sum(-1) if part is None else part.sum(d.sum(-1), "the remainder's trace")
+                if readable and bool((trace <= stop).all()):
                     return PivotedCholesky(rows[..., :j, :].mT, d, pivots[..., :j], active[..., :j])
                 if not readable:
-                    done = done | (d.sum(-1) <= stop)
-            pivot_value, pivot = d.max(-1)
-            col = column(op, pivot).expand_as(d).double()
+                    done = done | (trace <= stop)
+            if part is None:
+                pivot_value, pivot = d.max(-1)
+                col = column(op, pivot).expand_as(d).double()
+            else:  # the full column (computed as one process does), this rank's rows of it
+                pivot_value, pivot, row = _pick(d, rows[:j], part)
+                col = part.local(column(op, pivot), -1).double()
             if j:  # minus the part of column ``pivot`` the first j columns of L already explain
-                row = rows[..., :j, :].gather(-1, pivot[..., None, None].expand(*batch, j, 1))
+                if part is None:
+                    row = rows[..., :j, :].gather(-1, pivot[..., None, None].expand(*batch, j, 1))
                 col = col - (rows[..., :j, :].mT @ row).squeeze(-1)
             ok = pivot_value > floor if done is None else (pivot_value > floor) & ~done
             # a member whose pivot is rounding noise (or that is done, under vmap) adds a zero column
@@ -163,3 +180,14 @@ def pivoted_cholesky_pivots(
             pivots[..., j], active[..., j] = pivot, ok
             d = torch.addcmul(d, l_j, l_j, value=-1).clamp_min_(0)
         return PivotedCholesky(rows.mT, d, pivots, active)
+
+
+def _pick(d: Tensor, rows: Tensor, part: Rows) -> tuple[Tensor, Tensor, Tensor]:
+    """``(value, global index, L[index, :j] (j, 1))`` of the largest remaining diagonal over every rank's rows
+    ``d`` ``(rows,)`` (``rows``: this rank's ``L^T`` ``(j, rows)``); among equal values the lowest index."""
+    value, local = d.max(-1)
+    mine = torch.cat([value.reshape(1), (local + part.start).double().reshape(1), rows[:, local]])
+    every = part.stack(mine, "the pivot candidates")  # (world, j + 2), in rank order
+    winner = every[:, 0].argmax()  # the first rank holding the largest: the lowest index among equals
+    best = every[winner]
+    return best[0], best[1].long(), best[2:].unsqueeze(-1)

@@ -42,6 +42,10 @@ diagonal noise) gets the projected Kronecker deflation of :mod:`.masked_kronecke
 SparseLifted + diagonal noise gets the latent eigen preconditioner;
 every other operator gets a pivoted Cholesky of rank up to
 ``precond_rank`` (rank 0: Jacobi).
+
+Partitioned by rows across processes (``part``, :mod:`.partitioned`): Jacobi, the pivoted Cholesky
+preconditioner and ``"none"`` keep this rank's rows of their vectors and factor; their sums over rows
+(``log det``, the ``k x k`` Gram ``V^T V`` and the ``V^T r`` of each application) are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift, SparseLifted
 from structgp.covariance.sum import AddedDiagonal
 from structgp.covariance.validation import host_readable
+from structgp.distributed.rows import Rows
 from structgp.inference.control_variate import (
     Family,
     KroneckerShiftFamily,
@@ -124,34 +129,37 @@ class Identity(Preconditioner):
 
 
 class Jacobi(Preconditioner):
-    """``P = diag(d)`` for a positive ``d`` ``(..., n)``."""
+    """``P = diag(d)`` for a positive ``d`` ``(..., n)`` (partitioned: this rank's rows of ``d``)."""
 
     name = "jacobi"
 
-    def __init__(self, d: Tensor) -> None:
-        self.d = d
+    def __init__(self, d: Tensor, part: Rows | None = None) -> None:
+        self.d, self.part = d, part
 
     def solve(self, r: Tensor) -> Tensor:
         return r / self.d.unsqueeze(-1)
 
     def logdet(self) -> Tensor:
-        return self.d.log().sum(-1)
+        total = self.d.log().sum(-1)
+        return total if self.part is None else self.part.sum(total, "log det P")
 
     def root_matmul(self, eps: Tensor) -> Tensor:
         return self.d.sqrt().unsqueeze(-1) * eps
 
 
 class LowRankDiagonal(Preconditioner):
-    """``P = L L^T + diag(d)`` for ``L`` ``(..., n, k)`` and a positive ``d`` ``(..., n)`` (see above)."""
+    """``P = L L^T + diag(d)`` for ``L`` ``(..., n, k)`` and a positive ``d`` ``(..., n)`` (see above;
+    partitioned: this rank's rows of ``L`` and ``d``)."""
 
     name = "low rank + diagonal"
 
-    def __init__(self, factor: Tensor, d: Tensor, name: str) -> None:
+    def __init__(self, factor: Tensor, d: Tensor, name: str, part: Rows | None = None) -> None:
         self.name = name
         self.rank = factor.shape[-1]
         inv_sqrt = d.rsqrt()
         # V^T V in the data's precision (its n k^2 flops are the set-up cost), decomposed in float64
-        gram = gram_spectrum(inv_sqrt.unsqueeze(-1) * factor.to(d.dtype), product_in_float64=False)
+        reduce = None if part is None else (lambda t: part.sum(t, "V^T V, V^T r"))
+        gram = gram_spectrum(inv_sqrt.unsqueeze(-1) * factor.to(d.dtype), product_in_float64=False, reduce=reduce)
         s = gram.values
         self.inv_sqrt = inv_sqrt
         self.sqrt = d.sqrt()
@@ -160,7 +168,8 @@ class LowRankDiagonal(Preconditioner):
         self.gram = gram.to(d.dtype)
         self.c_inv = (1 / (1 + s)).to(d.dtype)
         self.c_root = (1 / ((1 + s).sqrt() + 1)).to(d.dtype)
-        self._logdet = d.log().sum(-1) + s.log1p().sum(-1).to(d.dtype)
+        log_d = d.log().sum(-1) if part is None else part.sum(d.log().sum(-1), "log det P")
+        self._logdet = log_d + s.log1p().sum(-1).to(d.dtype)
 
     def solve(self, r: Tensor) -> Tensor:
         white = self.inv_sqrt.unsqueeze(-1) * r
@@ -205,9 +214,12 @@ def _with_family(precond: Preconditioner, family: Family, use: Tensor | None = N
     return precond
 
 
-def _close_enough(remainder: Tensor, noise: Tensor) -> Tensor:
+def _close_enough(remainder: Tensor, noise: Tensor, part: Rows | None = None) -> Tensor:
     """Per batch member ``(...)``: whether the low-rank part leaves little enough for the control variate."""
-    return remainder.amax(-1) <= CV_MAX_REMAINDER * noise.amin(-1)
+    largest, smallest = remainder.amax(-1), noise.amin(-1)
+    if part is not None:
+        largest, smallest = part.amax(largest, "the remainder"), part.amin(smallest, "the noise")
+    return largest <= CV_MAX_REMAINDER * smallest
 
 
 def kronecker_preconditioner(op: AddedDiagonal, cfg: Settings, mode: str) -> Preconditioner:
@@ -257,25 +269,27 @@ def _no_lift(op: Operator) -> None:
     return None
 
 
-def pivoted_cholesky_preconditioner(op: Operator, rank: int) -> Preconditioner:
+def pivoted_cholesky_preconditioner(op: Operator, rank: int, part: Rows | None = None) -> Preconditioner:
     """Pivoted Cholesky ``L`` of rank at most ``rank``. For ``base + noise``: ``L`` of the base, grown until
     the remainder's trace is at most ``REMAINDER_TOL * min(noise)``, and ``P = L L^T + noise`` (measured:
-    half the iterations of also adding the remainder's diagonal). Else ``P = L L^T + diag(remainder)``."""
+    half the iterations of also adding the remainder's diagonal). Else ``P = L L^T + diag(remainder)``.
+    ``part``: this rank's rows (the diagonal and noise are whole on every rank: ``O(n)``)."""
     noisy = isinstance(op, AddedDiagonal)
     if noisy:
         noise = op.noise.diagonal().expand(*op.batch_shape, op.n)
-        piv = pivoted_cholesky_pivots(op.base, rank, stop=REMAINDER_TOL * noise.amin(-1))
+        piv = pivoted_cholesky_pivots(op.base, rank, stop=REMAINDER_TOL * noise.amin(-1), part=part)
+        noise = noise if part is None else part.local(noise, -1)
         rest = noise
     else:
-        piv = pivoted_cholesky_pivots(op, rank)
+        piv = pivoted_cholesky_pivots(op, rank, part=part)
         rest = piv.remainder.to(op.dtype)
     floor = math.sqrt(torch.finfo(rest.dtype).eps) * op.diagonal().mean(-1, keepdim=True).abs()
     rest = torch.maximum(rest, floor)
     if piv.factor.shape[-1] == 0:
-        return Jacobi(rest)
-    precond = LowRankDiagonal(piv.factor, rest, "pivoted cholesky")
-    use = _close_enough(piv.remainder, noise.double()) if noisy else None
-    return _with_family(precond, NystromFamily(piv.pivots, piv.active, noisy, floor), use)
+        return Jacobi(rest, part)
+    precond = LowRankDiagonal(piv.factor, rest, "pivoted cholesky", part)
+    use = _close_enough(piv.remainder, noise.double(), part) if noisy else None
+    return _with_family(precond, NystromFamily(piv.pivots, piv.active, noisy, floor, part), use)
 
 
 def lifted_eigen_preconditioner(op: AddedDiagonal, cfg: Settings) -> Preconditioner:
@@ -327,14 +341,20 @@ def _is_kronecker_sum(op: Operator) -> bool:
     return isinstance(op, AddedDiagonal) and isinstance(op.base, Kronecker) and not op.base.is_diagonal
 
 
-def build(op: Operator, cfg: Settings) -> Preconditioner:
-    """The preconditioner for ``op`` under ``cfg.preconditioner`` (runs without autograd)."""
+def build(op: Operator, cfg: Settings, part: Rows | None = None) -> Preconditioner:
+    """The preconditioner for ``op`` under ``cfg.preconditioner`` (runs without autograd); ``part``: this
+    rank's rows of a partitioned run (``"none"``, ``"jacobi"`` and pivoted Cholesky take it)."""
     kind = cfg.preconditioner
     with torch.no_grad():
         if kind == "none":
             return Identity(op.diagonal(), op.batch_shape)
         if kind == "jacobi":
-            return Jacobi(op.diagonal().expand(*op.batch_shape, op.n))
+            diag = op.diagonal().expand(*op.batch_shape, op.n)
+            return Jacobi(diag if part is None else part.local(diag, -1), part)
+        if part is not None and kind not in ("auto", "pivoted_cholesky"):
+            raise ValueError(f"preconditioner={kind!r} does not apply to {op!r}; use 'auto' or 'pivoted_cholesky'")
+        if part is not None:
+            return pivoted_cholesky_preconditioner(op, cfg.precond_rank, part)
         if kind in ("kronecker_eigen", "kronecker_deflated"):
             if not _is_kronecker_sum(op):
                 raise ValueError(

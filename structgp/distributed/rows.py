@@ -1,0 +1,138 @@
+"""Rows: this rank's contiguous rows of an ``n``-vector, and the collectives over them.
+
+A partitioned computation keeps only its rows ``start:stop`` of every ``(n, c)`` vector. Sums over the
+rows of a vector are this rank's partial sums, summed over the ranks with :meth:`Rows.sum`; a product with
+an operator needs the full vector, :meth:`Rows.gather`.
+
+Every sum over ranks is an all-gather of the ranks' partial sums, added in rank order on every rank: the
+ranks hold bitwise the same result (an all-reduce need not give every rank the same rounding), which keeps
+their PCG recursions identical. The partial sums are small (a value a column, or ``k x k``).
+
+Gradients. A differentiable computation spread over the ranks keeps each rank's *share* of a scalar: a
+function of its own rows, or of sums over ranks (:meth:`Rows.sum_differentiable`, whose backward hands each
+rank the same output gradient). Each rank's backward then yields its share's gradient of the inputs (the
+operator's tensors, the right-hand side), and :func:`share_gradients` at those inputs sums the shares over
+the ranks, so every rank gets the full gradient. A term computed the same way on every rank that does not
+pass through a sum over ranks would be counted once per rank: there is none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from structgp.distributed import process_group
+from structgp.distributed.collectives import gather_rows
+from structgp.distributed.errors import explained
+from structgp.distributed.partition import partition
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """This rank's rows ``start:stop`` of ``n`` under every rank's ``parts`` (:func:`partition`)."""
+
+    n: int
+    parts: tuple[tuple[int, int], ...]
+    rank: int
+
+    @classmethod
+    def of(cls, n: int, unit: int = 1) -> Rows | None:
+        """This rank's rows under an active process group (whole ``unit``-row blocks), else ``None``."""
+        if not process_group.is_active():
+            return None
+        return cls(n, partition(n, process_group.world(), unit), process_group.rank())
+
+    @property
+    def start(self) -> int:
+        return self.parts[self.rank][0]
+
+    @property
+    def stop(self) -> int:
+        return self.parts[self.rank][1]
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def local(self, t: Tensor, dim: int = -2) -> Tensor:
+        """This rank's rows of ``t`` along ``dim`` (``(..., n, c)``: dim ``-2``; ``(..., n)``: dim ``-1``)."""
+        return t.narrow(dim, self.start, self.size)
+
+    def gather(self, t: Tensor, what: str = "the search directions") -> Tensor:
+        """The full ``(..., n, c)`` from every rank's rows ``(..., rows, c)`` (no autograd)."""
+        return gather_rows(t, self.parts, None, what)
+
+    def stack(self, t: Tensor, what: str) -> Tensor:
+        """``(world, ...)``: every rank's ``t`` (the same shape on every rank), in rank order."""
+        world = len(self.parts)
+        out = [torch.empty_like(t) for _ in range(world)]
+        with explained(f"gathering {what}", self.rank, world):
+            dist.all_gather(out, t.contiguous())
+        return torch.stack(out)
+
+    def sum(self, t: Tensor, what: str = "partial sums") -> Tensor:
+        """``t`` summed over the ranks in rank order (bitwise the same on every rank; no autograd)."""
+        return self.stack(t.detach(), what).sum(0)
+
+    def amax(self, t: Tensor, what: str = "maxima") -> Tensor:
+        return self.stack(t.detach(), what).amax(0)
+
+    def amin(self, t: Tensor, what: str = "minima") -> Tensor:
+        return self.stack(t.detach(), what).amin(0)
+
+    def sum_differentiable(self, t: Tensor, what: str = "partial sums") -> Tensor:
+        """:meth:`sum` whose backward passes the output gradient to this rank's share (see the module)."""
+        return _SumOverRanks.apply(t, self, what)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(t: Tensor, rows: Rows, what: str) -> Tensor:
+        return rows.sum(t, what)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None, None
+
+
+def share_gradients(tensors: list[Tensor], rows: Rows) -> list[Tensor]:
+    """``tensors`` unchanged (views); in the backward their gradients are summed over the ranks (one
+    all-gather of them all), so each rank's share of a gradient becomes the whole gradient (see the module).
+    Tensors that do not require grad pass through untouched."""
+    which = [i for i, t in enumerate(tensors) if t.requires_grad]
+    if not which:
+        return list(tensors)
+    shared = _ShareGradients.apply(rows, *(tensors[i] for i in which))
+    out = list(tensors)
+    for i, t in zip(which, shared):
+        out[i] = t
+    return out
+
+
+class _ShareGradients(torch.autograd.Function):
+    @staticmethod
+    def forward(rows: Rows, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.rows = inputs[0]
+        ctx.shapes = [t.shape for t in inputs[1:]]
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        total = ctx.rows.sum(flat, "the gradients' shares")
+        out, offset = [], 0
+        for shape, g in zip(ctx.shapes, grads):
+            size = shape.numel()
+            out.append(total[offset : offset + size].view(shape).to(g.dtype))
+            offset += size
+        return (None, *out)
