@@ -51,6 +51,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--num-probes", type=int, default=8)
+    parser.add_argument("--precond-rank", type=int, default=32, help="pivoted Cholesky rank (library default 256)")
     parser.add_argument("--max-iter", type=int, default=20, help="CG iterations cap (the same for every world)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (0 for long runs)")
     parser.add_argument("--json", type=str, default=None)
@@ -70,7 +71,8 @@ def _worker(rank: int, world: int, threads: int, port: int, args: argparse.Names
     model = (_kernel_model if args.model == "kernel" else _lifted_model)(args).to(device, torch.float64)
     params = list(model.parameters())
     # a fixed iteration count (cg_tol unreachable): every configuration does the same work
-    options = dict(method="cg", num_probes=args.num_probes, max_iter=args.max_iter, cg_tol=1e-30, precond_rank=32)
+    options = dict(method="cg", num_probes=args.num_probes, max_iter=args.max_iter, cg_tol=1e-30,
+                   precond_rank=args.precond_rank)
 
     def value_and_gradient() -> float:
         loss = model.loss()
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     what = f"N = {args.n}, d = {args.d}" if args.model == "kernel" else (
         f"N = {args.n} rows of {args.per_row} cells of a {args.m}^3 grid")
     print(f"\nstrong scaling, {args.model}: {what}, float64, {args.device}, {args.num_probes} probes, "
-          f"{args.max_iter} CG iterations (one value + gradient)")
+          f"preconditioner rank {args.precond_rank}, {args.max_iter} CG iterations (one value + gradient)")
     head = (f"{'processes':>9} {'threads':>7} {'seconds':>9} {'vs 1x1':>7} {'cpu s / rank':>16} "
             f"{'peak MiB / rank':>16} {'rows (block)':>14} {'loss':>14}")
     print(head)

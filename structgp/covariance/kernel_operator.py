@@ -28,7 +28,8 @@ every rank returns the full product, bitwise the one-process product, after ``n^
 (with fewer blocks than ranks the rows are split evenly instead); the backward sums the ranks'
 contributions to the gradients of ``x`` and the parameters with one all-reduce. ``rows``, ``diagonal`` and
 ``_to_dense`` stay local (every rank holds ``x``), and so do KeOps products (not partitioned yet: each rank
-runs the whole reduction, with the same result).
+runs the whole reduction, with the same result). ``_matmul_rows`` computes given rows only, with no
+collective: the partitioned iterative engine's product (:mod:`structgp.covariance.local_rows`).
 """
 
 from __future__ import annotations

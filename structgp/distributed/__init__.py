@@ -4,10 +4,16 @@ Launch with ``torchrun --nproc_per_node=P script.py`` and call :func:`init` once
 same script on the same data. A :class:`~structgp.covariance.KernelOperator` computes only its rank's
 contiguous rows of each product (:func:`partition`: whole row blocks, so each rank computes exactly the
 blocks one process would) and all-gathers them, so every rank holds the
-full ``(n, c)`` product and everything downstream (PCG, SLQ, the preconditioner, the optimiser) runs
-identically on every rank; the backward of a product reduces the hyperparameter gradients with one
-all-reduce. Products are bitwise those of one process (so are values and predictions); gradients differ
-only by the summation order of the reduction.
+full ``(n, c)`` product (bitwise one process's); the backward of a product reduces the hyperparameter
+gradients with one all-reduce.
+
+The iterative engine goes further for an operator made of kernel matrices and diagonals
+(:mod:`structgp.inference.partitioned`): its vectors (right-hand sides, probes, iterates, the pivoted
+Cholesky factor) stay partitioned as each rank's rows (:class:`~structgp.distributed.rows.Rows`). A PCG
+iteration all-gathers the search directions and sums the dot products over the ranks. Each pivot is
+picked by one all-gather. Gradients are summed from the ranks' shares
+(:func:`~structgp.distributed.rows.share_gradients`). Values, gradients and predictions equal one
+process's up to the order of the sums.
 
 A :class:`~structgp.covariance.SparseLifted` ``L B L^T`` partitions the observation rows of its lift the
 same way (:mod:`structgp.covariance.lift_products`): each rank applies its rows of ``L``, ``L^T y`` is summed

@@ -369,6 +369,9 @@ class ConjugateGradients(Engine):
         setup = n * k * k  # pivoted Cholesky (columns are read directly for the common structures)
         flops = batch * (iterations * (product + vectors) + setup)
         nbytes = batch * (6 * columns * n + 2 * n * k) * op.dtype.itemsize
+        part = partitioned.rows_for(op, None)
+        if part is not None:  # this rank's rows of the vectors and factor, and one gathered search direction
+            nbytes = (6 * columns + 2 * k) * part.size * op.dtype.itemsize + columns * n * op.dtype.itemsize
         extra = GRADIENT_PRODUCTS * product if differentiated(op) else 0.0
         work = Work(product=flops + batch * extra)
         return Cost(flops, float(nbytes), seconds(work, op.device, op.dtype))

@@ -1,0 +1,81 @@
+"""Rows of products and entries (structgp.covariance.local_rows) against dense float64 torch, in one process."""
+
+from __future__ import annotations
+
+import gpytorch
+import pytest
+import torch
+
+from structgp.covariance import Dense, Diagonal, KernelOperator, Kronecker, ScaledIdentity, Sum
+from structgp.covariance.local_rows import entries, matmul_rows, partitionable
+
+F64 = torch.float64
+
+
+def _operators(x, raw, noise):
+    rbf = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).double()
+    matern = gpytorch.kernels.MaternKernel(nu=1.5).double()
+    k_rbf = KernelOperator(rbf, x, [torch.tensor(0.2, dtype=F64), raw])
+    k_matern = KernelOperator(matern, x, [raw])
+    return {
+        "rbf + diagonal": k_rbf + Diagonal(noise),
+        "matern + scaled identity": k_matern + ScaledIdentity(torch.tensor(0.3, dtype=F64), x.shape[0]),
+        "sum": Sum(k_matern, k_rbf + Diagonal(noise)),
+        "bare kernel": k_rbf,
+    }
+
+
+@pytest.fixture
+def data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(23, 2, generator=gen, dtype=F64) * 2
+    noise = 0.1 + torch.rand(23, generator=gen, dtype=F64)
+    return x, torch.tensor([[-0.3]], dtype=F64), noise
+
+
+@pytest.mark.parametrize("name", ["rbf + diagonal", "matern + scaled identity", "sum", "bare kernel"])
+@pytest.mark.parametrize("span", [(0, 23), (5, 17), (22, 23)])
+def test_rows_of_the_product_and_entries_equal_dense(data, name, span):
+    op = _operators(*data)[name]
+    dense = op.to_dense()
+    v = torch.randn(23, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    start, stop = span
+    torch.testing.assert_close(matmul_rows(op, v, start, stop), (dense @ v)[start:stop], rtol=1e-12, atol=1e-12)
+    rows, cols = torch.tensor([3, 0, 22, 3]), torch.tensor([3, 7, 0])
+    torch.testing.assert_close(entries(op, rows, cols), dense[rows][:, cols], rtol=1e-12, atol=1e-12)
+    assert partitionable(op)
+
+
+@pytest.mark.parametrize("name", ["rbf + diagonal", "matern + scaled identity"])
+def test_rows_of_the_product_pass_gradcheck(data, name):
+    """The rows' own backward (rhs: ``K[rows, :]^T G``; x, the kernel's raw parameter and the noise: the
+    rows' share, which is the whole gradient of those rows)."""
+    x, raw, noise = (t.clone().requires_grad_() for t in data)
+    v = torch.randn(23, 2, dtype=F64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+
+    def rows(x, raw, noise, v):
+        return matmul_rows(_operators(x, raw, noise)[name], v, 4, 19)
+
+    assert torch.autograd.gradcheck(rows, (x, raw, noise, v))
+
+
+def test_entries_pass_gradcheck(data):
+    x, raw, noise = (t.clone().requires_grad_() for t in data)
+    index = torch.tensor([1, 9, 14])
+    here = torch.arange(6, 20)
+    assert torch.autograd.gradcheck(
+        lambda x, raw, noise: entries(_operators(x, raw, noise)["sum"], here, index), (x, raw, noise)
+    )
+
+
+def test_other_structures_are_not_partitionable(data):
+    x, raw, noise = data
+    dense = Dense(torch.eye(4, dtype=F64) * 2)
+    assert not partitionable(dense)
+    assert not partitionable(Kronecker(dense, dense))
+    kernel = gpytorch.kernels.RBFKernel(batch_shape=torch.Size([2])).double()
+    assert not partitionable(KernelOperator(kernel, x))  # batched
+    with pytest.raises(TypeError, match="op: Dense has no partitioned product"):
+        matmul_rows(dense, torch.ones(4, 1, dtype=F64), 0, 2)
+    with pytest.raises(TypeError, match="op: Dense has no entry rule"):
+        entries(dense, torch.tensor([0]), torch.tensor([1]))
