@@ -19,6 +19,8 @@ Each configuration runs in fresh processes spawned by ``torch.multiprocessing``:
             being block x N entries)
 
     PYTHONPATH=. python benchmarks/bench_distributed.py --n 30000 --worlds 1 2
+    PYTHONPATH=. python benchmarks/bench_distributed.py --n 30000 --num-probes 32 --precond-rank 256 --warmup 0 \
+        --mmap-threshold 1048576          # the library's defaults; peak memory that follows live memory
     PYTHONPATH=. python benchmarks/bench_distributed.py --model lifted --n 200000 --m 16
     python benchmarks/bench_distributed.py --device cuda --n 200000 --worlds 1 2 4 8
 """
@@ -55,6 +57,12 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-iter", type=int, default=20, help="CG iterations cap (the same for every world)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (0 for long runs)")
     parser.add_argument("--json", type=str, default=None)
+    parser.add_argument(
+        "--mmap-threshold", type=int, default=None,
+        help="bytes: glibc's MALLOC_MMAP_THRESHOLD_ for the workers (e.g. 1048576), so that freed large blocks "
+        "return to the OS and the resident set follows live memory (glibc's default keeps freed blocks under "
+        "its dynamic threshold, up to 32 MiB, in the heap)",
+    )
     return parser.parse_args(argv)
 
 
@@ -155,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     args = arguments(argv)
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_distributed_{os.getpid()}"
     folder.mkdir(parents=True, exist_ok=True)
+    if args.mmap_threshold is not None:  # read by glibc when each spawned worker starts
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     configs = [(w, 1) for w in args.worlds]
     if args.device == "cpu" and max(args.worlds) > 1:
         configs.append((1, max(args.worlds)))
@@ -168,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     what = f"N = {args.n}, d = {args.d}" if args.model == "kernel" else (
         f"N = {args.n} rows of {args.per_row} cells of a {args.m}^3 grid")
     print(f"\nstrong scaling, {args.model}: {what}, float64, {args.device}, {args.num_probes} probes, "
-          f"preconditioner rank {args.precond_rank}, {args.max_iter} CG iterations (one value + gradient)")
+          f"preconditioner rank {args.precond_rank}, {args.max_iter} CG iterations (one value + gradient)"
+          + ("" if args.mmap_threshold is None else f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"))
     head = (f"{'processes':>9} {'threads':>7} {'seconds':>9} {'vs 1x1':>7} {'cpu s / rank':>16} "
             f"{'peak MiB / rank':>16} {'rows (block)':>14} {'loss':>14}")
     print(head)
