@@ -9,16 +9,21 @@ vectors on each rank. It needs three things of the operator, each a ``functools.
   collective in the forward or the backward (the caller sums the gradients' shares over the ranks).
 - :func:`entries`: ``A[i, j]`` ``(len(i), len(j))`` for index tensors ``i`` and ``j``, differentiable: the
   pivoted Cholesky preconditioner's columns at this rank's rows, and the pivots' block ``A[S, S]``.
+- :func:`weighted_columns`: ``sum_ij W_ij A[i, S_j]`` over rows ``start:stop`` and columns ``S``, a scalar
+  whose gradient reaches the operator's tensors: the control variate's ``<G, A[:, S]>``. For a kernel matrix
+  it never holds more than one row block of ``A[:, S]`` (:class:`_WeightedColumns`), where
+  ``(W * entries(...)).sum()`` would keep the whole ``n x k`` evaluation and its intermediates for autograd.
 """
 
 from __future__ import annotations
 
 import functools
 
+import torch
 from torch import Tensor
 
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
-from structgp.covariance.kernel_operator import KernelOperator, kernel_block
+from structgp.covariance.kernel_operator import MAX_BLOCK_ENTRIES, KernelOperator, kernel_block
 from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal, Sum
 
@@ -110,3 +115,76 @@ def _(op: AddedDiagonal, rows: Tensor, cols: Tensor) -> Tensor:
 @entries.register
 def _(op: Sum, rows: Tensor, cols: Tensor) -> Tensor:
     return sum(entries(t, rows, cols) for t in op.terms)
+
+
+@functools.singledispatch
+def weighted_columns(op: Operator, start: int, stop: int, cols: Tensor, weight: Tensor) -> Tensor:
+    """``sum_ij weight[i, j] op[start + i, cols[j]]`` ``()`` for ``weight`` ``(stop - start, len(cols))``."""
+    here = torch.arange(start, stop, device=cols.device)
+    return (weight * entries(op, here, cols)).sum()
+
+
+@weighted_columns.register(Diagonal)
+@weighted_columns.register(ScaledIdentity)
+def _(op: Operator, start: int, stop: int, cols: Tensor, weight: Tensor) -> Tensor:
+    # only the columns whose index falls in start:stop meet the diagonal
+    j = ((cols >= start) & (cols < stop)).nonzero().squeeze(-1)
+    return (weight[cols[j] - start, j] * op.diagonal().expand(op.n)[cols[j]]).sum()
+
+
+@weighted_columns.register
+def _(op: KernelOperator, start: int, stop: int, cols: Tensor, weight: Tensor) -> Tensor:
+    rows = max(1, MAX_BLOCK_ENTRIES // max(1, cols.numel()))
+    spec = (op.kernel, op.names, start, stop, cols, rows)
+    return op.scale * _WeightedColumns.apply(spec, weight, op.x, *op.params)
+
+
+@weighted_columns.register
+def _(op: AddedDiagonal, start: int, stop: int, cols: Tensor, weight: Tensor) -> Tensor:
+    return weighted_columns(op.base, start, stop, cols, weight) + weighted_columns(op.noise, start, stop, cols, weight)
+
+
+@weighted_columns.register
+def _(op: Sum, start: int, stop: int, cols: Tensor, weight: Tensor) -> Tensor:
+    return sum(weighted_columns(t, start, stop, cols, weight) for t in op.terms)
+
+
+class _WeightedColumns(torch.autograd.Function):
+    """``sum_ij W_ij k(x[start + i], x[cols[j]])`` by row blocks; the backward evaluates each block again under
+    :func:`torch.func.vjp` (``spec``: ``(kernel, names, start, stop, cols, rows a block)``)."""
+
+    @staticmethod
+    def forward(spec: tuple, weight: Tensor, x: Tensor, *params: Tensor) -> Tensor:
+        kernel, names, start, stop, cols, rows = spec
+        total = weight.new_zeros((), dtype=torch.float64)
+        for first in range(start, stop, rows):
+            last = min(first + rows, stop)
+            block = kernel_block(kernel, names, params, x[first:last], x[cols])
+            total = total + (weight[first - start : last - start] * block).sum(dtype=torch.float64)
+        return total.to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        spec, weight, x, *params = inputs
+        ctx.spec = spec
+        ctx.save_for_backward(weight, x, *params)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        kernel, names, start, stop, cols, rows = ctx.spec
+        weight, x, *params = ctx.saved_tensors
+        grads = [torch.zeros_like(x), *(torch.zeros_like(p) for p in params)]
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        for first in range(start, stop, rows):
+            last = min(first + rows, stop)
+
+            def block(xx: Tensor, *pp: Tensor, first: int = first, last: int = last) -> Tensor:
+                return kernel_block(kernel, names, pp, xx[first:last], xx[cols])
+
+            value, pull = torch.func.vjp(block, x, *params)
+            w = weight[first - start : last - start]
+            grads = [g + d for g, d in zip(grads, pull((grad * w).to(value.dtype)))]
+            if grad_weight is not None:
+                grad_weight[first - start : last - start] = grad * value
+        grads = [g if ctx.needs_input_grad[2 + i] else None for i, g in enumerate(grads)]
+        return (None, grad_weight, *grads)

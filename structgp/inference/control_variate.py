@@ -41,9 +41,10 @@ import torch
 from torch import Tensor
 
 from structgp.covariance.kron import kron_vector
-from structgp.covariance.local_rows import entries
+from structgp.covariance.local_rows import entries, partitionable, weighted_columns
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift
+from structgp.covariance.validation import host_readable
 from structgp.distributed.rows import Rows
 from structgp.inference.kronecker_spectrum import eigenvector_columns
 from structgp.inference.pivoted_cholesky import column
@@ -122,10 +123,23 @@ class NystromFamily(_TwoTermFamily):
     ``noise`` (then ``D`` is the noise), else from ``op`` (``D = diag(A) - diag(C W^{-1} C^T)``); ``D`` is
     at least ``floor`` ``(..., 1)``, as in the built preconditioner. ``part``: this rank's rows of a
     partitioned run (unbatched; ``v`` and ``a_v`` are this rank's rows; the value is every rank's sum and
-    the gradient this rank's share, :mod:`structgp.distributed.rows`)."""
+    the gradient this rank's share, :mod:`structgp.distributed.rows`).
 
-    def __init__(self, pivots: Tensor, active: Tensor, noise: bool, floor: Tensor, part: Rows | None = None) -> None:
+    For an unbatched operator of kernel matrices and diagonals outside functorch transforms (the large
+    matrix-free case), :meth:`control_variate` takes the first-order form of :meth:`_first_order` when the
+    built preconditioner ``precond`` is given: the same gradient, with no ``n x k`` tensor kept for autograd."""
+
+    def __init__(
+        self,
+        pivots: Tensor,
+        active: Tensor,
+        noise: bool,
+        floor: Tensor,
+        part: Rows | None = None,
+        precond: LowRankDiagonal | None = None,
+    ) -> None:
         self.pivots, self.active, self.noise, self.floor, self.part = pivots, active, noise, floor, part
+        self.precond = precond
 
     def _parts(self, op: Operator) -> tuple[Tensor, Tensor]:
         """``(F = C L_W^{-T} (..., n, k), D (..., n))``, float64 (partitioned: this rank's rows)."""
@@ -160,9 +174,63 @@ class NystromFamily(_TwoTermFamily):
         return _low_rank_quad(*self._parts(op), v, self._reduce())
 
     def control_variate(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
+        source = op.base if self.noise else op
+        if self.precond is not None and partitionable(source) and not op.batch_shape and host_readable(v):
+            return self._first_order(op, source, v)
         factor, d = self._parts(op)  # once for both terms
         reduce = self._reduce()
         return _low_rank_logdet(factor, d, reduce) - _low_rank_quad(factor, d, v, reduce).mean(-1)
+
+    def _first_order(self, op: Operator, source: Operator, v: Tensor) -> Tensor:
+        """A scalar with the control variate's gradient at the current ``theta`` (its value is not the
+        control variate's). With ``Q = P^{-1} - mean_i v_i v_i^T``, ``B = C W^{-1}`` (at ``theta_0``) and
+        ``dP = dC B^T + B dC^T - B dW B^T + dD``, the gradient of ``log det P - mean_i v_i^T P v_i`` is that of
+
+            <2 Q B, C> - <B^T Q B, W> + <diag(Q), D>,
+
+        with the weights fixed. Where ``D`` is the remainder ``diag(A) - diag(C W^{-1} C^T)`` (no noise term,
+        above its floor), ``<g, dD>`` adds ``<g, diag(dA)> - <2 diag(g) B, dC> + <B^T diag(g) B, dW>``.
+        ``P^{-1}`` is the built preconditioner's (equal to ``P(theta_0)``). The weights cost ``O(n k^2)``; the
+        weighted sum over ``C`` (:func:`~structgp.covariance.local_rows.weighted_columns`) evaluates ``C`` one
+        row block at a time."""
+        part, pre = self.part, self.precond
+        start, stop = (0, op.n) if part is None else (part.start, part.stop)
+        reduce = (lambda t: t) if part is None else (lambda t: part.sum(t, "the control variate's weights"))
+        with torch.no_grad():
+            here = torch.arange(start, stop, device=self.pivots.device)
+            mask = self.active.to(torch.float64)
+            c0 = entries(source, here, self.pivots).double() * mask
+            w0 = entries(source, self.pivots, self.pivots).double() * mask.unsqueeze(-1) * mask
+            w0 = w0 + torch.diag_embed(1 - mask)
+            b = torch.cholesky_solve(c0.mT, torch.linalg.cholesky((w0 + w0.mT) / 2)).mT  # C W^{-1} (rows, k)
+            v64 = v.double()
+            p = v.shape[-1]
+            qb = pre.solve(b.to(pre.sqrt.dtype)).double() - v64 @ reduce(v64.mT @ b) / p  # Q B
+            g_c, g_w = 2 * qb, -reduce(b.mT @ qb)
+            g_d = _inverse_diagonal(pre) - v64.square().mean(-1)  # diag(Q)
+            if self.noise:  # D = max(noise, floor)
+                g_d = torch.where(self._local(_noise(op).double()) > self.floor.double(), g_d, 0.0)
+            else:  # D = diag(A) - rowsum(C * B), where above the floor
+                d = self._local(_diagonal(op).double()) - (c0 * b).sum(-1)
+                g_d = torch.where(d > self.floor.double(), g_d, 0.0)
+                g_c = g_c - 2 * g_d.unsqueeze(-1) * b
+                g_w = g_w + reduce(b.mT @ (g_d.unsqueeze(-1) * b))
+            g_w = g_w * mask.unsqueeze(-1) * mask
+        out = weighted_columns(source, start, stop, self.pivots, g_c).double()
+        if part is None or part.rank == 0:  # W is the same on every rank: counted once
+            out = out + (g_w * entries(source, self.pivots, self.pivots).double()).sum()
+        d_theta = _noise(op) if self.noise else _diagonal(op)
+        return out + (g_d * self._local(d_theta).double()).sum()
+
+    def _local(self, t: Tensor) -> Tensor:
+        return t if self.part is None else self.part.local(t, -1)
+
+
+def _inverse_diagonal(pre: LowRankDiagonal) -> Tensor:
+    """``diag(P^{-1})`` ``(..., n)`` of ``P = L L^T + diag(d)``: ``d^{-1} (1 - rowsum((V W)^2 / (1 + s)))``."""
+    gram = pre.gram
+    z = (gram.factor @ gram.vectors).double()
+    return pre.inv_sqrt.double().square() * (1 - (z.square() * pre.c_inv.double()).sum(-1))
 
 
 class SubspaceNystromFamily(Family):

@@ -289,7 +289,7 @@ def pivoted_cholesky_preconditioner(op: Operator, rank: int, part: Rows | None =
         return Jacobi(rest, part)
     precond = LowRankDiagonal(piv.factor, rest, "pivoted cholesky", part)
     use = _close_enough(piv.remainder, noise.double(), part) if noisy else None
-    return _with_family(precond, NystromFamily(piv.pivots, piv.active, noisy, floor, part), use)
+    return _with_family(precond, NystromFamily(piv.pivots, piv.active, noisy, floor, part, precond), use)
 
 
 def lifted_eigen_preconditioner(op: AddedDiagonal, cfg: Settings) -> Preconditioner:

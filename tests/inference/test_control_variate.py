@@ -390,3 +390,44 @@ def test_structured_kronecker_products_equal_the_plain_products(kind):
     family.products = None
     plain = grads(family.control_variate(op, v, op._matmul(v)), ells)
     torch.testing.assert_close(structured, plain, rtol=1e-9, atol=1e-9)
+
+
+def _kernel_case(noisy: bool):
+    """An RBF KernelOperator plus a heteroskedastic diagonal (base + noise), or that sum next to a Matern
+    KernelOperator (a Sum: the family's D is the remainder of diag(A)); 150 points in 2-d."""
+    import gpytorch
+
+    from structgp.covariance import KernelOperator, Sum
+
+    gen = torch.Generator().manual_seed(21)
+    x = (torch.rand(150, 2, generator=gen, dtype=F64) * 3).requires_grad_()
+    raw = torch.tensor([[-0.3]], dtype=F64, requires_grad=True)
+    noise = (0.05 + 0.1 * torch.rand(150, generator=gen, dtype=F64)).requires_grad_()
+    rbf_kernel, matern_kernel = gpytorch.kernels.RBFKernel().double(), gpytorch.kernels.MaternKernel(nu=2.5).double()
+
+    def make():
+        base = KernelOperator(rbf_kernel, x, [raw]) + Diagonal(noise)
+        return base if noisy else Sum(KernelOperator(matern_kernel, x, [raw + 0.5]), base)
+
+    def dense_a():  # gpytorch's own dense evaluation (KernelOperator.to_dense), as a function of the leaves
+        return make().base.to_dense() if noisy else make().to_dense()
+
+    return make, dense_a, [x, raw, noise]
+
+
+@pytest.mark.parametrize("noisy", [True, False])
+def test_nystrom_family_of_kernel_operators_takes_the_first_order_form(noisy, monkeypatch):
+    """Unbatched kernel matrices and diagonals: the control variate's gradient comes from the first-order form
+    (no n x k tensor kept for autograd), equal to the dense P(theta)'s."""
+    make, dense_a, leaves = _kernel_case(noisy)
+    calls = []
+    first_order = NystromFamily._first_order
+    monkeypatch.setattr(NystromFamily, "_first_order", lambda self, *a: calls.append(1) or first_order(self, *a))
+
+    def dense_p(family):
+        return nystrom_dense(dense_a(), family, leaves[2] if noisy else None)
+
+    # without noise the remainder diagonal sits near its floor for a few rows: 1e-15 relative moves of x move
+    # this gradient by about 1e-8 (measured), so it is compared at 1e-6
+    check_family(make, dense_p, leaves, {"precond_rank": 25}, NystromFamily, rtol=1e-8 if noisy else 1e-6)
+    assert calls  # the first-order form ran
