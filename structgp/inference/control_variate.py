@@ -197,25 +197,23 @@ class NystromFamily(_TwoTermFamily):
         start, stop = (0, op.n) if part is None else (part.start, part.stop)
         reduce = (lambda t: t) if part is None else (lambda t: part.sum(t, "the control variate's weights"))
         with torch.no_grad():
-            here = torch.arange(start, stop, device=self.pivots.device)
             mask = self.active.to(torch.float64)
-            c0 = entries(source, here, self.pivots).double() * mask
             w0 = entries(source, self.pivots, self.pivots).double() * mask.unsqueeze(-1) * mask
-            w0 = w0 + torch.diag_embed(1 - mask)
-            b = torch.cholesky_solve(c0.mT, torch.linalg.cholesky((w0 + w0.mT) / 2)).mT  # C W^{-1} (rows, k)
-            v64 = v.double()
-            p = v.shape[-1]
-            qb = pre.solve(b.to(pre.sqrt.dtype)).double() - v64 @ reduce(v64.mT @ b) / p  # Q B
-            g_c, g_w = 2 * qb, -reduce(b.mT @ qb)
-            g_d = _inverse_diagonal(pre) - v64.square().mean(-1)  # diag(Q)
+            chol_w = torch.linalg.cholesky((w0 + w0.mT) / 2 + torch.diag_embed(1 - mask))
+            # B = C W^{-1} = L L_W^{-1}: L = d^{1/2} V is the built factor (C = L L_W^T), L_W = chol(W) in pivot
+            # order; no column of A is evaluated here
+            factor = (pre.sqrt.unsqueeze(-1) * pre.gram.factor).double()
             if self.noise:  # D = max(noise, floor)
-                g_d = torch.where(self._local(_noise(op).double()) > self.floor.double(), g_d, 0.0)
-            else:  # D = diag(A) - rowsum(C * B), where above the floor
-                d = self._local(_diagonal(op).double()) - (c0 * b).sum(-1)
-                g_d = torch.where(d > self.floor.double(), g_d, 0.0)
-                g_c = g_c - 2 * g_d.unsqueeze(-1) * b
-                g_w = g_w + reduce(b.mT @ (g_d.unsqueeze(-1) * b))
+                keep = self._local(_noise(op).double()) > self.floor.double()
+            else:  # D = max(diag(A) - rowsum(C * B), floor), rowsum(C * B) = rowsum(L^2)
+                keep = self._local(_diagonal(op).double()) - factor.square().sum(-1) > self.floor.double()
+            b = torch.linalg.solve_triangular(chol_w.mT, factor.mT, upper=True).mT  # (rows, k)
+            del factor
+            v64 = v.double()
+            g_d = torch.where(keep, _inverse_diagonal(pre) - v64.square().mean(-1), 0.0)  # diag(Q) where D moves
+            g_c, g_w = _nystrom_weights(pre, b, v64, g_d, self.noise, reduce)
             g_w = g_w * mask.unsqueeze(-1) * mask
+            del b
         out = weighted_columns(source, start, stop, self.pivots, g_c).double()
         if part is None or part.rank == 0:  # W is the same on every rank: counted once
             out = out + (g_w * entries(source, self.pivots, self.pivots).double()).sum()
@@ -229,8 +227,32 @@ class NystromFamily(_TwoTermFamily):
 def _inverse_diagonal(pre: LowRankDiagonal) -> Tensor:
     """``diag(P^{-1})`` ``(..., n)`` of ``P = L L^T + diag(d)``: ``d^{-1} (1 - rowsum((V W)^2 / (1 + s)))``."""
     gram = pre.gram
-    z = (gram.factor @ gram.vectors).double()
-    return pre.inv_sqrt.double().square() * (1 - (z.square() * pre.c_inv.double()).sum(-1))
+    z = (gram.factor @ gram.vectors).double().square_()
+    return pre.inv_sqrt.double().square() * (1 - (z @ pre.c_inv.double().unsqueeze(-1)).squeeze(-1))
+
+
+WEIGHT_CHUNK = 32  # columns of B solved at a time: the weights' temporaries are (rows, WEIGHT_CHUNK)
+
+
+def _nystrom_weights(pre: LowRankDiagonal, b: Tensor, v: Tensor, g_d: Tensor, noise: bool, reduce):
+    """``(G_C (rows, k), G_W (k, k))`` of :meth:`NystromFamily._first_order`: ``G_C = 2 Q B`` and ``G_W =
+    -B^T Q B`` with ``Q B = P^{-1} B - V (V^T B) / p``, plus the remainder's terms ``-2 diag(g) B`` and
+    ``B^T diag(g) B`` where ``D`` is the remainder (no noise term; ``g = g_d``). ``B`` is solved in chunks of
+    ``WEIGHT_CHUNK`` columns, so besides ``B`` and ``G_C`` no ``(rows, k)`` tensor is formed."""
+    p = v.shape[-1]
+    g_c = torch.empty_like(b)
+    g_w = b.new_empty(b.shape[-1], b.shape[-1])
+    for first in range(0, b.shape[-1], WEIGHT_CHUNK):
+        cols = slice(first, min(first + WEIGHT_CHUNK, b.shape[-1]))
+        chunk = b[..., cols]
+        qb = pre.solve(chunk.to(pre.sqrt.dtype)).double().sub_(v @ reduce(v.mT @ chunk) / p)
+        g_w[..., cols] = -(b.mT @ qb)
+        if not noise:
+            moved = g_d.unsqueeze(-1) * chunk  # diag(g) B
+            g_w[..., cols] += b.mT @ moved
+            qb.sub_(moved)  # G_C = 2 (Q B - diag(g) B)
+        g_c[..., cols] = qb.mul_(2)
+    return g_c, reduce(g_w)
 
 
 class SubspaceNystromFamily(Family):
