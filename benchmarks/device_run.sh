@@ -8,8 +8,9 @@
 # then one device `run` per suite, carrying .whl:
 #     bash benchmarks/device_run.sh tests         # CUDA tests (tests/test_cuda.py, tests/models/test_cuda_models.py)
 #     bash benchmarks/device_run.sh covariance    # then iterative, models, scaling, overhead, matrix_free
+#     bash benchmarks/device_run.sh distributed   # one GPU's throughput for the multi-GPU estimate (one rank)
 set -euo pipefail
-what=${1:?usage: device_run.sh tests|covariance|iterative|models|scaling|overhead|matrix_free}
+what=${1:?usage: device_run.sh tests|covariance|iterative|models|scaling|overhead|matrix_free|distributed}
 out=${OUT:-bench_out_gpu}
 mkdir -p "$out"
 if [ -d .whl ]; then
@@ -20,6 +21,11 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
 if [ "$what" = tests ]; then
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/models/test_cuda_models.py 2>&1 | tee "$out/cuda_tests.log"
+    exit "${PIPESTATUS[0]}"
+fi
+if [ "$what" = distributed ]; then  # the partitioned engine's single-device value + gradient, library defaults
+    python3 benchmarks/bench_distributed.py --device cuda --worlds 1 --n 200000 --num-probes 32 --precond-rank 256 \
+        --json "$out/distributed.json" 2>&1 | tee "$out/distributed.log"
     exit "${PIPESTATUS[0]}"
 fi
 all=covariance,iterative,models,scaling,overhead,lifted,matrix_free

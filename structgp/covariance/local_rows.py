@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
-from structgp.covariance.kernel_operator import MAX_BLOCK_ENTRIES, KernelOperator, kernel_block
+from structgp.covariance.kernel_operator import KernelOperator, kernel_block
 from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal, Sum
 
@@ -132,9 +132,14 @@ def _(op: Operator, start: int, stop: int, cols: Tensor, weight: Tensor) -> Tens
     return (weight[cols[j] - start, j] * op.diagonal().expand(op.n)[cols[j]]).sum()
 
 
+# entries of one row block of A[:, S] in weighted_columns: its backward keeps a few such blocks (the kernel's
+# intermediates under vjp), a fixed workspace beside the n x k weights (2 MiB a block in float64)
+WEIGHTED_BLOCK_ENTRIES = 2**18
+
+
 @weighted_columns.register
 def _(op: KernelOperator, start: int, stop: int, cols: Tensor, weight: Tensor) -> Tensor:
-    rows = max(1, MAX_BLOCK_ENTRIES // max(1, cols.numel()))
+    rows = max(1, WEIGHTED_BLOCK_ENTRIES // max(1, cols.numel()))
     spec = (op.kernel, op.names, start, stop, cols, rows)
     return op.scale * _WeightedColumns.apply(spec, weight, op.x, *op.params)
 

@@ -9,11 +9,10 @@ ranks hold bitwise the same result (an all-reduce need not give every rank the s
 their PCG recursions identical. The partial sums are small (a value a column, or ``k x k``).
 
 Gradients. A differentiable computation spread over the ranks keeps each rank's *share* of a scalar: a
-function of its own rows, or of sums over ranks (:meth:`Rows.sum_differentiable`, whose backward hands each
-rank the same output gradient). Each rank's backward then yields its share's gradient of the inputs (the
-operator's tensors, the right-hand side), and :func:`share_gradients` at those inputs sums the shares over
-the ranks, so every rank gets the full gradient. A term computed the same way on every rank that does not
-pass through a sum over ranks would be counted once per rank: there is none.
+function of its own rows (with weights that may be sums over ranks, fixed). Each rank's backward yields its
+share's gradient of the inputs (the operator's tensors, the right-hand side), and :func:`share_gradients` at
+those inputs sums the shares over the ranks, so every rank gets the full gradient. A term computed the same
+way on every rank would be counted once per rank: such a term is added on rank 0 only.
 """
 
 from __future__ import annotations
@@ -82,24 +81,6 @@ class Rows:
 
     def amin(self, t: Tensor, what: str = "minima") -> Tensor:
         return self.stack(t.detach(), what).amin(0)
-
-    def sum_differentiable(self, t: Tensor, what: str = "partial sums") -> Tensor:
-        """:meth:`sum` whose backward passes the output gradient to this rank's share (see the module)."""
-        return _SumOverRanks.apply(t, self, what)
-
-
-class _SumOverRanks(torch.autograd.Function):
-    @staticmethod
-    def forward(t: Tensor, rows: Rows, what: str) -> Tensor:
-        return rows.sum(t, what)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None, None
 
 
 def share_gradients(tensors: list[Tensor], rows: Rows) -> list[Tensor]:

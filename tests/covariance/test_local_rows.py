@@ -88,7 +88,7 @@ def test_weighted_columns_equal_the_dense_sum_and_pass_gradcheck(data, name, mon
     start:stop, so the diagonal's rule is exercised both ways."""
     import structgp.covariance.local_rows as local_rows
 
-    monkeypatch.setattr(local_rows, "MAX_BLOCK_ENTRIES", 12)  # 12 // 4 columns: 3-row blocks
+    monkeypatch.setattr(local_rows, "WEIGHTED_BLOCK_ENTRIES", 12)  # 12 // 4 columns: 3-row blocks
     cols = torch.tensor([2, 9, 15, 21])
     start, stop = 6, 17
     w = torch.randn(stop - start, 4, dtype=F64, generator=torch.Generator().manual_seed(3))

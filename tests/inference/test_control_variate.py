@@ -431,3 +431,13 @@ def test_nystrom_family_of_kernel_operators_takes_the_first_order_form(noisy, mo
     # this gradient by about 1e-8 (measured), so it is compared at 1e-6
     check_family(make, dense_p, leaves, {"precond_rank": 25}, NystromFamily, rtol=1e-8 if noisy else 1e-6)
     assert calls  # the first-order form ran
+
+
+def test_a_partitioned_nystrom_family_refuses_one_process_s_log_det():
+    from structgp.distributed.rows import Rows
+
+    family = NystromFamily(torch.tensor([0]), torch.tensor([True]), True, torch.tensor([1e-8], dtype=F64),
+                           part=Rows(4, ((0, 2), (2, 4)), 0))
+    op = Dense(torch.eye(4, dtype=F64)) + ScaledIdentity(0.1, 4)
+    with pytest.raises(ValueError, match="partitioned family gives its control variate only"):
+        family.logdet(op)
