@@ -13,9 +13,11 @@ and diagonals (:func:`~structgp.covariance.local_rows.partitionable`) runs PCG w
 - the probes are one process's (the seeded stream, drawn whole), sliced to this rank's rows.
 
 Every rank therefore runs one process's recursion on its rows: the same pivots, and coefficients, values
-and solves equal to one process's up to the order of the sums (measured in float64: 1e-13 relative). The
-memory that grows with ``n``: ``(n / P) (c + k)`` a rank for the vectors and the factor, plus one
-gathered ``(n, c)`` search direction and the kernel's row block (:mod:`structgp.covariance.kernel_operator`).
+and solves equal to one process's up to the order of the sums (measured in float64 at ``cg_tol=1e-12``: at
+most 5.5e-12 relative; two solves agree to about the solver's tolerance). Memory a rank: about
+``(n / P) (8 c + 3 k)`` numbers for the vectors, the factor and the control variate's weights, plus what does
+not shrink with ``P``: the gathered ``(n, c)`` search directions and the kernel's ``block x n`` row blocks
+(:mod:`structgp.covariance.kernel_operator`).
 
 The gradients are computed as shares (:mod:`structgp.distributed.rows`): the surrogates of
 :mod:`.iterative` sum over this rank's rows, the control variate's sums over rows are summed over the ranks,
