@@ -128,8 +128,8 @@ def _healthy_session(rank: int, world: int, port: int, folder: str) -> None:
         out["too many ranks"] = str(err)
     torch.save(out, Path(folder, f"rank{rank}.pt"))
     gp = model(x, y)  # collective (the fingerprint check): both ranks
-    if rank == 1:
-        return  # this rank dies: rank 0's next product must fail with a clear error, not hang
+    if rank == 1:  # this rank dies: rank 0's next collective must fail with a clear error, not hang
+        os._exit(0)  # abruptly (no process-group teardown racing rank 0's first message)
     out["dead rank"], out["dead rank seconds"] = _failing_loss(gp)
     torch.save(out, Path(folder, f"rank{rank}.pt"))
 
@@ -142,7 +142,7 @@ def _absent_session(rank: int, world: int, port: int, folder: str) -> None:
         deadline = time.monotonic() + SHORT_TIMEOUT + 30
         while not Path(folder, "rank0.pt").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        return
+        os._exit(0)  # without tearing down a process group whose peer gave up
     error, seconds = _failing_loss(gp)
     torch.save({"error": error, "seconds": seconds}, Path(folder, f"rank{rank}.pt"))
 

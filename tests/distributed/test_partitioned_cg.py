@@ -97,6 +97,7 @@ def _session(rank: int, world: int, port: int, folder: str) -> None:
     out = evaluate()
     out["rows"] = Rows.of(N, BLOCK).parts
     torch.save(out, Path(folder, f"rank{rank}.pt"))
+    sg.distributed.shutdown()
 
 
 @pytest.fixture(scope="module")
