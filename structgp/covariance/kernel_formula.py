@@ -98,7 +98,9 @@ def _augmented(z1: Tensor, z2: Tensor, shift: Tensor, out: Tensor | None = None)
     return torch.matmul(left, right.mT, out=out) if out is not None else left @ right.mT
 
 
-def rbf_block_vjp(formula: Formula, x: Tensor, b: slice, weight: Tensor) -> tuple[Tensor, ...]:
+def rbf_block_vjp(
+    formula: Formula, x: Tensor, b: slice, weight: Tensor, buffer: Tensor | None = None
+) -> tuple[Tensor, ...]:
     """The gradients of ``sum(weight * k(x[b], x))`` for an RBF formula (detached tensors), in closed form:
     ``(d/dx (n, d), d/d lengthscale (like it))`` and, where the formula has a scale, ``d/d scale``.
 
@@ -107,11 +109,15 @@ def rbf_block_vjp(formula: Formula, x: Tensor, b: slice, weight: Tensor) -> tupl
     (columns), ``d/dl_d = sum_ij E_ij (u_id - u_jd)^2 / l_d^3`` (expanded into the same sums) and
     ``d/d scale = sum E / scale``. Two products of ``E`` with ``d + 1`` columns instead of autograd's passes
     through the formula; the sums are accumulated in float64 (the expansion of the squared differences
-    cancels)."""
+    cancels). ``buffer`` ``(>= rows, n)``: where the block ``K`` is written (without autograd), then ``E`` in
+    place, so a block costs no allocation beyond ``weight`` (float64 ``E`` is a copy for float32 data)."""
     _, _, lengthscale, scale = formula
     u = x - x.mean(-2, keepdim=True)
     ub = u[b]
-    e = (weight * evaluate_formula(formula, x[b], x)).double()
+    if buffer is None:
+        e = (weight * evaluate_formula(formula, x[b], x)).double()
+    else:
+        e = evaluate_formula(formula, x[b], x, out=buffer[: b.stop - b.start]).mul_(weight).double()
     u64, ub64 = u.double(), ub.double()
     left = e @ torch.cat([u64, torch.ones_like(u64[:, :1])], -1)  # (rows, d + 1): E u, r
     right = e.mT @ torch.cat([ub64, torch.ones_like(ub64[:, :1])], -1)  # (n, d + 1): E^T u_b, s

@@ -335,11 +335,20 @@ def _rbf_backward(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, s
     detached = Formula("rbf", None, outputs[0].detach(), scale)
     sums = [torch.zeros_like(x)] + [torch.zeros_like(o) for o in outputs]
     with torch.no_grad():
+        # two block buffers for the whole backward (the kernel block, then E in place; the weight): at N = 10^6
+        # a block is 64 x 10^6 entries, and fresh ones a block would also fragment the C heap
+        height = min(rows, stop - start)
+        k_buffer = x.new_empty(height, x.shape[-2])
+        plain = grad.dim() == 2 and rhs.dim() == 2 and grad.dtype == rhs.dtype == x.dtype
+        w_buffer = x.new_empty(height, x.shape[-2]) if plain else None
         for first in range(start, stop, rows):
             b = slice(first, min(first + rows, stop))
-            weight = grad[..., b.start - offset : b.stop - offset, :] @ rhs.mT  # d loss / d K[b, :]
-            weight = sum_to(weight, (b.stop - b.start, x.shape[-2]))
-            parts_b = rbf_block_vjp(detached, x, b, weight)
+            g_b = grad[..., b.start - offset : b.stop - offset, :]
+            if plain:  # d loss / d K[b, :]
+                weight = torch.matmul(g_b, rhs.mT, out=w_buffer[: b.stop - b.start])
+            else:
+                weight = sum_to(g_b @ rhs.mT, (b.stop - b.start, x.shape[-2]))
+            parts_b = rbf_block_vjp(detached, x, b, weight, k_buffer)
             sums = [total + part for total, part in zip(sums, parts_b)]
         if parts is not None:  # each rank pulled back its own rows: the gradient is their sum
             sums = distributed.all_reduce_sum(sums, "kernel gradients")
