@@ -237,7 +237,8 @@ def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
     det = _detached(op).to(working)
     n = op.n
     part = partitioned.rows_for(det, rhs)
-    local = (lambda t: t) if part is None else (lambda t: part.local(t))
+    # this rank's rows, copied: a view would keep the whole (n, c) tensor alive through the run
+    local = (lambda t: t) if part is None else (lambda t: part.local(t).clone())
     batch = op.batch_shape if rhs is None else torch.broadcast_shapes(op.batch_shape, rhs.shape[:-2])
     with torch.no_grad(), _explain_vmap():
         precond = build(det, cfg, part)
