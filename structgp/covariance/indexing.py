@@ -37,6 +37,7 @@ from torch import Tensor
 from structgp.covariance.block_diag import BlockDiag
 from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.kernel_operator import KernelOperator, evaluate_kernel
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.linear_map import DenseMap, OperatorMap, Product, Selection, SparseMap
 from structgp.covariance.low_rank import LowRank
@@ -407,6 +408,16 @@ def _(op: Kronecker, i: Tensor, j: Tensor) -> Tensor:
         part = entries(f, i // stride % f.n, j // stride % f.n)
         out = part if out is None else out * part
     return out
+
+
+@entries.register
+def _(op: KernelOperator, i: Tensor, j: Tensor) -> Tensor:
+    # each pair (i, j) evaluated on its own (the kernel's diag mode on the paired inputs): O(pairs x d)
+    i, j = torch.broadcast_tensors(i, j)
+    x1, x2 = op.x[..., i.reshape(-1), :], op.x[..., j.reshape(-1), :]
+    pairs = evaluate_kernel(op.kernel, op.names, op.params, x1, x2, diag=True)
+    pairs = op.scale[..., None] * pairs.expand(*op.batch_shape, i.numel())
+    return pairs.reshape(*op.batch_shape, *i.shape)
 
 
 @entries.register

@@ -1,18 +1,18 @@
 """Rows of an operator's products and entries, for computations partitioned by rows across processes.
 
 A partitioned iterative solve (:mod:`structgp.inference.partitioned`) keeps only rows ``start:stop`` of its
-vectors on each rank. It needs three things of the operator, each a ``functools.singledispatch`` rule:
+vectors on each rank. Besides the operator's entries (:func:`.indexing.entries`) it needs three things of
+it, each a ``functools.singledispatch`` rule:
 
 - :func:`partitionable`: whether every part of the operator has the rules below (kernel matrices, diagonals
   and their sums, unbatched); other operators keep their vectors whole on every rank.
 - :func:`matmul_rows`: rows ``start:stop`` of ``A V`` for the full ``V`` ``(n, c)``, differentiable, with no
   collective in the forward or the backward (the caller sums the gradients' shares over the ranks).
-- :func:`entries`: ``A[i, j]`` ``(len(i), len(j))`` for index tensors ``i`` and ``j``, differentiable: the
-  pivoted Cholesky preconditioner's columns at this rank's rows, and the pivots' block ``A[S, S]``.
 - :func:`weighted_columns`: ``sum_ij W_ij A[i, S_j]`` over rows ``start:stop`` and columns ``S``, a scalar
   whose gradient reaches the operator's tensors: the control variate's ``<G, A[:, S]>``. For a kernel matrix
   it never holds more than one row block of ``A[:, S]`` (:class:`_WeightedColumns`), where
-  ``(W * entries(...)).sum()`` would keep the whole ``n x k`` evaluation and its intermediates for autograd.
+  ``(W * entries(...)).sum()`` (:func:`.indexing.entries`) would keep the whole ``n x k`` evaluation and its
+  intermediates for autograd.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
+from structgp.covariance.indexing import entries
 from structgp.covariance.kernel_operator import KernelOperator, kernel_block
 from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal, Sum
@@ -87,41 +88,10 @@ def _(op: Sum, rhs: Tensor, start: int, stop: int) -> Tensor:
 
 
 @functools.singledispatch
-def entries(op: Operator, rows: Tensor, cols: Tensor) -> Tensor:
-    """``op[rows][:, cols]`` ``(len(rows), len(cols))`` for long tensors ``rows`` and ``cols``."""
-    raise TypeError(f"op: {type(op).__name__} has no entry rule (see partitionable())")
-
-
-@entries.register(Diagonal)
-@entries.register(ScaledIdentity)
-def _(op: Operator, rows: Tensor, cols: Tensor) -> Tensor:
-    diag = op.diagonal().expand(op.n)
-    same = rows.unsqueeze(-1) == cols.unsqueeze(-2)
-    return same.to(diag.dtype) * diag[rows].unsqueeze(-1)
-
-
-@entries.register
-def _(op: KernelOperator, rows: Tensor, cols: Tensor) -> Tensor:
-    # evaluated as k(x[cols], x[rows])^T: the orientation of KernelOperator.rows, which one process's pivoted
-    # Cholesky reads, so both round every entry the same way (a pivot is the largest of near-equal values)
-    return op.scale * kernel_block(op.kernel, op.names, op.params, op.x[cols], op.x[rows]).mT
-
-
-@entries.register
-def _(op: AddedDiagonal, rows: Tensor, cols: Tensor) -> Tensor:
-    return entries(op.base, rows, cols) + entries(op.noise, rows, cols)
-
-
-@entries.register
-def _(op: Sum, rows: Tensor, cols: Tensor) -> Tensor:
-    return sum(entries(t, rows, cols) for t in op.terms)
-
-
-@functools.singledispatch
 def weighted_columns(op: Operator, start: int, stop: int, cols: Tensor, weight: Tensor) -> Tensor:
     """``sum_ij weight[i, j] op[start + i, cols[j]]`` ``()`` for ``weight`` ``(stop - start, len(cols))``."""
     here = torch.arange(start, stop, device=cols.device)
-    return (weight * entries(op, here, cols)).sum()
+    return (weight * entries(op, here.unsqueeze(-1), cols)).sum()
 
 
 @weighted_columns.register(Diagonal)

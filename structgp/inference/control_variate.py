@@ -44,8 +44,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from structgp.covariance.indexing import entries
 from structgp.covariance.kron import kron_vector
-from structgp.covariance.local_rows import entries, partitionable, weighted_columns
+from structgp.covariance.local_rows import partitionable, weighted_columns
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift
 from structgp.covariance.validation import host_readable
@@ -191,7 +192,7 @@ class NystromFamily(_TwoTermFamily):
         reduce = (lambda t: t) if part is None else (lambda t: part.sum(t, "the control variate's weights"))
         with torch.no_grad():
             mask = self.active.to(torch.float64)
-            w0 = entries(source, self.pivots, self.pivots).double() * mask.unsqueeze(-1) * mask
+            w0 = entries(source, self.pivots.unsqueeze(-1), self.pivots).double() * mask.unsqueeze(-1) * mask
             chol_w = torch.linalg.cholesky((w0 + w0.mT) / 2 + torch.diag_embed(1 - mask))
             # B = C W^{-1} = L L_W^{-1}: L = d^{1/2} V is the built factor (C = L L_W^T), L_W = chol(W) in pivot
             # order; no column of A is evaluated here
@@ -209,7 +210,7 @@ class NystromFamily(_TwoTermFamily):
             del b
         out = weighted_columns(source, start, stop, self.pivots, g_c).double()
         if part is None or part.rank == 0:  # W is the same on every rank: counted once
-            out = out + (g_w * entries(source, self.pivots, self.pivots).double()).sum()
+            out = out + (g_w * entries(source, self.pivots.unsqueeze(-1), self.pivots).double()).sum()
         d_theta = _noise(op) if self.noise else _diagonal(op)
         return out + (g_d * self._local(d_theta).double()).sum()
 

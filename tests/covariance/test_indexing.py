@@ -1,5 +1,7 @@
 """op[index] against dense torch indexing, with checks that structure (and laziness) is kept."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -247,3 +249,19 @@ def test_lifted_entries_take_broadcasting_index_tensors():
     op = SparseLifted(lift.to_sparse(), base @ base.T + torch.eye(4, dtype=torch.float64))
     i, j = torch.tensor([[0, 1], [5, 2]]), torch.tensor([[3], [2]])
     torch.testing.assert_close(entries(op, i, j), op.to_dense()[..., i, j])
+
+
+def test_kernel_operator_entries_take_broadcasting_index_tensors_without_densifying():
+    import gpytorch
+
+    from structgp.covariance import KernelOperator
+    from structgp.covariance.indexing import entries
+
+    x = torch.rand(2, 7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=1.5)).double()
+    op = KernelOperator(kernel, x, scale=torch.tensor([0.5, 2.0], dtype=torch.float64))
+    i, j = torch.tensor([[0, 1], [6, 2]]), torch.tensor([[3], [2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DenseIndexWarning)
+        out = entries(op, i, j)
+    torch.testing.assert_close(out, op.to_dense()[..., i, j], rtol=1e-12, atol=1e-12)
