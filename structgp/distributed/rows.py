@@ -31,9 +31,8 @@ from structgp.distributed.partition import partition
 
 @dataclasses.dataclass(frozen=True)
 class Rows:
-    """This rank's rows ``start:stop`` of ``n`` under every rank's ``parts`` (:func:`partition`)."""
+    """This rank's rows ``start:stop`` under every rank's ``parts`` (:func:`partition`)."""
 
-    n: int
     parts: tuple[tuple[int, int], ...]
     rank: int
 
@@ -42,7 +41,7 @@ class Rows:
         """This rank's rows under an active process group (whole ``unit``-row blocks), else ``None``."""
         if not process_group.is_active():
             return None
-        return cls(n, partition(n, process_group.world(), unit), process_group.rank())
+        return cls(partition(n, process_group.world(), unit), process_group.rank())
 
     @property
     def start(self) -> int:

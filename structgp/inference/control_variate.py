@@ -190,9 +190,10 @@ class NystromFamily(_TwoTermFamily):
         part, pre = self.part, self.precond
         start, stop = (0, op.n) if part is None else (part.start, part.stop)
         reduce = (lambda t: t) if part is None else (lambda t: part.sum(t, "the control variate's weights"))
+        w_theta = entries(source, self.pivots.unsqueeze(-1), self.pivots).double()  # W = A[S, S], differentiable
         with torch.no_grad():
             mask = self.active.to(torch.float64)
-            w0 = entries(source, self.pivots.unsqueeze(-1), self.pivots).double() * mask.unsqueeze(-1) * mask
+            w0 = w_theta * mask.unsqueeze(-1) * mask
             chol_w = torch.linalg.cholesky((w0 + w0.mT) / 2 + torch.diag_embed(1 - mask))
             # B = C W^{-1} = L L_W^{-1}: L = d^{1/2} V is the built factor (C = L L_W^T), L_W = chol(W) in pivot
             # order; no column of A is evaluated here
@@ -210,7 +211,7 @@ class NystromFamily(_TwoTermFamily):
             del b
         out = weighted_columns(source, start, stop, self.pivots, g_c).double()
         if part is None or part.rank == 0:  # W is the same on every rank: counted once
-            out = out + (g_w * entries(source, self.pivots.unsqueeze(-1), self.pivots).double()).sum()
+            out = out + (g_w * w_theta).sum()
         d_theta = _noise(op) if self.noise else _diagonal(op)
         return out + (g_d * self._local(d_theta).double()).sum()
 

@@ -69,7 +69,6 @@ from structgp.covariance.dense import Dense
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.kernel_operator import KernelOperator
 from structgp.covariance.kronecker import Kronecker
-from structgp.covariance.local_rows import matmul_rows
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator
 from structgp.covariance.sum import AddedDiagonal, Sum
@@ -411,9 +410,7 @@ class ConjugateGradients(Engine):
 
 def _product(op: Operator, w: Tensor, part: Rows | None) -> Tensor:
     """``A W``, differentiable; partitioned: this rank's rows of ``A W`` from this rank's rows of ``W``."""
-    if part is None:
-        return op._matmul(w)
-    return matmul_rows(op, part.gather(w), part.start, part.stop)
+    return op._matmul(w) if part is None else partitioned.product(op, part)(w)
 
 
 def _logdet_surrogate(op: Operator, run: _Run, a_v: Tensor | None) -> Tensor:

@@ -437,7 +437,7 @@ def test_a_partitioned_nystrom_family_refuses_one_process_s_log_det():
     from structgp.distributed.rows import Rows
 
     family = NystromFamily(torch.tensor([0]), torch.tensor([True]), True, torch.tensor([1e-8], dtype=F64),
-                           part=Rows(4, ((0, 2), (2, 4)), 0))
+                           part=Rows(((0, 2), (2, 4)), 0))
     op = Dense(torch.eye(4, dtype=F64)) + ScaledIdentity(0.1, 4)
     with pytest.raises(ValueError, match="partitioned family gives its control variate only"):
         family.logdet(op)
