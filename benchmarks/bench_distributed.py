@@ -15,8 +15,7 @@ Each configuration runs in fresh processes spawned by ``torch.multiprocessing``:
     seconds wall time of one value + gradient (the slowest rank), after ``--warmup`` untimed calls
     cpu     each rank's CPU seconds over that call (robust to other jobs on a shared machine)
     peak    each rank's resident-set growth over the timed call (CPU; torch's peak on a GPU)
-    rows    rank 0's rows of the operator (kernel: with the height of the row blocks it evaluates, a block
-            being block x N entries)
+    rows    rank 0's rows of the operator (kernel: with the tile, rows x columns, its products evaluate)
 
     PYTHONPATH=. python benchmarks/bench_distributed.py --n 30000 --worlds 1 2
     PYTHONPATH=. python benchmarks/bench_distributed.py --n 30000 --num-probes 32 --precond-rank 256 --warmup 0 \
@@ -100,12 +99,12 @@ def _worker(rank: int, world: int, threads: int, port: int, args: argparse.Names
             value = value_and_gradient()
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         op = model.train_covariance().base
-        parts = sg.distributed.row_range(op.n)
+        tile = op.tile() if args.model == "kernel" else None
+        parts = sg.distributed.row_range(op.n, 1 if tile is None else tile[0])
         rows = op.n if parts is None else parts[0][1] - parts[0][0]
-        block = op.block_rows() if args.model == "kernel" else None
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak - rss.base
     result = {"rank": rank, "seconds": seconds, "cpu": cpu, "peak_mib": peak / 2**20, "value": value, "rows": rows,
-              "block": block}
+              "tile": tile}
     Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
     sg.distributed.shutdown()
 
@@ -181,16 +180,16 @@ def main(argv: list[str] | None = None) -> None:
           f"preconditioner rank {args.precond_rank}, {args.max_iter} CG iterations (one value + gradient)"
           + ("" if args.mmap_threshold is None else f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"))
     head = (f"{'processes':>9} {'threads':>7} {'seconds':>9} {'vs 1x1':>7} {'cpu s / rank':>16} "
-            f"{'peak MiB / rank':>16} {'rows (block)':>14} {'loss':>14}")
+            f"{'peak MiB / rank':>16} {'rows (tile)':>18} {'loss':>14}")
     print(head)
     print("-" * len(head))
     for row in rows:
         peaks = " ".join(f"{r['peak_mib']:.0f}" for r in row["ranks"])
         cpus = " ".join(f"{r['cpu']:.1f}" for r in row["ranks"])
         first = row["ranks"][0]
-        part = f"{first['rows']}" + ("" if first["block"] is None else f" ({first['block']})")
+        part = f"{first['rows']}" + ("" if first["tile"] is None else " ({} x {})".format(*first["tile"]))
         print(f"{row['world']:9d} {row['threads']:7d} {row['seconds']:9.2f} {row['seconds'] / base:6.2f}x "
-              f"{cpus:>16} {peaks:>16} {part:>14} {first['value']:14.10f}")
+              f"{cpus:>16} {peaks:>16} {part:>18} {first['value']:14.10f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

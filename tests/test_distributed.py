@@ -27,10 +27,10 @@ from tests.distributed.spawn import join, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 N, D = 203, 2
-BLOCK = 16  # rows of a kernel block in float64 (the memory budget below): 13 blocks, 7 on rank 0, 6 on rank 1
+BLOCK = 16  # kernel tiles of BLOCK x BLOCK in float64 (the budget below): 13 row tiles, 7 on rank 0, 6 on rank 1
 SETTINGS = {  # a low preconditioner rank: 35 CG steps to 1e-10; solved to 1e-12 (two correct solves differ by about
     # the solver tolerance, and the ranks sum over rows in another order than one process)
-    "method": "cg", "precond_rank": 20, "num_probes": 8, "cg_tol": 1e-12, "memory_budget": 32 * BLOCK * N * 8,
+    "method": "cg", "precond_rank": 20, "num_probes": 8, "cg_tol": 1e-12, "memory_budget": 32 * BLOCK * BLOCK * 8,
 }
 FIT_ITERATIONS = 5
 SHORT_TIMEOUT = 3.0  # seconds a rank waits for one that never arrives
@@ -176,7 +176,7 @@ def reference() -> dict[str, torch.Tensor]:
 def test_two_processes_equal_one_process(healthy, reference):
     for out in healthy:
         assert (out["world"], out["active"]) == (2, True)
-        assert out["part"] == ((0, 7 * BLOCK), (7 * BLOCK, N))  # whole blocks
+        assert out["part"] == ((0, 7 * BLOCK), (7 * BLOCK, N))  # whole row tiles
         # the same pivots, probes and recursion on each rank's rows; only the order of the sums over rows differs
         for key in ("loss", "mean", "var", *(k for k in reference if k.startswith("grad"))):
             torch.testing.assert_close(out[key], reference[key], rtol=1e-10, atol=1e-10, msg=key)

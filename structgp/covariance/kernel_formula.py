@@ -98,41 +98,40 @@ def _augmented(z1: Tensor, z2: Tensor, shift: Tensor, out: Tensor | None = None)
     return torch.matmul(left, right.mT, out=out) if out is not None else left @ right.mT
 
 
-def rbf_block_vjp(
-    formula: Formula, x: Tensor, b: slice, weight: Tensor, buffer: Tensor | None = None
+def rbf_tile_vjp(
+    formula: Formula, x: Tensor, u1: Tensor, b: slice, t: slice, weight: Tensor, buffer: Tensor | None = None
 ) -> tuple[Tensor, ...]:
-    """The gradients of ``sum(weight * k(x[b], x))`` for an RBF formula (detached tensors), in closed form:
-    ``(d/dx (n, d), d/d lengthscale (like it))`` and, where the formula has a scale, ``d/d scale``.
+    """The gradients of ``sum(weight * k(x[b], x[t]))`` for an RBF formula (detached tensors), in closed form,
+    in float64: ``(d/dx[b] (rows, d), d/dx[t] (cols, d), d/d lengthscale (like it))`` and, where the formula has
+    a scale, ``d/d scale``.
 
-    With ``u = x - c`` (``c`` the mean of ``x``: the kernel is shift-invariant), ``E = weight * K`` and its row
-    and column sums ``r``, ``s``: ``d/du_i = (E u - r u_b)_i / l^2`` (rows), ``(E^T u_b - s u)_j / l^2``
-    (columns), ``d/dl_d = sum_ij E_ij (u_id - u_jd)^2 / l_d^3`` (expanded into the same sums) and
-    ``d/d scale = sum E / scale``. Two products of ``E`` with ``d + 1`` columns instead of autograd's passes
-    through the formula; the sums are accumulated in float64 (the expansion of the squared differences
-    cancels). ``buffer`` ``(>= rows, n)``: where the block ``K`` is written (without autograd), then ``E`` in
-    place, so a block costs no allocation beyond ``weight`` (float64 ``E`` is a copy for float32 data)."""
+    ``u1`` ``(n, d + 1)`` float64: ``[x - c, 1]`` for any fixed shift ``c`` (the kernel is shift-invariant; the
+    caller's mean of ``x`` limits cancellation). With ``u = x - c``, ``E = weight * K`` and its row and column
+    sums ``r``, ``s``: ``d/du_b = (E u_t - r u_b) / l^2``, ``d/du_t = (E^T u_b - s u_t) / l^2``,
+    ``d/dl_d = sum_ij E_ij (u_id - u_jd)^2 / l_d^3`` (expanded into the same sums) and ``d/d scale = sum E /
+    scale``: two products of ``E`` with ``d + 1`` columns instead of autograd's passes through the formula.
+    ``buffer`` ``(rows, cols)`` contiguous: where the tile ``K`` is written (without autograd), then ``E`` in
+    place, so a tile costs no allocation beyond ``weight`` (float64 ``E`` is a copy for float32 data)."""
     _, _, lengthscale, scale = formula
-    u = x - x.mean(-2, keepdim=True)
-    ub = u[b]
     if buffer is None:
-        e = (weight * evaluate_formula(formula, x[b], x)).double()
+        e = (weight * evaluate_formula(formula, x[b], x[t])).double()
     else:
-        e = evaluate_formula(formula, x[b], x, out=buffer[: b.stop - b.start]).mul_(weight).double()
-    u64, ub64 = u.double(), ub.double()
-    left = e @ torch.cat([u64, torch.ones_like(u64[:, :1])], -1)  # (rows, d + 1): E u, r
-    right = e.mT @ torch.cat([ub64, torch.ones_like(ub64[:, :1])], -1)  # (n, d + 1): E^T u_b, s
+        e = evaluate_formula(formula, x[b], x[t], out=buffer).mul_(weight).double()
+    ub1, ut1 = u1[b], u1[t]
+    ub, ut = ub1[:, :-1], ut1[:, :-1]
+    left = e @ ut1  # (rows, d + 1): E u_t, r
+    right = e.mT @ ub1  # (cols, d + 1): E^T u_b, s
     eu, r = left[:, :-1], left[:, -1:]
     etu, s = right[:, :-1], right[:, -1:]
     inv_sq = lengthscale.double().reciprocal().square()  # (1, d) or (1, 1)
-    grad_u = (etu - s * u64) * inv_sq
-    grad_u[b] += (eu - r * ub64) * inv_sq
-    # sum_ij E_ij (u_id - u_jd)^2 = sum_i r_i u_id^2 + sum_j s_j u_jd^2 - 2 sum_i u_id (E u)_id, per d
-    squares = (r * ub64.square()).sum(0) + (s * u64.square()).sum(0) - 2 * (ub64 * eu).sum(0)
+    grad_b = (eu - r * ub) * inv_sq
+    grad_t = (etu - s * ut) * inv_sq
+    # sum_ij E_ij (u_id - u_jd)^2 = sum_i r_i u_id^2 + sum_j s_j u_jd^2 - 2 sum_i u_id (E u_t)_id, per d
+    squares = (r * ub.square()).sum(0) + (s * ut.square()).sum(0) - 2 * (ub * eu).sum(0)
     squares = squares.reshape(1, -1)
     if lengthscale.shape[-1] == 1:  # one lengthscale for every dimension
         squares = squares.sum(-1, keepdim=True)
     grad_lengthscale = squares * inv_sq / lengthscale.double()
-    dtype = x.dtype
     if scale is None:
-        return grad_u.to(dtype), grad_lengthscale.to(dtype)
-    return grad_u.to(dtype), grad_lengthscale.to(dtype), (e.sum() / scale.double()).to(dtype).reshape(scale.shape)
+        return grad_b, grad_t, grad_lengthscale
+    return grad_b, grad_t, grad_lengthscale, (e.sum() / scale.double()).reshape(scale.shape)

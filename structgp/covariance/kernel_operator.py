@@ -5,35 +5,39 @@ module itself is static (it says *how* to evaluate, its parameters say *what*). 
 :func:`torch.func.functional_call` with the parameter tensors this operator holds, so nothing closes over a
 module's current parameters: the operator is a pytree whose leaves are ``x``, the parameters and a scale.
 
-Products ``K V`` are computed in row blocks ``K(x[b], x) V[...]``: each block is evaluated, used and freed,
-so a product needs ``O(block * n)`` memory, never ``O(n^2)``. Their gradients come from a custom autograd
-function whose backward evaluates each block again (under :func:`torch.func.vjp`) to pull back
-``G_b V^T`` onto ``x`` and the parameters (``G`` the output gradient), and multiplies ``K G`` for ``V``'s
-gradient: the same memory as the forward, about three times its time. RBF formula kernels pull each block
-back in closed form instead (:func:`.kernel_formula.rbf_block_vjp`: two products with ``d + 1`` columns,
-then the chain rule to the raw parameters; sums in float64). The diagonal and single rows (``rows``: what
+Products ``K V`` are computed in tiles: ``(K V)[b] = sum_t K(x[b], x[t]) V[t]`` over row tiles ``b`` and column
+tiles ``t``; each tile is evaluated, used and freed, so a product needs one tile's memory beside its vectors,
+never ``O(n^2)`` and not ``O(n)`` either. Their gradients come from a custom autograd function whose backward
+evaluates each tile again (under :func:`torch.func.vjp`) to pull back ``G_b V_t^T`` onto ``x[b]``, ``x[t]`` and
+the parameters (``G`` the output gradient), and multiplies ``K G`` for ``V``'s gradient: the same memory as the
+forward, about three times its time. RBF formula kernels pull each tile back in closed form instead
+(:func:`.kernel_formula.rbf_tile_vjp`: two products with ``d + 1`` columns, then the chain rule to the raw
+parameters; sums in float64). The diagonal and single rows (``rows``: what
 the pivoted Cholesky preconditioner reads) cost ``O(n d)`` a row.
 
 With ``backend="keops"`` a product is one KeOps reduction instead (:mod:`.keops_backend`: no blocks, KeOps'
 own gradients), for the kernels KeOps can express.
 
-The block height comes from ``settings(memory_budget=...)``: a block's ``block x n`` matrix takes at most
-``memory_budget / BUDGET_SHARE`` bytes and at most ``MAX_BLOCK_ENTRIES`` entries or ``MIN_BLOCK_ROWS`` rows,
-whichever is more (a kernel's own temporaries are a few such matrices; larger blocks are not faster, thinner
-ones are slower).
+The tile (:func:`tile_shape`) is ``TILE_ROWS`` rows by as many columns as ``TILE_ENTRIES`` entries allow (a
+larger tile on accelerators, where each tile is a few kernel launches), and never more than
+``settings(memory_budget=...) / BUDGET_SHARE`` bytes (a kernel's own temporaries and the backward are a few
+tiles). On the CPU, tiles of 512 x 1 024 were as fast as full-width ``69 x n`` row blocks or faster (N = 30 000,
+float64), and a tile's memory does not grow with ``n``.
 
 Across processes (an active :mod:`structgp.distributed` process group of ``P`` ranks): each rank computes
-the contiguous whole row blocks :func:`~structgp.distributed.partition` gives it and all-gathers them, so
-every rank returns the full product, bitwise the one-process product, after ``n^2 / P`` kernel entries
-(with fewer blocks than ranks the rows are split evenly instead); the backward sums the ranks'
-contributions to the gradients of ``x`` and the parameters with one all-reduce. ``rows``, ``diagonal`` and
-``_to_dense`` stay local (every rank holds ``x``), and so do KeOps products (not partitioned yet: each rank
-runs the whole reduction, with the same result). ``_matmul_rows`` computes given rows only, with no
+the contiguous whole row tiles :func:`~structgp.distributed.partition` gives it and all-gathers them, so
+every rank returns the full product, bitwise the one-process product (each row is the same sum of the same
+tiles), after ``n^2 / P`` kernel entries (with fewer row tiles than ranks the rows are split evenly
+instead); the backward sums the ranks' contributions to the gradients of ``x`` and the parameters with one
+all-reduce. ``rows``, ``diagonal`` and ``_to_dense`` stay local (every rank holds ``x``), and so do KeOps
+products (not partitioned yet: each rank runs the whole reduction, with the same result). ``_matmul_rows``
+computes given rows only, with no
 collective: the partitioned iterative engine's product (:mod:`structgp.covariance.local_rows`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import gpytorch
@@ -42,14 +46,15 @@ from torch import Tensor
 
 from structgp import _config, distributed
 from structgp.covariance.keops_backend import keops_available, keops_matmul
-from structgp.covariance.kernel_formula import Formula, evaluate_formula, kernel_formula, rbf_block_vjp
+from structgp.covariance.kernel_formula import Formula, evaluate_formula, kernel_formula, rbf_tile_vjp
 from structgp.covariance.operator import Operator
 from structgp.covariance.validation import sum_to, value_checks_enabled
 
 DEFAULT_NAME = "k(x, x)"  # what an operator is called when its maker gave no reason of its own
-MIN_BLOCK_ROWS = 64  # fewer rows a block than this only where the memory budget says so
-MAX_BLOCK_ENTRIES = 2**21  # entries of one block x n kernel block (8 MiB in float32; larger were not faster)
-BUDGET_SHARE = 32  # a block's matrix takes at most memory_budget / BUDGET_SHARE (kernel temporaries, backward)
+TILE_ROWS = 512  # rows of a tile: the height of a product's GEMMs and the unit of the rows across processes
+TILE_ENTRIES = 2**19  # entries of a tile on the CPU (4 MiB in float64): cache-sized, as fast as wider tiles
+DEVICE_TILE_ENTRIES = 2**24  # on accelerators: fewer, larger tiles (each tile costs a few kernel launches)
+BUDGET_SHARE = 32  # a tile takes at most memory_budget / BUDGET_SHARE bytes (kernel temporaries, backward)
 
 
 class KernelOperator(Operator):
@@ -59,7 +64,7 @@ class KernelOperator(Operator):
     construction are the operator's leaves, so gradients reach them); x: inputs ``(..., n, d)``, finite,
     of the kernel's dtype; params: the parameter tensors in ``kernel.named_parameters()`` order (default:
     the kernel's own); scale: a non-negative multiplier ``()`` or ``(...)`` (``c * op``); backend:
-    ``"torch"`` (row blocks) or ``"keops"`` (:mod:`.keops_backend`; unbatched RBF/Matern kernels).
+    ``"torch"`` (tiles) or ``"keops"`` (:mod:`.keops_backend`; unbatched RBF/Matern kernels).
     """
 
     _children = ("x", "params", "scale")
@@ -138,10 +143,9 @@ class KernelOperator(Operator):
         return f"KernelOperator({type(self.kernel).__name__}, n={self.n}, {self.name})"
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def block_rows(self) -> int:
-        """Rows of one block of a product (see the module docstring); raises a ``MemoryError`` naming
-        ``memory_budget`` when not even one row fits."""
-        return block_rows(self.n, self.batch_shape.numel(), self.dtype)
+    def tile(self) -> tuple[int, int]:
+        """``(rows, columns)`` of one tile of a product (:func:`tile_shape`)."""
+        return tile_shape(self.n, self.batch_shape.numel(), self.dtype, self.device)
 
     def rows(self, index: Tensor) -> Tensor:
         """Rows ``index`` of the matrix, ``(..., len(index), n)`` for a long tensor ``index`` ``(m,)``
@@ -175,13 +179,13 @@ class KernelOperator(Operator):
         """Rows ``start:stop`` of ``self @ rhs`` ``(..., stop - start, c)`` for the full ``rhs`` ``(..., n, c)``,
         differentiable, with no collective in the forward or the backward: a partitioned computation's
         share (:mod:`structgp.distributed.rows`; its caller sums the gradients' shares over the ranks)."""
-        spec = (self.kernel, self.names, self.block_rows(), None, (start, stop))
+        spec = (self.kernel, self.names, self.tile(), None, (start, stop))
         return self.scale[..., None, None] * _BlockProduct.apply(spec, rhs, self.x, *self.params)
 
     def _spec(self) -> tuple:
-        rows = self.block_rows()
-        parts = distributed.row_range(self.n, rows)  # every rank's rows (whole blocks), or None: one process
-        return (self.kernel, self.names, rows, parts, None)
+        tile = self.tile()
+        parts = distributed.row_range(self.n, tile[0])  # every rank's rows (whole row tiles), or None: one process
+        return (self.kernel, self.names, tile, parts, None)
 
 
 def evaluate_kernel(
@@ -214,21 +218,24 @@ def kernel_block(kernel, names, params: Sequence[Tensor], x1: Tensor, x2: Tensor
     return evaluate_kernel(kernel, names, params, x1, x2)
 
 
-def block_rows(n: int, batch: int, dtype: torch.dtype) -> int:
-    """Rows of one product block for an ``n``-column kernel matrix with ``batch`` batch members."""
+def tile_shape(n: int, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """``(rows, columns)`` of one product tile of an ``n x n`` kernel matrix with ``batch`` batch members on
+    ``device``: ``TILE_ROWS`` rows (fewer only for small matrices or budgets: then square tiles) and the
+    columns that fill ``TILE_ENTRIES`` entries for all batch members (``DEVICE_TILE_ENTRIES`` off the CPU),
+    within ``memory_budget / BUDGET_SHARE`` bytes; a matrix narrower than that takes taller tiles. Raises a
+    ``MemoryError`` naming ``memory_budget`` when not even one entry a batch member fits."""
     budget = _config.current().memory_budget // BUDGET_SHARE
-    per_row = batch * n * dtype.itemsize
-    if per_row > budget:
+    if budget < batch * dtype.itemsize:
         raise MemoryError(
-            f"memory_budget: {_config.current().memory_budget} bytes leave {budget} for one block of a "
-            f"matrix-free kernel product, less than one row ({per_row} bytes, n = {n}); raise "
-            f"structgp.settings(memory_budget=...) to at least {per_row * BUDGET_SHARE}"
+            f"memory_budget: {_config.current().memory_budget} bytes leave {budget} for one tile of a "
+            f"matrix-free kernel product, less than one entry of its {batch} batch members; raise "
+            f"structgp.settings(memory_budget=...) to at least {batch * dtype.itemsize * BUDGET_SHARE}"
         )
-    # MAX_BLOCK_ENTRIES caps the block, but never below MIN_BLOCK_ROWS rows: thinner blocks make the product a
-    # GEMM with too few rows (N = 200 000, 33 columns, float64: 236 s a product in blocks of 10 rows, 128 s
-    # in blocks of 83)
-    rows = max(MAX_BLOCK_ENTRIES // max(1, batch * n), MIN_BLOCK_ROWS)
-    return max(1, min(budget // per_row, rows, n))
+    cap = TILE_ENTRIES if device.type == "cpu" else DEVICE_TILE_ENTRIES
+    entries = max(1, min(budget // dtype.itemsize, cap) // batch)  # a batch member's share of the tile
+    rows = min(n, TILE_ROWS, math.isqrt(entries))
+    cols = min(n, entries // rows)
+    return min(n, max(rows, entries // cols)), cols
 
 
 def _check_backend(op: KernelOperator) -> None:
@@ -258,21 +265,21 @@ def _check_x(x: Tensor) -> Tensor:
 
 
 class _BlockProduct(torch.autograd.Function):
-    """``k(x, x) @ rhs`` by row blocks; backward recomputes each block (see the module docstring).
+    """``k(x, x) @ rhs`` by tiles; backward recomputes each tile (see the module docstring).
 
-    ``spec`` is ``(kernel, names, rows, parts, span)``: ``parts`` is every rank's ``(start, stop)`` rows under
-    an active process group (:mod:`structgp.distributed`), else ``None``. Partitioned, the forward computes
-    only this rank's rows and all-gathers the blocks (every rank returns the full product); the backward's
-    ``K G`` is gathered the same way and its contributions to the gradients of ``x`` and the parameters,
-    from this rank's rows, are summed over the ranks. The output gradient ``G`` is the same on every rank,
-    as everything downstream of the gathered product is. ``span`` ``(start, stop)`` (with ``parts`` None)
-    asks for those rows only: the forward returns them, the backward's gradients are those rows' share
-    (``rhs``'s is ``K[span, :]^T G``) and nothing is gathered or summed."""
+    ``spec`` is ``(kernel, names, tile, parts, span)``: ``tile`` ``(rows, columns)`` (:func:`tile_shape`);
+    ``parts`` is every rank's ``(start, stop)`` rows under an active process group (:mod:`structgp.distributed`),
+    else ``None``. Partitioned, the forward computes only this rank's rows and all-gathers them (every rank
+    returns the full product); the backward's ``K G`` is gathered the same way and its contributions to the
+    gradients of ``x`` and the parameters, from this rank's rows, are summed over the ranks. The output
+    gradient ``G`` is the same on every rank, as everything downstream of the gathered product is. ``span``
+    ``(start, stop)`` (with ``parts`` None) asks for those rows only: the forward returns them, the backward's
+    gradients are those rows' share (``rhs``'s is ``K[span, :]^T G``) and nothing is gathered or summed."""
 
     @staticmethod
     def forward(spec: tuple, rhs: Tensor, x: Tensor, *params: Tensor) -> Tensor:
-        kernel, names, rows, parts, span = spec
-        return _product(kernel, names, params, x, rhs, rows, parts, "a kernel product", span)
+        kernel, names, tile, parts, span = spec
+        return _product(kernel, names, params, x, rhs, tile, parts, "a kernel product", span)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -282,49 +289,68 @@ class _BlockProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        kernel, names, rows, parts, span = ctx.spec
+        kernel, names, tile, parts, span = ctx.spec
         rhs, x, *params = ctx.saved_tensors
         start, stop = _rows_of(x.shape[-2], parts, span)
         with torch.no_grad():
             grad_rhs = None
             if ctx.needs_input_grad[1] and span is not None:  # K[span, :]^T G: this rank's share
-                grad_rhs = sum_to(_transposed_product(kernel, names, params, x, grad, rows, span), rhs.shape)
+                grad_rhs = sum_to(_transposed_product(kernel, names, params, x, grad, tile, span), rhs.shape)
             elif ctx.needs_input_grad[1]:
-                grad_rhs = _product(kernel, names, params, x, grad, rows, parts, "a kernel product's gradient")
+                grad_rhs = _product(kernel, names, params, x, grad, tile, parts, "a kernel product's gradient")
                 grad_rhs = sum_to(grad_rhs, rhs.shape)
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
-        grad_params = [torch.zeros_like(p) if ctx.needs_input_grad[3 + i] else None for i, p in enumerate(params)]
-        if grad_x is None and all(g is None for g in grad_params):
-            return (None, grad_rhs, None, *grad_params)
-        formula = kernel_formula(kernel, names, params) if x.dim() == 2 else None
+        needs_x = ctx.needs_input_grad[2]
+        needs_params = [ctx.needs_input_grad[3 + i] for i in range(len(params))]
+        if not needs_x and not any(needs_params):
+            return (None, grad_rhs, None, *(None for _ in params))
         offset = 0 if span is None else start  # the row of ``grad`` that holds row ``offset`` of the product
-        if formula is not None and formula.family == "rbf":
-            span_rows = (start, stop, rows, offset)
-            grad_x, grad_params = _rbf_backward(kernel, names, params, x, rhs, grad, span_rows, parts, ctx)
-            return (None, grad_rhs, grad_x, *grad_params)
-        for first in range(start, stop, rows):
-            b = slice(first, min(first + rows, stop))
-            weight = grad[..., b.start - offset : b.stop - offset, :] @ rhs.mT  # (..., rows, n): d loss / d K[b, :]
-
-            def block(xx: Tensor, *pp: Tensor, b: slice = b) -> Tensor:
-                return kernel_block(kernel, names, pp, xx[..., b, :], xx)
-
-            _, pull = torch.func.vjp(block, x, *params)
-            pulled = pull(sum_to(weight, _block_shape(kernel, names, params, x, b)))
-            if grad_x is not None:
-                grad_x = grad_x + pulled[0]
-            grad_params = [g if g is None else g + d for g, d in zip(grad_params, pulled[1:])]
-        if parts is not None:  # each rank pulled back its own rows: the gradient is their sum
-            grad_x, *grad_params = distributed.all_reduce_sum([grad_x, *grad_params], "kernel gradients")
-        return (None, grad_rhs, grad_x, *grad_params)
+        rows_here = (start, stop, offset)
+        formula = kernel_formula(kernel, names, params) if x.dim() == 2 else None
+        pull_back = _rbf_pull_back if formula is not None and formula.family == "rbf" else _generic_pull_back
+        grad_x, grad_params = pull_back(kernel, names, params, x, rhs, grad, tile, rows_here, parts)
+        grad_params = [g if need else None for g, need in zip(grad_params, needs_params)]
+        return (None, grad_rhs, grad_x if needs_x else None, *grad_params)
 
 
-def _rbf_backward(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, span: tuple, parts, ctx):
-    """``_BlockProduct``'s gradients for ``x`` and the raw parameters of an RBF formula kernel: each block's
-    closed-form pull-back (:func:`.kernel_formula.rbf_block_vjp`), then the chain rule from the lengthscale
-    and scale to the raw parameters through the kernel's constraints (``torch.func.vjp``: also under
-    ``torch.func.grad``)."""
-    start, stop, rows, offset = span
+def _tiles(start: int, stop: int, n: int, tile: tuple[int, int]):
+    """The tiles ``(b, t)`` of rows ``start:stop`` and all ``n`` columns, row tile by row tile."""
+    rows, cols = tile
+    for first in range(start, stop, rows):
+        b = slice(first, min(first + rows, stop))
+        for col in range(0, n, cols):
+            yield b, slice(col, min(col + cols, n))
+
+
+def _generic_pull_back(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, tile, rows_here, parts):
+    """The gradients of ``<G, K[rows] rhs>`` for ``x`` and the parameters: each tile evaluated again under
+    :func:`torch.func.vjp` in its two inputs ``x[b]``, ``x[t]`` and the parameters, pulled back with
+    ``G_b rhs_t^T``; summed over the ranks when partitioned."""
+    start, stop, offset = rows_here
+    grad_x = torch.zeros_like(x)
+    grad_params = [torch.zeros_like(p) for p in params]
+
+    def tile_of(xb: Tensor, xt: Tensor, *pp: Tensor) -> Tensor:
+        return kernel_block(kernel, names, pp, xb, xt)
+
+    for b, t in _tiles(start, stop, x.shape[-2], tile):
+        with torch.no_grad():  # d loss / d K[b, t]
+            weight = grad[..., b.start - offset : b.stop - offset, :] @ rhs[..., t, :].mT
+        value, pull = torch.func.vjp(tile_of, x[..., b, :], x[..., t, :], *params)
+        pulled = pull(sum_to(weight, value.shape))
+        grad_x[..., b, :] += pulled[0]
+        grad_x[..., t, :] += pulled[1]
+        grad_params = [g + d for g, d in zip(grad_params, pulled[2:])]
+    if parts is not None:  # each rank pulled back its own rows: the gradient is their sum
+        grad_x, *grad_params = distributed.all_reduce_sum([grad_x, *grad_params], "kernel gradients")
+    return grad_x, grad_params
+
+
+def _rbf_pull_back(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, tile, rows_here, parts):
+    """The gradients for ``x`` and the raw parameters of an RBF formula kernel: each tile's closed-form
+    pull-back (:func:`.kernel_formula.rbf_tile_vjp`, summed in float64), then the chain rule from the
+    lengthscale and scale to the raw parameters through the kernel's constraints (``torch.func.vjp``: also
+    under ``torch.func.grad``)."""
+    start, stop, offset = rows_here
 
     def transform(*raw: Tensor) -> tuple[Tensor, ...]:
         formula = kernel_formula(kernel, names, raw)
@@ -333,28 +359,35 @@ def _rbf_backward(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, s
     outputs, pull = torch.func.vjp(transform, *params)
     scale = outputs[1].detach() if len(outputs) == 2 else None
     detached = Formula("rbf", None, outputs[0].detach(), scale)
-    sums = [torch.zeros_like(x)] + [torch.zeros_like(o) for o in outputs]
     with torch.no_grad():
-        # two block buffers for the whole backward (the kernel block, then E in place; the weight): at N = 10^6
-        # a block is 64 x 10^6 entries, and fresh ones a block would also fragment the C heap
-        height = min(rows, stop - start)
-        k_buffer = x.new_empty(height, x.shape[-2])
+        x64 = x.detach().double()
+        u1 = torch.cat([x64 - x64.mean(-2, keepdim=True), torch.ones_like(x64[:, :1])], -1)  # [x - c, 1]
+        sums = [torch.zeros_like(x64)] + [torch.zeros_like(o, dtype=torch.float64) for o in outputs]
+        # two tile buffers for the whole backward (the kernel tile, then E in place; the weight)
+        rows, cols = tile
+        k_buffer = x.new_empty(min(rows, stop - start) * min(cols, x.shape[-2]))
         plain = grad.dim() == 2 and rhs.dim() == 2 and grad.dtype == rhs.dtype == x.dtype
-        w_buffer = x.new_empty(height, x.shape[-2]) if plain else None
-        for first in range(start, stop, rows):
-            b = slice(first, min(first + rows, stop))
+        w_buffer = torch.empty_like(k_buffer) if plain else None
+        for b, t in _tiles(start, stop, x.shape[-2], tile):
+            shape = (b.stop - b.start, t.stop - t.start)
             g_b = grad[..., b.start - offset : b.stop - offset, :]
-            if plain:  # d loss / d K[b, :]
-                weight = torch.matmul(g_b, rhs.mT, out=w_buffer[: b.stop - b.start])
+            if plain:  # d loss / d K[b, t]
+                weight = torch.matmul(g_b, rhs[t].mT, out=_view(w_buffer, shape))
             else:
-                weight = sum_to(g_b @ rhs.mT, (b.stop - b.start, x.shape[-2]))
-            parts_b = rbf_block_vjp(detached, x, b, weight, k_buffer)
-            sums = [total + part for total, part in zip(sums, parts_b)]
+                weight = sum_to(g_b @ rhs[..., t, :].mT, shape)
+            grad_b, grad_t, *rest = rbf_tile_vjp(detached, x, u1, b, t, weight, _view(k_buffer, shape))
+            sums[0][b] += grad_b
+            sums[0][t] += grad_t
+            sums[1:] = [total + part for total, part in zip(sums[1:], rest)]
         if parts is not None:  # each rank pulled back its own rows: the gradient is their sum
             sums = distributed.all_reduce_sum(sums, "kernel gradients")
-    chained = pull(tuple(sums[1:]))
-    grad_params = [g if ctx.needs_input_grad[3 + i] else None for i, g in enumerate(chained)]
-    return (sums[0] if ctx.needs_input_grad[2] else None), grad_params
+    chained = pull(tuple(s.to(x.dtype) for s in sums[1:]))
+    return sums[0].to(x.dtype), list(chained)
+
+
+def _view(buffer: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A contiguous ``shape`` view of the front of a flat ``buffer``."""
+    return buffer[: shape[0] * shape[1]].view(shape)
 
 
 def _rows_of(n: int, parts, span) -> tuple[int, int]:
@@ -364,53 +397,52 @@ def _rows_of(n: int, parts, span) -> tuple[int, int]:
     return (0, n) if parts is None else parts[distributed.rank()]
 
 
-def _block_source(kernel, names, params, x: Tensor, rows: int, start: int, stop: int):
-    """``b -> k(x[b], x)`` for row slices ``b`` within ``start:stop`` (at most ``rows`` rows each)."""
+def _tile_source(kernel, names, params, x: Tensor, tile: tuple[int, int]):
+    """``(b, t) -> k(x[b], x[t])`` for row and column slices of at most ``tile`` ``(rows, columns)``."""
     formula = kernel_formula(kernel, names, params) if x.dim() == 2 else None
     if formula is None:
-        return lambda b: evaluate_kernel(kernel, names, params, x[..., b, :], x)
-    # one block buffer for the whole product (written in place: products run without autograd): blocks
-    # allocated and freed by the thousand fragment the C heap (glibc then held 8 GB of resident memory at
+        return lambda b, t: evaluate_kernel(kernel, names, params, x[..., b, :], x[..., t, :])
+    # one tile buffer for the whole product (written in place: products run without autograd): tiles
+    # allocated and freed by the thousand fragment the C heap (glibc once held 8 GB of resident memory at
     # N = 60 000 instead of 0.8)
-    buffer = x.new_empty(min(rows, stop - start), x.shape[-2])
-    return lambda b: evaluate_formula(formula, x[b], x, out=buffer[: b.stop - b.start])
+    buffer = x.new_empty(min(tile[0], x.shape[-2]) * min(tile[1], x.shape[-2]))
+    return lambda b, t: evaluate_formula(formula, x[b], x[t], out=_view(buffer, (b.stop - b.start, t.stop - t.start)))
 
 
-def _product(kernel, names, params, x: Tensor, rhs: Tensor, rows: int, parts, what: str, span=None) -> Tensor:
+def _product(kernel, names, params, x: Tensor, rhs: Tensor, tile, parts, what: str, span=None) -> Tensor:
     """``k(x, x) @ rhs`` ``(..., n, c)``: all rows, or this rank's of ``parts`` gathered from every rank, or
     the rows ``span`` only ``(..., stop - start, c)``."""
     start, stop = _rows_of(x.shape[-2], parts, span)
-    local = _blocked(_block_source(kernel, names, params, x, rows, start, stop), rhs, start, stop, rows)
+    local = _tiled(_tile_source(kernel, names, params, x, tile), rhs, start, stop, tile)
     if parts is None:
         return local
     check = rhs.sum(-2).expand(*local.shape[:-2], rhs.shape[-1])  # the same on every rank, or they diverged
     return distributed.gather_rows(local, parts, check, what)
 
 
-def _blocked(block, rhs: Tensor, start: int, stop: int, rows: int) -> Tensor:
-    """Rows ``start:stop`` of ``K @ rhs`` with ``K[b, :]`` from ``block(b)``, one row block at a time."""
-    first_block = block(slice(start, min(start + rows, stop))) @ rhs
-    out = first_block.new_empty(*first_block.shape[:-2], stop - start, first_block.shape[-1])
-    out[..., : first_block.shape[-2], :] = first_block
-    for first in range(start + rows, stop, rows):
-        b = slice(first, min(first + rows, stop))
-        torch.matmul(block(b), rhs, out=out[..., b.start - start : b.stop - start, :])
+def _tiled(source, rhs: Tensor, start: int, stop: int, tile: tuple[int, int]) -> Tensor:
+    """Rows ``start:stop`` of ``K @ rhs`` with ``K[b, t]`` from ``source(b, t)``: each row tile's sum over the
+    column tiles, in column order."""
+    out, row, n = None, None, rhs.shape[-2]
+    for b, t in _tiles(start, stop, n, tile):
+        part = source(b, t) @ rhs[..., t, :]
+        row = part if t.start == 0 else row.add_(part)
+        if t.stop < n:
+            continue
+        if out is None:
+            out = row.new_empty(*row.shape[:-2], stop - start, row.shape[-1])
+        out[..., b.start - start : b.stop - start, :] = row
     return out
 
 
-def _transposed_product(kernel, names, params, x: Tensor, grad: Tensor, rows: int, span) -> Tensor:
-    """``K[span, :]^T grad`` ``(..., n, c)`` for ``grad`` ``(..., stop - start, c)``, one row block at a time."""
+def _transposed_product(kernel, names, params, x: Tensor, grad: Tensor, tile, span) -> Tensor:
+    """``K[span, :]^T grad`` ``(..., n, c)`` for ``grad`` ``(..., stop - start, c)``, one tile at a time."""
     start, stop = span
-    block = _block_source(kernel, names, params, x, rows, start, stop)
+    source = _tile_source(kernel, names, params, x, tile)
     out = None
-    for first in range(start, stop, rows):
-        b = slice(first, min(first + rows, stop))
-        part = block(b).mT @ grad[..., b.start - start : b.stop - start, :]
-        out = part if out is None else out.add_(part)
+    for b, t in _tiles(start, stop, x.shape[-2], tile):
+        part = source(b, t).mT @ grad[..., b.start - start : b.stop - start, :]
+        if out is None:
+            out = part.new_zeros(*part.shape[:-2], x.shape[-2], part.shape[-1])
+        out[..., t, :] += part
     return out
-
-
-def _block_shape(kernel, names, params, x: Tensor, b: slice) -> torch.Size:
-    """The shape of ``k(x[b], x)`` (its batch dims come from the kernel and ``x``)."""
-    batch = torch.broadcast_shapes(x.shape[:-2], kernel.batch_shape)
-    return batch + (b.stop - b.start, x.shape[-2])

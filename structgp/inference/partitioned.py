@@ -16,7 +16,7 @@ Every rank therefore runs one process's recursion on its rows: the same pivots, 
 and solves equal to one process's up to the order of the sums (measured in float64 at ``cg_tol=1e-12``: at
 most 5.5e-12 relative; two solves agree to about the solver's tolerance). Memory a rank: about
 ``(n / P) (8 c + 3 k)`` numbers for the vectors, the factor and the control variate's weights, plus what does
-not shrink with ``P``: the gathered ``(n, c)`` search directions and the kernel's ``block x n`` row blocks
+not shrink with ``P``: the gathered ``(n, c)`` search directions and a few kernel tiles, of a fixed size
 (:mod:`structgp.covariance.kernel_operator`).
 
 The gradients are computed as shares (:mod:`structgp.distributed.rows`): the surrogates of
@@ -42,13 +42,13 @@ from structgp.distributed.rows import Rows, share_gradients
 def rows_for(op: Operator, rhs: Tensor | None) -> Rows | None:
     """This rank's rows when ``op`` (and ``rhs`` ``(n, c)``) can run partitioned, else ``None``: no active
     process group, batched, not :func:`partitionable`, or under a functorch transform. The rows are whole
-    row blocks of the operator's kernel matrices, so each rank's product rows are one process's blocks."""
+    row tiles of the operator's kernel matrices, so each rank's product rows are one process's sums."""
     if not distributed.is_active() or not partitionable(op) or (rhs is not None and rhs.dim() != 2):
         return None
     if not host_readable(op._first_float()):
         return None
     nodes = pytree.tree_flatten(op, is_leaf=lambda node: isinstance(node, KernelOperator))[0]
-    unit = next((node.block_rows() for node in nodes if isinstance(node, KernelOperator)), 1)
+    unit = next((node.tile()[0] for node in nodes if isinstance(node, KernelOperator)), 1)
     return Rows.of(op.n, unit)
 
 

@@ -11,7 +11,7 @@ from structgp.covariance import DensifyError, KernelOperator, ScaledIdentity
 from structgp.inference.pivoted_cholesky import column
 from tests.memory_guard import LargestOutput
 
-SMALL_BLOCKS = 20 * 2**10 * 32  # a memory budget that gives blocks of a few rows at n ~ 100
+SMALL_BLOCKS = 20 * 2**10 * 32  # a memory budget that gives tiles of about 50 x 50 (float64) at n ~ 100
 
 
 def rbf(dtype=torch.float64, batch=(), ard=None):
@@ -37,7 +37,8 @@ def test_products_diagonal_rows_match_dense(dtype, budget):
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     with sg.settings(**({} if budget is None else {"memory_budget": budget})):
         if budget is not None:
-            assert op.block_rows() < 157  # really blocked
+            rows, cols = op.tile()
+            assert rows < 157 and cols < 157  # really tiled, in both directions
         torch.testing.assert_close(op @ v, ref @ v, rtol=tol, atol=tol)
         torch.testing.assert_close(op @ v[:, 0], ref @ v[:, 0], rtol=tol, atol=tol)
     torch.testing.assert_close(op.diagonal(), ref.diagonal(), rtol=tol, atol=tol)
@@ -72,8 +73,8 @@ def test_gradcheck_hyperparameters_inputs_and_rhs():
     def product(v, x, *params):
         return KernelOperator(k, x, params) @ v
 
-    with sg.settings(memory_budget=4 * 23 * 8 * 32):  # blocks of 4 rows
-        assert KernelOperator(k, x).block_rows() == 4
+    with sg.settings(memory_budget=20 * 8 * 32):  # tiles of 4 x 5, the last row and column tiles partial
+        assert KernelOperator(k, x).tile() == (4, 5)
         assert torch.autograd.gradcheck(product, (v, x, *params))
 
 
@@ -91,17 +92,25 @@ def test_gradcheck_unscaled_rbf_closed_form_backward(ard):
     def product(v, x, *params):
         return KernelOperator(k, x, params) @ v
 
-    with sg.settings(memory_budget=5 * 19 * 8 * 32):  # blocks of 5 rows
+    with sg.settings(memory_budget=95 * 8 * 32):  # tiles of 9 x 10
+        assert KernelOperator(k, x).tile() == (9, 10)
         assert torch.autograd.gradcheck(product, (v, x, *params))
 
 
-def test_block_rows_keep_a_minimum_height_within_the_budget():
-    from structgp.covariance.kernel_operator import MAX_BLOCK_ENTRIES, MIN_BLOCK_ROWS, block_rows
+def test_tile_shape_fills_its_entries_within_the_budget():
+    from structgp.covariance.kernel_operator import DEVICE_TILE_ENTRIES, TILE_ENTRIES, TILE_ROWS, tile_shape
 
-    assert block_rows(10_000, 1, torch.float32) == MAX_BLOCK_ENTRIES // 10_000  # the entry cap
-    assert block_rows(200_000, 1, torch.float64) == MIN_BLOCK_ROWS  # not 10 rows
-    with sg.settings(memory_budget=32 * 8 * 200_000 * 5):  # the budget allows 5 rows: it wins
-        assert block_rows(200_000, 1, torch.float64) == 5
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device name only: nothing runs on it
+    assert tile_shape(30_000, 1, torch.float64, cpu) == (TILE_ROWS, TILE_ENTRIES // TILE_ROWS)
+    assert tile_shape(10**6, 1, torch.float32, cuda) == (TILE_ROWS, DEVICE_TILE_ENTRIES // TILE_ROWS)
+    assert tile_shape(30_000, 4, torch.float64, cpu) == (362, 362)  # 4 members share the entries: square tiles
+    assert tile_shape(1_000, 1, torch.float64, cpu) == (TILE_ENTRIES // 1_000, 1_000)  # narrow: taller tiles
+    assert tile_shape(157, 1, torch.float64, cpu) == (157, 157)  # one tile
+    with sg.settings(memory_budget=32 * 8 * 600):  # 600 entries: the budget wins, with square tiles
+        assert tile_shape(200_000, 1, torch.float64, cpu) == (24, 25)
+        assert tile_shape(200_000, 1, torch.float32, cpu) == (34, 35)
+    with sg.settings(memory_budget=32 * 8 * 3 - 1), pytest.raises(MemoryError, match="memory_budget"):
+        tile_shape(10, 3, torch.float64, cpu)  # under one entry for each of 3 batch members
 
 
 def test_gradient_matches_dense_autograd():
@@ -170,7 +179,7 @@ def test_products_and_backward_never_allocate_n_by_n():
         out.square().sum().backward()
         op.diagonal()
         column(op, torch.tensor(7))
-    assert guard.largest <= 50 * n, guard.where  # one block of 50 rows at most, never n x n
+    assert guard.largest <= 50 * n, guard.where  # one tile of 50 n entries at most, never n x n
     assert x.grad is not None and v.grad is not None
 
 
@@ -191,7 +200,7 @@ def test_bad_input_names_the_argument():
         KernelOperator(rbf(ard=2), torch.randn(5, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="kernel: parameter"):
         KernelOperator(k, torch.randn(5, 2, dtype=torch.float32))
-    with sg.settings(memory_budget=1000), pytest.raises(MemoryError, match="memory_budget"):
+    with sg.settings(memory_budget=200), pytest.raises(MemoryError, match="memory_budget"):  # under one entry
         KernelOperator(k, torch.randn(50, 2, dtype=torch.float64)) @ torch.ones(50, 1, dtype=torch.float64)
 
 

@@ -27,9 +27,9 @@ from tests.distributed.spawn import join, spawn
 
 F64 = torch.float64
 N, D = 157, 2
-BLOCK = 16  # rows of a kernel block (the memory budget below): 10 blocks, 5 on each rank (rows 0:80, 80:157)
+BLOCK = 16  # kernel tiles of BLOCK x BLOCK (the memory budget below): 10 row tiles, 5 on each rank (0:80, 80:157)
 CG = {"method": "cg", "cg_tol": 1e-12, "num_probes": 6, "precond_rank": 15, "seed": 5,
-      "memory_budget": 32 * BLOCK * N * 8}
+      "memory_budget": 32 * BLOCK * BLOCK * 8}
 PRECONDITIONERS = ("auto", "jacobi", "none")
 
 
@@ -87,7 +87,7 @@ def evaluate() -> dict[str, object]:
         out["sum grads"] = _grads(inv_quad.sum() + logdet, t)
     with torch.no_grad(), sg.settings(**CG):
         op = rbf_operator(leaves()).base
-        piv = pivoted_cholesky_pivots(op, 15, part=Rows.of(N, op.block_rows()))
+        piv = pivoted_cholesky_pivots(op, 15, part=Rows.of(N, op.tile()[0]))
         out["pivots"], out["factor rows"], out["remainder"] = piv.pivots, piv.factor, piv.remainder
     return out
 
