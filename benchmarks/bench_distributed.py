@@ -5,7 +5,7 @@ One value + gradient of the marginal likelihood of an ``ExactGP`` (``settings(me
 the fair comparison on the same cores), for one of two models:
 
     kernel   a matrix-free RBF kernel (``MatrixFreeKernel``) on N points in d dimensions: each rank computes
-             its whole row blocks of every kernel product
+             its whole row tiles of every kernel product
     lifted   the seed 002 model with a general lift: an m^3 RBF grid lifted to N observations by a random
              sparse lift of ``--per-row`` cells a row (``AggregationKernel``, ``SparseLifted``): each rank
              applies its rows of the lift (one all-reduce of the latent vectors, one all-gather of the rows)

@@ -2,7 +2,7 @@
 
 One log-likelihood + gradient (lengthscale, outputscale, noise) of an RBF GP on 2-D scattered inputs:
 
-- structgp ``MatrixFreeKernel`` (``KernelOperator``: products by row blocks, never materialised) on the
+- structgp ``MatrixFreeKernel`` (``KernelOperator``: products by tiles, never materialised) on the
   iterative engine (PCG + SLQ), at the default settings;
 - gpytorch's ``ExactMarginalLogLikelihood`` at its defaults (the dense kernel; CG + Lanczos above 800 points),
   where the dense matrix fits;

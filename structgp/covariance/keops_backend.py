@@ -22,13 +22,16 @@ def keops_available() -> bool:
     return importlib.util.find_spec("pykeops") is not None
 
 
-def keops_matmul(formula: Formula, x: Tensor, rhs: Tensor) -> Tensor:
-    """``k(x, x) @ rhs`` ``(n, c)`` for ``x`` ``(n, d)`` by one KeOps reduction (differentiable)."""
+def keops_matmul(formula: Formula, x: Tensor, rhs: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
+    """``k(x, x) @ rhs`` ``(n, c)`` for ``x`` ``(n, d)`` by one KeOps reduction (differentiable); with ``rows``
+    ``(start, stop)`` only those rows, ``(stop - start, c)`` (a reduction over every column for each of them,
+    so each row is the whole product's: a partitioned product's share)."""
     from pykeops.torch import LazyTensor
 
     family, nu, lengthscale, scale = formula
     z = x / lengthscale.reshape(1, -1)
-    zi, zj = LazyTensor(z[:, None, :]), LazyTensor(z[None, :, :])
+    zr = z if rows is None else z[rows[0] : rows[1]]
+    zi, zj = LazyTensor(zr[:, None, :]), LazyTensor(z[None, :, :])
     sq = ((zi - zj) ** 2).sum(-1)
     if family == "rbf":
         k = (-0.5 * sq).exp()

@@ -29,8 +29,8 @@ the contiguous whole row tiles :func:`~structgp.distributed.partition` gives it 
 every rank returns the full product, bitwise the one-process product (each row is the same sum of the same
 tiles), after ``n^2 / P`` kernel entries (with fewer row tiles than ranks the rows are split evenly
 instead); the backward sums the ranks' contributions to the gradients of ``x`` and the parameters with one
-all-reduce. ``rows``, ``diagonal`` and ``_to_dense`` stay local (every rank holds ``x``), and so do KeOps
-products (not partitioned yet: each rank runs the whole reduction, with the same result). ``_matmul_rows``
+all-reduce. ``rows``, ``diagonal`` and ``_to_dense`` stay local (every rank holds ``x``). KeOps products are
+partitioned the same way: each rank reduces its rows, which are all-gathered. ``_matmul_rows``
 computes given rows only, with no
 collective: the partitioned iterative engine's product (:mod:`structgp.covariance.local_rows`).
 """
@@ -49,6 +49,7 @@ from structgp.covariance.keops_backend import keops_available, keops_matmul
 from structgp.covariance.kernel_formula import Formula, evaluate_formula, kernel_formula, rbf_tile_vjp
 from structgp.covariance.operator import Operator
 from structgp.covariance.validation import sum_to, value_checks_enabled
+from structgp.distributed.rows import Rows, gather_shared, share_gradients
 
 DEFAULT_NAME = "k(x, x)"  # what an operator is called when its maker gave no reason of its own
 TILE_ROWS = 512  # rows of a tile: the height of a product's GEMMs and the unit of the rows across processes
@@ -155,7 +156,7 @@ class KernelOperator(Operator):
 
     def _matmul(self, rhs: Tensor) -> Tensor:
         if self.backend == "keops" and rhs.dim() == 2:
-            out = keops_matmul(kernel_formula(self.kernel, self.names, self.params), self.x, rhs)
+            out = self._keops_product(rhs)
         else:
             out = _BlockProduct.apply(self._spec(), rhs, self.x, *self.params)
         return self.scale[..., None, None] * out
@@ -175,10 +176,24 @@ class KernelOperator(Operator):
         x = self.x.expand(*batch_shape, *self.x.shape[-2:])
         return self._replace(x=x, scale=self.scale.expand(batch_shape))
 
+    def _keops_product(self, rhs: Tensor) -> Tensor:
+        """``k(x, x) @ rhs`` ``(n, c)`` by KeOps; under an active process group each rank reduces its rows (whole
+        row tiles, as the torch backend) and the rows are all-gathered, with the gradients' shares summed over
+        the ranks (:mod:`structgp.distributed.rows`)."""
+        part = Rows.of(self.n, self.tile()[0])
+        if part is None:
+            return keops_matmul(kernel_formula(self.kernel, self.names, self.params), self.x, rhs)
+        x, *params, rhs = share_gradients([self.x, *self.params, rhs], part)
+        local = keops_matmul(kernel_formula(self.kernel, self.names, params), x, rhs, (part.start, part.stop))
+        return gather_shared(local, part, rhs.sum(-2), "a KeOps kernel product")
+
     def _matmul_rows(self, rhs: Tensor, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of ``self @ rhs`` ``(..., stop - start, c)`` for the full ``rhs`` ``(..., n, c)``,
         differentiable, with no collective in the forward or the backward: a partitioned computation's
         share (:mod:`structgp.distributed.rows`; its caller sums the gradients' shares over the ranks)."""
+        if self.backend == "keops" and rhs.dim() == 2:
+            formula = kernel_formula(self.kernel, self.names, self.params)
+            return self.scale * keops_matmul(formula, self.x, rhs, (start, stop))
         spec = (self.kernel, self.names, self.tile(), None, (start, stop))
         return self.scale[..., None, None] * _BlockProduct.apply(spec, rhs, self.x, *self.params)
 

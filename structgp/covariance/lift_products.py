@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 
 def own_rows(lift: Lift) -> tuple[Lift, int, int, int, tuple[tuple[int, int], ...]] | None:
     """This rank's rows of ``lift``: ``(their lift, start row, first entry a, last entry b, every rank's rows)``,
-    or None without an active process group, or for a lift with fewer rows than ranks (a few test points:
-    applied whole on every rank)."""
-    if not distributed.is_active() or lift.n_out < distributed.world():
+    or None without an active process group, for a lift with fewer rows than ranks (a few test points:
+    applied whole on every rank), or for a lift that is itself some rows of one (:meth:`Lift.rows`: a rank's
+    part in a partitioned computation, which applies it whole)."""
+    if not distributed.is_active() or lift.n_out < distributed.world() or "rows of" in lift._cache:
         return None
     parts = distributed.row_range(lift.n_out)
     start, stop = parts[distributed.rank()]

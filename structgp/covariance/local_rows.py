@@ -8,6 +8,11 @@ it, each a ``functools.singledispatch`` rule:
   and their sums, unbatched); other operators keep their vectors whole on every rank.
 - :func:`matmul_rows`: rows ``start:stop`` of ``A V`` for the full ``V`` ``(n, c)``, differentiable, with no
   collective in the forward or the backward (the caller sums the gradients' shares over the ranks).
+- :func:`rows_product`: this rank's rows of ``A P`` from this rank's rows of ``P`` (:class:`Search`),
+  differentiable with gradients as shares: kernel matrices gather ``P`` once and take :func:`matmul_rows`;
+  diagonals need no gather; a :class:`~structgp.covariance.SparseLifted` ``L B L^T`` sums its rows' latent
+  vectors ``L_r^T P_r`` over the ranks (one all-gather of ``(n_in, c)``, never ``(n, c)``) and applies its rows
+  of ``L`` to ``B z``, its base replicated on every rank.
 - :func:`weighted_columns`: ``sum_ij W_ij A[i, S_j]`` over rows ``start:stop`` and columns ``S``, a scalar
   whose gradient reaches the operator's tensors: the control variate's ``<G, A[:, S]>``. For a kernel matrix
   it never holds more than one row block of ``A[:, S]`` (:class:`_WeightedColumns`), where
@@ -26,7 +31,9 @@ from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.indexing import entries
 from structgp.covariance.kernel_operator import KernelOperator, kernel_block
 from structgp.covariance.operator import Operator
+from structgp.covariance.sparse_lifted import SparseLifted
 from structgp.covariance.sum import AddedDiagonal, Sum
+from structgp.distributed.rows import Rows, sum_shared
 
 
 def partitionable(op: Operator) -> bool:
@@ -41,13 +48,9 @@ def _has_rules(op: Operator) -> bool:
 
 @_has_rules.register(Diagonal)
 @_has_rules.register(ScaledIdentity)
+@_has_rules.register(KernelOperator)
 def _(op: Operator) -> bool:
     return True
-
-
-@_has_rules.register
-def _(op: KernelOperator) -> bool:
-    return op.backend == "torch"  # a KeOps product is one reduction over all rows
 
 
 @_has_rules.register
@@ -85,6 +88,49 @@ def _(op: AddedDiagonal, rhs: Tensor, start: int, stop: int) -> Tensor:
 @matmul_rows.register
 def _(op: Sum, rhs: Tensor, start: int, stop: int) -> Tensor:
     return sum(matmul_rows(t, rhs, start, stop) for t in op.terms)
+
+
+class Search:
+    """This rank's rows ``local`` ``(rows, c)`` of the vectors a partitioned product multiplies, and the whole
+    ``(n, c)`` gathered from every rank on first use (at most once a product)."""
+
+    def __init__(self, local: Tensor, part: Rows) -> None:
+        self.local, self.part = local, part
+
+    @functools.cached_property
+    def whole(self) -> Tensor:
+        return self.part.gather(self.local)
+
+
+@functools.singledispatch
+def rows_product(op: Operator, search: Search) -> Tensor:
+    """This rank's rows ``(rows, c)`` of ``op @ P`` for ``P``'s rows ``search`` (see the module)."""
+    return matmul_rows(op, search.whole, search.part.start, search.part.stop)
+
+
+@rows_product.register(Diagonal)
+@rows_product.register(ScaledIdentity)
+def _(op: Operator, search: Search) -> Tensor:
+    return search.part.local(op.diagonal().expand(op.n), -1).unsqueeze(-1) * search.local
+
+
+@rows_product.register
+def _(op: AddedDiagonal, search: Search) -> Tensor:
+    return rows_product(op.base, search) + rows_product(op.noise, search)
+
+
+@rows_product.register
+def _(op: Sum, search: Search) -> Tensor:
+    return sum(rows_product(t, search) for t in op.terms)
+
+
+@rows_product.register
+def _(op: SparseLifted, search: Search) -> Tensor:
+    part = search.part
+    local, a, b = op.lift.rows(part.start, part.stop)  # this rank's rows of L, applied whole
+    values = op.lift.values[a:b].to(search.local.dtype)
+    z = sum_shared(local.tmatmul(search.local, values), part, "the latent vectors L^T p")
+    return local.matmul(op.base._matmul(z), values)
 
 
 @functools.singledispatch

@@ -91,6 +91,7 @@ class Lift(PyTreeNode):
             view = Lift._from_triplets(
                 self.row[a:b] - start, self.col[a:b], placeholder, (stop - start, self.n_in), "general"
             )
+            view._cache["rows of"] = (start, stop)  # already one rank's part: applied whole (lift_products)
             self._cache[key] = (view, a, b)
         return self._cache[key]
 

@@ -2,13 +2,13 @@
 
 Launch with ``torchrun --nproc_per_node=P script.py`` and call :func:`init` once; every rank then runs the
 same script on the same data. A :class:`~structgp.covariance.KernelOperator` computes only its rank's
-contiguous rows of each product (:func:`partition`: whole row blocks, so each rank computes exactly the
-blocks one process would) and all-gathers them, so every rank holds the
+contiguous rows of each product (:func:`partition`: whole row tiles, so each rank computes exactly the
+tiles one process would; with the KeOps backend too) and all-gathers them, so every rank holds the
 full ``(n, c)`` product (bitwise one process's); the backward of a product reduces the hyperparameter
 gradients with one all-reduce.
 
-The iterative engine goes further for an operator made of kernel matrices and diagonals
-(:mod:`structgp.inference.partitioned`): its vectors (right-hand sides, probes, iterates, the pivoted
+The iterative engine goes further for an operator made of kernel matrices and diagonals, and for
+``L B L^T + D`` (:mod:`structgp.inference.partitioned`): its vectors (right-hand sides, probes, iterates, the pivoted
 Cholesky factor) stay partitioned as each rank's rows (:class:`~structgp.distributed.rows.Rows`). A PCG
 iteration all-gathers the search directions and sums the dot products over the ranks. Each pivot is
 picked by one all-gather. Gradients are summed from the ranks' shares

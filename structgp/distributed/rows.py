@@ -82,6 +82,49 @@ class Rows:
         return self.stack(t.detach(), what).amin(0)
 
 
+def sum_shared(t: Tensor, rows: Rows, what: str) -> Tensor:
+    """``t`` summed over the ranks (rank order), differentiable: each rank's share of the output gradient
+    is summed over the ranks in the backward, so every rank's ``t`` receives the whole gradient (the total
+    objective is the sum of the ranks' shares, and it depends on each rank's ``t`` through the sum)."""
+    return _SumShared.apply(t, rows, what)
+
+
+class _SumShared(torch.autograd.Function):
+    @staticmethod
+    def forward(t: Tensor, rows: Rows, what: str) -> Tensor:
+        return rows.sum(t, what)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.rows, ctx.what = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.rows.sum(grad, f"the gradient of {ctx.what}"), None, None
+
+
+def gather_shared(t: Tensor, rows: Rows, check: Tensor | None = None, what: str = "a product") -> Tensor:
+    """The full ``(..., n, c)`` from every rank's rows ``t`` ``(..., rows, c)``, differentiable: the backward
+    keeps this rank's rows of the output gradient (the same on every rank, as everything computed from the
+    gathered tensor is), so ``t``'s inputs receive this rank's share (sum them with :func:`share_gradients`).
+    ``check``: see :func:`~structgp.distributed.collectives.gather_rows`."""
+    return _GatherShared.apply(t, rows, check, what)
+
+
+class _GatherShared(torch.autograd.Function):
+    @staticmethod
+    def forward(t: Tensor, rows: Rows, check: Tensor | None, what: str) -> Tensor:
+        return gather_rows(t, rows.parts, None if check is None else check.detach(), what)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.rows = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.rows.local(grad), None, None, None
+
+
 def share_gradients(tensors: list[Tensor], rows: Rows) -> list[Tensor]:
     """``tensors`` unchanged (views); in the backward their gradients are summed over the ranks (one
     all-gather of them all), so each rank's share of a gradient becomes the whole gradient (see the module).

@@ -269,7 +269,11 @@ class SubspaceNystromFamily(Family):
     Kronecker base of ``op`` itself), ``D`` is the noise; ``products(op)``, where given, is ``K U`` by
     structure (:func:`kronecker_products`). Eigenvalues at or below ``1e-10`` of the largest
     are left out of ``B`` (their part of ``P`` stays fixed). All ``k`` eigenvectors move: measured, moving
-    only the top 64 or 128 of ~500 (the rest of ``P`` fixed) gave gradients worse than no control variate."""
+    only the top 64 or 128 of ~500 (the rest of ``P`` fixed) gave gradients worse than no control variate.
+
+    ``part``: a run partitioned by rows (:mod:`.partitioned`): ``G``, ``B``, ``v`` and the noise are this rank's
+    rows and ``L`` is applied by its rows; ``a_i`` and ``L^T (...)`` are summed over the ranks (fixed weights),
+    the ``K U`` term, the same on every rank, is counted on rank 0 only, and the rest are this rank's share."""
 
     def __init__(
         self,
@@ -279,9 +283,10 @@ class SubspaceNystromFamily(Family):
         base: Callable[[Operator], Operator],
         lift: Callable[[Operator], Lift | None],
         products: Callable[[Operator], Tensor] | None = None,
+        part: Rows | None = None,
     ) -> None:
         self.vectors, self.values, self.precond = vectors, values, precond
-        self.base, self.lift, self.products = base, lift, products
+        self.base, self.lift, self.products, self.part = base, lift, products, part
         self._fixed: tuple[Tensor, Tensor, Tensor] | None = None
         self._b: Tensor | None = None  # B = L U (..., n, k), with _fixed
 
@@ -306,24 +311,36 @@ class SubspaceNystromFamily(Family):
 
     def control_variate(self, op: Operator, v: Tensor, a_v: Tensor) -> Tensor:
         g, h, p_inv_diag = self._setup()
+        part = self.part
+        total = (lambda t: t) if part is None else (lambda t: part.sum(t, "the control variate's weights"))
         v = v.to(g.dtype)
-        a = self._b.mT @ v  # (..., k, p)
+        a = total(self._b.mT @ v)  # (..., k, p)
         p = v.shape[-1]
         m_c = 2 * (g - (v @ a.mT) / p)  # weight of C = L K U (..., n, k)
         m_w = h - (a @ a.mT) / p  # weight of W = U^T K U (..., k, k)
         k_op = self.base(op)
         u = self.vectors.to(k_op.dtype)
         ku = k_op._matmul(u) if self.products is None else self.products(op).to(k_op.dtype)
-        lift = self.lift(op)
+        lift, values = self._rows_of_lift(op)
         m_c = m_c.to(ku.dtype)
-        lt_m = m_c if lift is None else lift.tmatmul(m_c, lift.values.detach().to(m_c.dtype))  # L^T m_c (..., m, k)
+        lt_m = m_c if lift is None else total(lift.tmatmul(m_c, values.detach().to(m_c.dtype)))  # L^T m_c (..., m, k)
         weight = lt_m - u @ m_w.to(ku.dtype)
         out = (weight * ku).sum((-2, -1)).double()
-        noise = _noise(op)
+        if part is not None and part.rank != 0:  # the same on every rank: rank 0's share
+            out = torch.zeros_like(out)
+        noise = _noise(op) if part is None else part.local(_noise(op), -1)
         out = out + ((p_inv_diag.to(noise.dtype) - v.square().mean(-1).to(noise.dtype)) * noise).sum(-1).double()
-        if lift is not None and lift.values.requires_grad:  # the lift's own values are parameters
-            out = out + (m_c * lift.matmul(ku.detach())).sum((-2, -1)).double()
+        if lift is not None and values.requires_grad:  # the lift's own values are parameters
+            out = out + (m_c * lift.matmul(ku.detach(), values.to(ku.dtype))).sum((-2, -1)).double()
         return out
+
+    def _rows_of_lift(self, op: Operator) -> tuple[Lift | None, Tensor | None]:
+        """The lift of ``op`` and its values, or this rank's rows of them (applied whole) when partitioned."""
+        lift = self.lift(op)
+        if lift is None or self.part is None:
+            return lift, (None if lift is None else lift.values)
+        local, a, b = lift.rows(self.part.start, self.part.stop)
+        return local, lift.values[a:b]
 
 
 def kronecker_products(

@@ -59,7 +59,7 @@ from structgp._config import Settings
 from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.operator import Operator
-from structgp.covariance.sparse_lifted import Lift, SparseLifted
+from structgp.covariance.sparse_lifted import Lift, SparseLifted, lifted_diagonal
 from structgp.covariance.sum import AddedDiagonal
 from structgp.covariance.validation import host_readable
 from structgp.distributed.rows import Rows
@@ -292,24 +292,34 @@ def pivoted_cholesky_preconditioner(op: Operator, rank: int, part: Rows | None =
     return _with_family(precond, NystromFamily(piv.pivots, piv.active, noisy, floor, part, precond), use)
 
 
-def lifted_eigen_preconditioner(op: AddedDiagonal, cfg: Settings) -> Preconditioner:
+def lifted_eigen_preconditioner(op: AddedDiagonal, cfg: Settings, part: Rows | None = None) -> Preconditioner:
     """For ``L B L^T + D``: ``P = F F^T + D``, ``F = L U Lambda^{1/2}`` ``(..., n_out, k)`` from the top
     ``k = precond_rank`` eigenpairs of ``B`` (fewer where ``F`` would pass the memory budget, or ``B`` is
-    smaller); rank 0 gives Jacobi on the diagonal of ``A``."""
+    smaller); rank 0 gives Jacobi on the diagonal of ``A``. ``part``: this rank's rows of ``F`` and ``D``
+    (each rank applies its rows of ``L``; ``B``'s eigenpairs are computed on every rank, the same)."""
     lifted: SparseLifted = op.base
     noise = op.noise.diagonal().expand(*op.batch_shape, op.n)
-    cap = cfg.memory_budget // (8 * op.n * op.dtype.itemsize)
+    rows = op.n if part is None else part.size
+    cap = cfg.memory_budget // (8 * rows * op.dtype.itemsize)
     rank = min(cfg.precond_rank, lifted.n_in, cap)
+    if part is not None:  # every rank takes the same rank (the smallest cap), or their recursions would differ
+        rank = int(part.amin(torch.tensor(rank), "the preconditioner's rank"))
     if rank == 0:
-        return Jacobi(op.diagonal().expand(*op.batch_shape, op.n))
+        diag = op.diagonal().expand(*op.batch_shape, op.n)
+        return Jacobi(diag if part is None else part.local(diag, -1), part)
     lam, u = eigsh(lifted.base, rank, tol=LATENT_EIGSH_TOL)
     # tiny negative eigenvalues of a PSD base (rounding) contribute nothing rather than NaN
     lam = lam.clamp_min(0)
-    factor = lifted.lift.matmul(u * lam.sqrt().unsqueeze(-2))  # sparse L times (n_in, k)
-    precond = LowRankDiagonal(factor, noise, "lifted latent eigen + noise")
-    remainder = lifted.diagonal().expand_as(noise) - factor.square().sum(-1)
-    family = SubspaceNystromFamily(u, lam, precond, _latent_base, _lift, _kronecker_products(lifted.base, u))
-    return _with_family(precond, family, _close_enough(remainder, noise))
+    lift, values = lifted.lift, lifted.lift.values
+    if part is not None:  # this rank's rows of L (a lift of some rows is applied whole)
+        lift, a, b = lift.rows(part.start, part.stop)
+        values, noise = values[a:b], part.local(noise, -1)
+    factor = lift.matmul(u * lam.sqrt().unsqueeze(-2), values)  # sparse L times (n_in, k)
+    precond = LowRankDiagonal(factor, noise, "lifted latent eigen + noise", part)
+    remainder = lifted_diagonal(lift, lifted.base, values).expand_as(noise) - factor.square().sum(-1)
+    products = _kronecker_products(lifted.base, u)
+    family = SubspaceNystromFamily(u, lam, precond, _latent_base, _lift, products, part)
+    return _with_family(precond, family, _close_enough(remainder, noise, part))
 
 
 def _kronecker_products(base: Operator, u: Tensor):
@@ -343,7 +353,8 @@ def _is_kronecker_sum(op: Operator) -> bool:
 
 def build(op: Operator, cfg: Settings, part: Rows | None = None) -> Preconditioner:
     """The preconditioner for ``op`` under ``cfg.preconditioner`` (runs without autograd); ``part``: this
-    rank's rows of a partitioned run (``"none"``, ``"jacobi"`` and pivoted Cholesky take it)."""
+    rank's rows of a partitioned run (``"none"``, ``"jacobi"``, pivoted Cholesky and, for ``L B L^T + D``, the
+    lifted eigen preconditioner take it)."""
     kind = cfg.preconditioner
     with torch.no_grad():
         if kind == "none":
@@ -351,6 +362,8 @@ def build(op: Operator, cfg: Settings, part: Rows | None = None) -> Precondition
         if kind == "jacobi":
             diag = op.diagonal().expand(*op.batch_shape, op.n)
             return Jacobi(diag if part is None else part.local(diag, -1), part)
+        if part is not None and _is_lifted_sum(op) and kind in ("auto", "lifted_eigen"):
+            return lifted_eigen_preconditioner(op, cfg, part)
         if part is not None and kind not in ("auto", "pivoted_cholesky"):
             raise ValueError(f"preconditioner={kind!r} does not apply to {op!r}; use 'auto' or 'pivoted_cholesky'")
         if part is not None:

@@ -1,4 +1,4 @@
-"""MatrixFreeKernel: any gpytorch kernel as a matrix-free ``KernelOperator`` (products by row blocks)."""
+"""MatrixFreeKernel: any gpytorch kernel as a matrix-free ``KernelOperator`` (products by tiles)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gpytorch
 import torch
 from torch import Tensor
 
-from structgp import _config, distributed
+from structgp import _config
 from structgp.covariance import KernelOperator
 from structgp.covariance.keops_backend import keops_available
 from structgp.covariance.kernel_formula import kernel_formula
@@ -20,12 +20,11 @@ class MatrixFreeKernel(DenseKernel):
     and ``k``'s hyperparameters, never materialised, so an exact GP needs memory linear in ``n`` (the
     iterative engine runs on its products; its pivoted-Cholesky preconditioner reads single rows).
 
-    base_kernel: any gpytorch kernel evaluable as a function of its parameters; backend: ``"torch"`` (row
-    blocks of plain torch operations), ``"keops"`` (one KeOps reduction a product: pykeops installed, an
+    base_kernel: any gpytorch kernel evaluable as a function of its parameters; backend: ``"torch"`` (tiles
+    of plain torch operations), ``"keops"`` (one KeOps reduction a product: pykeops installed, an
     unbatched RBF or Matern kernel) or ``"auto"``: KeOps for CUDA inputs where it applies, else torch (on the
-    CPU the torch blocks run on all cores and are the faster; see ``benchmarks/bench_matrix_free.py``), and
-    torch under an active :mod:`structgp.distributed` process group (its row blocks are partitioned across
-    the ranks; a KeOps product is not, yet).
+    CPU the torch tiles run on all cores and are the faster; see ``benchmarks/bench_matrix_free.py``). Under
+    an active :mod:`structgp.distributed` process group both backends compute each rank's rows.
     Hyperparameters are read and set as on :class:`DenseKernel` (on ``k``).
     """
 
@@ -38,7 +37,7 @@ class MatrixFreeKernel(DenseKernel):
     def forward(self, x: Tensor) -> KernelOperator:
         backend = self.backend
         if backend == "auto":
-            keops = x.is_cuda and keops_applies(self.base_kernel, x) and not distributed.is_active()
+            keops = x.is_cuda and keops_applies(self.base_kernel, x)
             backend = "keops" if keops else "torch"
         return KernelOperator(self.base_kernel, x, name=f"k(x, x), matrix-free ({backend})", backend=backend)
 

@@ -32,7 +32,11 @@ from structgp.models import ExactGP
 from tests.distributed.spawn import join, spawn
 
 F64 = torch.float64
-CG = {"method": "cg", "cg_tol": 1e-11, "num_probes": 8, "precond_rank": 8, "seed": 3}
+# cg_tol 1e-12: the ranks sum over their rows in another order than one process, and two correct solves agree to
+# about the tolerance (at 1e-11 the lift values' gradient differed by 2.7e-11 of its largest entry)
+CG = {"method": "cg", "cg_tol": 1e-12, "num_probes": 8, "precond_rank": 8, "seed": 3}
+# the other preconditioners of a partitioned lifted run (Jacobi) and one that keeps the vectors whole
+OTHER_PRECONDITIONERS = ({**CG, "preconditioner": "jacobi"}, {**CG, "preconditioner": "pivoted_cholesky"})
 ENGINES = ({}, {"method": "woodbury"}, CG)  # the default (dense Cholesky below 512 rows), latent Woodbury, PCG/SLQ
 # (rows, grid, noise, nugget): 151 rows over a 4 x 5 grid take the gram form (ranks own 76 and 75 rows), 31
 # rows over an 8 x 8 grid the row form (16 and 15 rows); 120 rows over a 16 x 16 grid without a nugget, singular
@@ -172,6 +176,8 @@ def evaluate() -> dict[str, object]:
         # the spectral root is the latent Woodbury engine's: the other engines are exercised above
         for options in ENGINES if name != "spectral" else ENGINES[1:2]:
             out.update(loglik(name, options))
+    for options in OTHER_PRECONDITIONERS:
+        out.update({f"{k} {options['preconditioner']}": v for k, v in loglik("gram", options).items()})
     for options in ENGINES[:2]:
         out.update(seed002(options))
     out.update(seed002({**CG, "precond_rank": 64}))  # 68 PCG steps (8: 135)
@@ -218,7 +224,9 @@ def reference() -> dict[str, object]:
 
 
 def same_report(text: str) -> str:
-    return re.sub(r"\d+ iterations; residual [^;]+", "", text)
+    """The report without PCG's step count and residual, and without the partition note (a rank's own)."""
+    text = re.sub(r"\d+ iterations; residual [^;]+", "", text)
+    return re.sub(r"; vectors partitioned by rows over \d+ processes \(this rank: rows \d+:\d+\)", "", text)
 
 
 def numbers(out: dict) -> dict[str, Tensor]:
@@ -228,7 +236,7 @@ def numbers(out: dict) -> dict[str, Tensor]:
 def test_two_processes_equal_one_process(ranks, reference):
     assert ranks[0]["parts"] == ((0, 76), (76, 151))
     expected = numbers(reference)
-    assert len(expected) == 51
+    assert len(expected) == 61
     for out in ranks:
         assert numbers(out).keys() == expected.keys()
         for key, value in expected.items():
@@ -237,6 +245,19 @@ def test_two_processes_equal_one_process(ranks, reference):
     # and step count: the latent vectors are summed in another order, which moves the stopping point by a step)
     for key in (k for k in reference if k.endswith("report")):
         assert same_report(ranks[0][key]) == same_report(ranks[1][key]) == same_report(reference[key]), key
+    # PCG ran on each rank's rows of the vectors (the lifted eigen preconditioner on its rows of L)
+    partition = {"gram": ((0, 76), (76, 151)), "rows": ((0, 16), (16, 31)), "seed002": ((0, 150), (150, 300))}
+    for name, rows in partition.items():
+        for r, out in enumerate(ranks):
+            start, stop = rows[r]
+            note = f"vectors partitioned by rows over 2 processes (this rank: rows {start}:{stop})"
+            assert note in out[f"{name} cg report"], (name, out[f"{name} cg report"])
+            assert note not in reference[f"{name} cg report"]
+    assert "vectors partitioned by rows over 2 processes" in ranks[0]["gram cg report jacobi"]
+    assert "preconditioner jacobi" in ranks[0]["gram cg report jacobi"]
+    # a pivoted Cholesky of L B L^T + D does not run on rows: the vectors stay whole, the products partitioned
+    assert "vectors partitioned" not in ranks[0]["gram cg report pivoted_cholesky"]
+    assert "pivoted cholesky" in ranks[0]["gram cg report pivoted_cholesky"]
 
 
 def test_each_rank_applies_only_its_rows(ranks, reference):
