@@ -303,7 +303,7 @@ def lifted_eigen_preconditioner(op: AddedDiagonal, cfg: Settings, part: Rows | N
     cap = cfg.memory_budget // (8 * rows * op.dtype.itemsize)
     rank = min(cfg.precond_rank, lifted.n_in, cap)
     if part is not None:  # every rank takes the same rank (the smallest cap), or their recursions would differ
-        rank = int(part.amin(torch.tensor(rank), "the preconditioner's rank"))
+        rank = int(part.amin(torch.tensor(rank, device=op.device), "the preconditioner's rank"))
     if rank == 0:
         diag = op.diagonal().expand(*op.batch_shape, op.n)
         return Jacobi(diag if part is None else part.local(diag, -1), part)
