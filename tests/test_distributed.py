@@ -282,10 +282,13 @@ def test_init_validates_its_arguments():
         sg.distributed.init(backend="mpi")
 
 
-def test_torchrun_runs_the_example():
+@pytest.mark.parametrize("model", ["kernel", "lifted"])
+def test_torchrun_runs_the_example(model):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "examples" / "distributed_exact_gp.py"), "--points", "300", "--iterations", "2"]
+           str(ROOT / "examples" / "distributed_exact_gp.py"), "--model", model, "--points", "300", "--grid", "4",
+           "--iterations", "2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "world size 2" in done.stdout and "s / iteration" in done.stdout
+    assert f"world size 2, {model} model" in done.stdout and "s / iteration" in done.stdout
+    assert done.stdout.count("peak memory") == 2  # one line a rank
