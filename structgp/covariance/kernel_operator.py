@@ -349,8 +349,7 @@ def _generic_pull_back(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tens
         return kernel_block(kernel, names, pp, xb, xt)
 
     for b, t in _tiles(start, stop, x.shape[-2], tile):
-        with torch.no_grad():  # d loss / d K[b, t]
-            weight = grad[..., b.start - offset : b.stop - offset, :] @ rhs[..., t, :].mT
+        weight = grad[..., b.start - offset : b.stop - offset, :] @ rhs[..., t, :].mT  # d loss / d K[b, t]
         value, pull = torch.func.vjp(tile_of, x[..., b, :], x[..., t, :], *params)
         pulled = pull(sum_to(weight, value.shape))
         grad_x[..., b, :] += pulled[0]
@@ -440,6 +439,8 @@ def _tiled(source, rhs: Tensor, start: int, stop: int, tile: tuple[int, int]) ->
     """Rows ``start:stop`` of ``K @ rhs`` with ``K[b, t]`` from ``source(b, t)``: each row tile's sum over the
     column tiles, in column order."""
     out, row, n = None, None, rhs.shape[-2]
+    if start >= stop:  # no rows
+        return rhs.new_zeros(*rhs.shape[:-2], 0, rhs.shape[-1])
     for b, t in _tiles(start, stop, n, tile):
         part = source(b, t) @ rhs[..., t, :]
         row = part if t.start == 0 else row.add_(part)
@@ -455,6 +456,8 @@ def _transposed_product(kernel, names, params, x: Tensor, grad: Tensor, tile, sp
     """``K[span, :]^T grad`` ``(..., n, c)`` for ``grad`` ``(..., stop - start, c)``, one tile at a time."""
     start, stop = span
     source = _tile_source(kernel, names, params, x, tile)
+    if start >= stop:  # no rows: no share
+        return grad.new_zeros(*grad.shape[:-2], x.shape[-2], grad.shape[-1])
     out = None
     for b, t in _tiles(start, stop, x.shape[-2], tile):
         part = source(b, t).mT @ grad[..., b.start - start : b.stop - start, :]

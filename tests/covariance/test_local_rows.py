@@ -6,6 +6,7 @@ import gpytorch
 import pytest
 import torch
 
+import structgp as sg
 from structgp.covariance import Dense, Diagonal, KernelOperator, Kronecker, ScaledIdentity, Sum
 from structgp.covariance.indexing import entries
 from structgp.covariance.local_rows import matmul_rows, partitionable, weighted_columns
@@ -35,29 +36,36 @@ def data():
 
 
 @pytest.mark.parametrize("name", ["rbf + diagonal", "matern + scaled identity", "sum", "bare kernel"])
-@pytest.mark.parametrize("span", [(0, 23), (5, 17), (22, 23)])
-def test_rows_of_the_product_and_entries_equal_dense(data, name, span):
+@pytest.mark.parametrize("span", [(0, 23), (5, 17), (22, 23), (7, 7)])
+@pytest.mark.parametrize("tiles", [None, 20 * 8 * 32])  # one tile; a budget for 4 x 5 tiles
+def test_rows_of_the_product_and_entries_equal_dense(data, name, span, tiles):
     op = _operators(*data)[name]
     dense = op.to_dense()
     v = torch.randn(23, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
     start, stop = span
-    torch.testing.assert_close(matmul_rows(op, v, start, stop), (dense @ v)[start:stop], rtol=1e-12, atol=1e-12)
+    with sg.settings(**({} if tiles is None else {"memory_budget": tiles})):
+        got = matmul_rows(op, v, start, stop)
+    torch.testing.assert_close(got, (dense @ v)[start:stop], rtol=1e-12, atol=1e-12)
     rows, cols = torch.tensor([3, 0, 22, 3]), torch.tensor([3, 7, 0])
     torch.testing.assert_close(entries(op, rows.unsqueeze(-1), cols), dense[rows][:, cols], rtol=1e-12, atol=1e-12)
     assert partitionable(op)
 
 
 @pytest.mark.parametrize("name", ["rbf + diagonal", "matern + scaled identity"])
-def test_rows_of_the_product_pass_gradcheck(data, name):
+@pytest.mark.parametrize("tiles", [None, 20 * 8 * 32])  # one tile; a budget for 4 x 5 tiles
+def test_rows_of_the_product_pass_gradcheck(data, name, tiles):
     """The rows' own backward (rhs: ``K[rows, :]^T G``; x, the kernel's raw parameter and the noise: the
-    rows' share, which is the whole gradient of those rows)."""
+    rows' share, which is the whole gradient of those rows), in one tile and in 4 x 5 tiles."""
     x, raw, noise = (t.clone().requires_grad_() for t in data)
     v = torch.randn(23, 2, dtype=F64, generator=torch.Generator().manual_seed(2)).requires_grad_()
 
     def rows(x, raw, noise, v):
         return matmul_rows(_operators(x, raw, noise)[name], v, 4, 19)
 
-    assert torch.autograd.gradcheck(rows, (x, raw, noise, v))
+    with sg.settings(**({} if tiles is None else {"memory_budget": tiles})):
+        if tiles is not None:
+            assert _operators(*data)["bare kernel"].tile() == (4, 5)
+        assert torch.autograd.gradcheck(rows, (x, raw, noise, v))
 
 
 def test_entries_pass_gradcheck(data):
