@@ -62,14 +62,21 @@ def rows_for(op: Operator, rhs: Tensor | None) -> Rows | None:
 
 def lifted_sum(op: Operator) -> bool:
     """Whether ``op`` is ``L B L^T + D`` that runs partitioned: unbatched, diagonal noise, at least as many rows
-    as ranks, a preconditioner that runs on rows (``auto``/``lifted_eigen``: the lifted eigen preconditioner;
+    as ranks, a preconditioner that runs on rows (``auto``/``lifted_eigen``: the lifted eigen preconditioner,
+    which is what one process takes for it under ``auto`` too, except for a grid with missing cells;
     ``jacobi``; ``none``), and a base whose products hold no collective of their own (no kernel matrix or lift
     inside it: its products are replicated on every rank, inside each rank's share)."""
     if not (isinstance(op, AddedDiagonal) and isinstance(op.base, SparseLifted)) or op.batch_shape:
         return False
     if not partitionable(op.noise) or op.n < distributed.world():
         return False
-    if _config.current().preconditioner not in ("auto", "lifted_eigen", "jacobi", "none"):
+    kind = _config.current().preconditioner
+    if kind not in ("auto", "lifted_eigen", "jacobi", "none"):
+        return False
+    # imported here: that module builds on the preconditioners, which the engine imports after this one
+    from structgp.inference.masked_kronecker_preconditioner import is_masked_grid
+
+    if kind == "auto" and is_masked_grid(op):  # one process takes the masked grid's own preconditioner
         return False
     nodes = pytree.tree_flatten(op.base.base, is_leaf=lambda node: isinstance(node, KernelOperator | SparseLifted))[0]
     return not any(isinstance(node, KernelOperator | SparseLifted) for node in nodes)
