@@ -379,8 +379,7 @@ def _rbf_pull_back(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, 
         u1 = torch.cat([x64 - x64.mean(-2, keepdim=True), torch.ones_like(x64[:, :1])], -1)  # [x - c, 1]
         sums = [torch.zeros_like(x64)] + [torch.zeros_like(o, dtype=torch.float64) for o in outputs]
         # two tile buffers for the whole backward (the kernel tile, then E in place; the weight)
-        rows, cols = tile
-        k_buffer = x.new_empty(min(rows, stop - start) * min(cols, x.shape[-2]))
+        k_buffer = _tile_buffer(x, tile, stop - start)
         plain = grad.dim() == 2 and rhs.dim() == 2 and grad.dtype == rhs.dtype == x.dtype
         w_buffer = torch.empty_like(k_buffer) if plain else None
         for b, t in _tiles(start, stop, x.shape[-2], tile):
@@ -400,6 +399,13 @@ def _rbf_pull_back(kernel, names, params, x: Tensor, rhs: Tensor, grad: Tensor, 
     return sums[0].to(x.dtype), list(chained)
 
 
+def _tile_buffer(x: Tensor, tile: tuple[int, int], rows: int) -> Tensor:
+    """A flat buffer for the largest tile of ``rows`` rows and all columns of ``k(x, x)``: written in place a
+    tile at a time (tiles allocated and freed by the thousand fragment the C heap: glibc once held 8 GB of
+    resident memory at N = 60 000 instead of 0.8)."""
+    return x.new_empty(min(tile[0], rows) * min(tile[1], x.shape[-2]))
+
+
 def _view(buffer: Tensor, shape: tuple[int, int]) -> Tensor:
     """A contiguous ``shape`` view of the front of a flat ``buffer``."""
     return buffer[: shape[0] * shape[1]].view(shape)
@@ -412,15 +418,13 @@ def _rows_of(n: int, parts, span) -> tuple[int, int]:
     return (0, n) if parts is None else parts[distributed.rank()]
 
 
-def _tile_source(kernel, names, params, x: Tensor, tile: tuple[int, int]):
-    """``(b, t) -> k(x[b], x[t])`` for row and column slices of at most ``tile`` ``(rows, columns)``."""
+def _tile_source(kernel, names, params, x: Tensor, tile: tuple[int, int], rows: int):
+    """``(b, t) -> k(x[b], x[t])`` for row and column slices of at most ``tile`` ``(rows, columns)``, within
+    ``rows`` rows in all."""
     formula = kernel_formula(kernel, names, params) if x.dim() == 2 else None
     if formula is None:
         return lambda b, t: evaluate_kernel(kernel, names, params, x[..., b, :], x[..., t, :])
-    # one tile buffer for the whole product (written in place: products run without autograd): tiles
-    # allocated and freed by the thousand fragment the C heap (glibc once held 8 GB of resident memory at
-    # N = 60 000 instead of 0.8)
-    buffer = x.new_empty(min(tile[0], x.shape[-2]) * min(tile[1], x.shape[-2]))
+    buffer = _tile_buffer(x, tile, rows)  # one for the whole product (products run without autograd)
     return lambda b, t: evaluate_formula(formula, x[b], x[t], out=_view(buffer, (b.stop - b.start, t.stop - t.start)))
 
 
@@ -428,7 +432,7 @@ def _product(kernel, names, params, x: Tensor, rhs: Tensor, tile, parts, what: s
     """``k(x, x) @ rhs`` ``(..., n, c)``: all rows, or this rank's of ``parts`` gathered from every rank, or
     the rows ``span`` only ``(..., stop - start, c)``."""
     start, stop = _rows_of(x.shape[-2], parts, span)
-    local = _tiled(_tile_source(kernel, names, params, x, tile), rhs, start, stop, tile)
+    local = _tiled(_tile_source(kernel, names, params, x, tile, stop - start), rhs, start, stop, tile)
     if parts is None:
         return local
     check = rhs.sum(-2).expand(*local.shape[:-2], rhs.shape[-1])  # the same on every rank, or they diverged
@@ -455,9 +459,9 @@ def _tiled(source, rhs: Tensor, start: int, stop: int, tile: tuple[int, int]) ->
 def _transposed_product(kernel, names, params, x: Tensor, grad: Tensor, tile, span) -> Tensor:
     """``K[span, :]^T grad`` ``(..., n, c)`` for ``grad`` ``(..., stop - start, c)``, one tile at a time."""
     start, stop = span
-    source = _tile_source(kernel, names, params, x, tile)
     if start >= stop:  # no rows: no share
         return grad.new_zeros(*grad.shape[:-2], x.shape[-2], grad.shape[-1])
+    source = _tile_source(kernel, names, params, x, tile, stop - start)
     out = None
     for b, t in _tiles(start, stop, x.shape[-2], tile):
         part = source(b, t).mT @ grad[..., b.start - start : b.stop - start, :]

@@ -27,6 +27,7 @@ from structgp import distributed
 
 if TYPE_CHECKING:
     from structgp.covariance.sparse_lifted import Lift
+    from structgp.distributed.rows import Rows
 
 
 def own_rows(lift: Lift) -> tuple[Lift, int, int, int, tuple[tuple[int, int], ...]] | None:
@@ -40,6 +41,15 @@ def own_rows(lift: Lift) -> tuple[Lift, int, int, int, tuple[tuple[int, int], ..
     start, stop = parts[distributed.rank()]
     local, a, b = lift.rows(start, stop)
     return local, start, a, b, parts
+
+
+def rows_and_values(lift: Lift, part: Rows | None) -> tuple[Lift, Tensor]:
+    """``lift`` and its values ``(nnz,)``, or, for a partitioned computation's rows ``part``, the lift of those
+    rows (:meth:`Lift.rows`, applied whole) and its slice of the values (differentiable)."""
+    if part is None:
+        return lift, lift.values
+    local, a, b = lift.rows(part.start, part.stop)
+    return local, lift.values[a:b]
 
 
 def product(values: Tensor, x: Tensor, lift: Lift, transpose: bool) -> Tensor:

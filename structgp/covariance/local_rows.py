@@ -30,6 +30,7 @@ from torch import Tensor
 from structgp.covariance.diagonal import Diagonal, ScaledIdentity
 from structgp.covariance.indexing import entries
 from structgp.covariance.kernel_operator import KernelOperator, kernel_block
+from structgp.covariance.lift_products import rows_and_values
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import SparseLifted
 from structgp.covariance.sum import AddedDiagonal, Sum
@@ -127,8 +128,8 @@ def _(op: Sum, search: Search) -> Tensor:
 @rows_product.register
 def _(op: SparseLifted, search: Search) -> Tensor:
     part = search.part
-    local, a, b = op.lift.rows(part.start, part.stop)  # this rank's rows of L, applied whole
-    values = op.lift.values[a:b].to(search.local.dtype)
+    local, values = rows_and_values(op.lift, part)  # this rank's rows of L, applied whole
+    values = values.to(search.local.dtype)
     z = sum_shared(local.tmatmul(search.local, values), part, "the latent vectors L^T p")
     return local.matmul(op.base._matmul(z), values)
 

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from structgp.covariance.indexing import entries
 from structgp.covariance.kron import kron_vector
+from structgp.covariance.lift_products import rows_and_values
 from structgp.covariance.local_rows import partitionable, weighted_columns
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift
@@ -321,7 +322,9 @@ class SubspaceNystromFamily(Family):
         k_op = self.base(op)
         u = self.vectors.to(k_op.dtype)
         ku = k_op._matmul(u) if self.products is None else self.products(op).to(k_op.dtype)
-        lift, values = self._rows_of_lift(op)
+        lift, values = self.lift(op), None
+        if lift is not None:  # this rank's rows of L when partitioned
+            lift, values = rows_and_values(lift, part)
         m_c = m_c.to(ku.dtype)
         lt_m = m_c if lift is None else total(lift.tmatmul(m_c, values.detach().to(m_c.dtype)))  # L^T m_c (..., m, k)
         weight = lt_m - u @ m_w.to(ku.dtype)
@@ -333,14 +336,6 @@ class SubspaceNystromFamily(Family):
         if lift is not None and values.requires_grad:  # the lift's own values are parameters
             out = out + (m_c * lift.matmul(ku.detach(), values.to(ku.dtype))).sum((-2, -1)).double()
         return out
-
-    def _rows_of_lift(self, op: Operator) -> tuple[Lift | None, Tensor | None]:
-        """The lift of ``op`` and its values, or this rank's rows of them (applied whole) when partitioned."""
-        lift = self.lift(op)
-        if lift is None or self.part is None:
-            return lift, (None if lift is None else lift.values)
-        local, a, b = lift.rows(self.part.start, self.part.stop)
-        return local, lift.values[a:b]
 
 
 def kronecker_products(

@@ -42,9 +42,10 @@ from structgp.covariance.kernel_operator import KernelOperator
 from structgp.covariance.local_rows import Search, partitionable, rows_product
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import SparseLifted
-from structgp.covariance.sum import AddedDiagonal
 from structgp.covariance.validation import host_readable
 from structgp.distributed.rows import Rows, share_gradients
+from structgp.inference.masked_kronecker_preconditioner import is_masked_grid
+from structgp.inference.preconditioners import is_lifted_sum
 
 
 def rows_for(op: Operator, rhs: Tensor | None) -> Rows | None:
@@ -67,16 +68,11 @@ def lifted_sum(op: Operator) -> bool:
     which is what one process takes for it under ``auto`` too, except for a grid with missing cells;
     ``jacobi``; ``none``), and a base whose products hold no collective of their own (no kernel matrix or lift
     inside it: its products are replicated on every rank, inside each rank's share)."""
-    if not (isinstance(op, AddedDiagonal) and isinstance(op.base, SparseLifted)) or op.batch_shape:
-        return False
-    if not partitionable(op.noise) or op.n < distributed.world():
+    if not is_lifted_sum(op) or op.batch_shape or not partitionable(op.noise) or op.n < distributed.world():
         return False
     kind = _config.current().preconditioner
     if kind not in ("auto", "lifted_eigen", "jacobi", "none"):
         return False
-    # imported here: that module builds on the preconditioners, which the engine imports after this one
-    from structgp.inference.masked_kronecker_preconditioner import is_masked_grid
-
     if kind == "auto" and is_masked_grid(op):  # one process takes the masked grid's own preconditioner
         return False
     nodes = pytree.tree_flatten(op.base.base, is_leaf=lambda node: isinstance(node, KernelOperator | SparseLifted))[0]

@@ -58,6 +58,7 @@ from torch import Tensor
 from structgp._config import Settings
 from structgp.covariance.diagonal import ScaledIdentity
 from structgp.covariance.kronecker import Kronecker
+from structgp.covariance.lift_products import rows_and_values
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift, SparseLifted, lifted_diagonal
 from structgp.covariance.sum import AddedDiagonal
@@ -310,10 +311,8 @@ def lifted_eigen_preconditioner(op: AddedDiagonal, cfg: Settings, part: Rows | N
     lam, u = eigsh(lifted.base, rank, tol=LATENT_EIGSH_TOL)
     # tiny negative eigenvalues of a PSD base (rounding) contribute nothing rather than NaN
     lam = lam.clamp_min(0)
-    lift, values = lifted.lift, lifted.lift.values
-    if part is not None:  # this rank's rows of L (a lift of some rows is applied whole)
-        lift, a, b = lift.rows(part.start, part.stop)
-        values, noise = values[a:b], part.local(noise, -1)
+    lift, values = rows_and_values(lifted.lift, part)  # this rank's rows of L when partitioned
+    noise = noise if part is None else part.local(noise, -1)
     factor = lift.matmul(u * lam.sqrt().unsqueeze(-2), values)  # sparse L times (n_in, k)
     precond = LowRankDiagonal(factor, noise, "lifted latent eigen + noise", part)
     remainder = lifted_diagonal(lift, lifted.base, values).expand_as(noise) - factor.square().sum(-1)
@@ -343,7 +342,8 @@ def _lift(op: Operator) -> Lift:
     return op.base.lift
 
 
-def _is_lifted_sum(op: Operator) -> bool:
+def is_lifted_sum(op: Operator) -> bool:
+    """Whether ``op`` is ``L B L^T + D``: a :class:`SparseLifted` plus noise."""
     return isinstance(op, AddedDiagonal) and isinstance(op.base, SparseLifted)
 
 
@@ -362,7 +362,7 @@ def build(op: Operator, cfg: Settings, part: Rows | None = None) -> Precondition
         if kind == "jacobi":
             diag = op.diagonal().expand(*op.batch_shape, op.n)
             return Jacobi(diag if part is None else part.local(diag, -1), part)
-        if part is not None and _is_lifted_sum(op) and kind in ("auto", "lifted_eigen"):
+        if part is not None and is_lifted_sum(op) and kind in ("auto", "lifted_eigen"):
             return lifted_eigen_preconditioner(op, cfg, part)
         if part is not None and kind not in ("auto", "pivoted_cholesky"):
             raise ValueError(f"preconditioner={kind!r} does not apply to {op!r}; use 'auto' or 'pivoted_cholesky'")
@@ -376,7 +376,7 @@ def build(op: Operator, cfg: Settings, part: Rows | None = None) -> Precondition
                 )
             return kronecker_preconditioner(op, cfg, "eigen" if kind == "kronecker_eigen" else "deflated")
         if kind == "lifted_eigen":
-            if not _is_lifted_sum(op):
+            if not is_lifted_sum(op):
                 raise ValueError(
                     f"preconditioner='lifted_eigen' needs a SparseLifted + diagonal operator, got {op!r}; "
                     "use 'auto', 'pivoted_cholesky', 'jacobi' or 'none'"
@@ -389,6 +389,6 @@ def build(op: Operator, cfg: Settings, part: Rows | None = None) -> Precondition
 
         if kind == "auto" and is_masked_grid(op):
             return masked_preconditioner(op)
-        if kind == "auto" and _is_lifted_sum(op):
+        if kind == "auto" and is_lifted_sum(op):
             return lifted_eigen_preconditioner(op, cfg)
         return pivoted_cholesky_preconditioner(op, cfg.precond_rank)
