@@ -7,6 +7,8 @@ where those are far above what the path legitimately holds).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,4 +37,34 @@ class LargestOutput(TorchDispatchMode):
                 size = stored_elements(t)
                 if size > self.largest:
                     self.largest, self.where = size, f"{func} -> {tuple(t.shape)} ({t.layout})"
+        return out
+
+
+class LivePeak(TorchDispatchMode):
+    """The peak bytes of live tensor storage created by aten ops inside the context (``peak``): each output's
+    storage counted once, from its creation until it is freed. Sparse and other non-strided outputs are left
+    out; storage created before the context is not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _freed(self, ptr: int) -> None:
+        self.current -= self.live.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr == 0 or ptr in self.live:
+                continue
+            self.live[ptr] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._freed, ptr)
         return out

@@ -412,6 +412,9 @@ def _(op: Kronecker, i: Tensor, j: Tensor) -> Tensor:
 
 @entries.register
 def _(op: KernelOperator, i: Tensor, j: Tensor) -> Tensor:
+    if i.dim() == 2 and i.shape[-1] == 1 and j.dim() == 1:  # a block (m, 1) x (k,): k(x[i], x[j]), O(m k)
+        block = evaluate_kernel(op.kernel, op.names, op.params, op.x[..., i[:, 0], :], op.x[..., j, :])
+        return op.scale[..., None, None] * block
     # each pair (i, j) evaluated on its own (the kernel's diag mode on the paired inputs): O(pairs x d)
     i, j = torch.broadcast_tensors(i, j)
     x1, x2 = op.x[..., i.reshape(-1), :], op.x[..., j.reshape(-1), :]

@@ -9,7 +9,8 @@ it, each a ``functools.singledispatch`` rule:
 - :func:`matmul_rows`: rows ``start:stop`` of ``A V`` for the full ``V`` ``(n, c)``, differentiable, with no
   collective in the forward or the backward (the caller sums the gradients' shares over the ranks).
 - :func:`rows_product`: this rank's rows of ``A P`` from this rank's rows of ``P`` (:class:`Search`),
-  differentiable with gradients as shares: kernel matrices gather ``P`` once and take :func:`matmul_rows`;
+  differentiable with gradients as shares: kernel matrices gather ``P`` once and take :func:`matmul_rows`
+  (saving this rank's rows of ``P`` for the backward, which gathers them again: :meth:`Search.saved_as_rows`);
   diagonals need no gather; a :class:`~structgp.covariance.SparseLifted` ``L B L^T`` sums its rows' latent
   vectors ``L_r^T P_r`` over the ranks (one all-gather of ``(n_in, c)``, never ``(n, c)``) and applies its rows
   of ``L`` to ``B z``, its base replicated on every rank.
@@ -22,7 +23,9 @@ it, each a ``functools.singledispatch`` rule:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -102,11 +105,41 @@ class Search:
     def whole(self) -> Tensor:
         return self.part.gather(self.local)
 
+    @contextlib.contextmanager
+    def saved_as_rows(self) -> Iterator[Tensor]:
+        """``whole``, which autograd saves for the backward as this rank's rows only and gathers again when the
+        backward reads it: a rank keeps ``(rows, c)`` rather than ``(n, c)`` between the forward and the backward
+        (one more all-gather in the backward; every rank runs the same backward, so the collectives match).
+        Raises in the backward if ``local`` was modified in place after the product."""
+        whole, local, part = self.whole, self.local.detach(), self.part
+        # autograd keeps the hooks with each saved tensor: they hold the gathered tensor's address, not the tensor
+        key = (whole.data_ptr(), whole.shape, whole.stride())
+        rows = (part, local, local._version)
+
+        def pack(t: Tensor) -> Tensor | tuple[Rows, Tensor, int]:
+            return rows if (t.data_ptr(), t.shape, t.stride()) == key else t
+
+        def unpack(saved: Tensor | tuple[Rows, Tensor, int]) -> Tensor:
+            if isinstance(saved, Tensor):
+                return saved
+            owner, mine, version = saved
+            if mine._version != version:
+                raise RuntimeError(
+                    "a partitioned product's search directions were modified in place before its backward; "
+                    "pass a copy to the product"
+                )
+            return owner.gather(mine, "the search directions saved for the backward")
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield whole
+
 
 @functools.singledispatch
 def rows_product(op: Operator, search: Search) -> Tensor:
-    """This rank's rows ``(rows, c)`` of ``op @ P`` for ``P``'s rows ``search`` (see the module)."""
-    return matmul_rows(op, search.whole, search.part.start, search.part.stop)
+    """This rank's rows ``(rows, c)`` of ``op @ P`` for ``P``'s rows ``search`` (see the module); the gathered
+    ``P`` is saved for the backward as this rank's rows (:meth:`Search.saved_as_rows`)."""
+    with search.saved_as_rows() as whole:
+        return matmul_rows(op, whole, search.part.start, search.part.stop)
 
 
 @rows_product.register(Diagonal)

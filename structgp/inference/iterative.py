@@ -71,6 +71,7 @@ from structgp.covariance.kernel_operator import KernelOperator
 from structgp.covariance.kronecker import Kronecker
 from structgp.covariance.low_rank import LowRank
 from structgp.covariance.operator import Operator
+from structgp.covariance.sparse_lifted import SparseLifted
 from structgp.covariance.sum import AddedDiagonal, Sum
 from structgp.covariance.validation import host_readable
 from structgp.distributed.rows import Rows
@@ -78,8 +79,9 @@ from structgp.inference import partitioned, report
 from structgp.inference.cg import CGResult, pcg
 from structgp.inference.control_variate import Family
 from structgp.inference.cost_model import Work, differentiated, seconds
+from structgp.inference.masked_kronecker_preconditioner import is_masked_grid
 from structgp.inference.plan import Cost, Engine, describe, register, structurally_singular
-from structgp.inference.preconditioners import Preconditioner, build
+from structgp.inference.preconditioners import Preconditioner, build, factor_arrays
 from structgp.inference.slq import slq_logdet
 
 # planning constant: PCG iterations at cg_tol 1e-6 with the default preconditioners (measured 2-13 on the
@@ -131,6 +133,12 @@ def _(op: KernelOperator, columns: int = 1) -> float:
     # the product itself plus the kernel's evaluation (about 3 d + 20 flops an entry: distances, exp),
     # once per product: every row block is evaluated once for all the columns
     return 2.0 * op.n * op.n * columns + op.n * op.n * (3.0 * op.x.shape[-1] + 20.0)
+
+
+@matvec_flops.register
+def _(op: SparseLifted, columns: int = 1) -> float:
+    # L^T V and L Z (two passes over the lift's entries) around the base's product
+    return 4.0 * op.lift.nnz * columns + matvec_flops(op.base, columns)
 
 
 @matvec_flops.register
@@ -361,6 +369,12 @@ class ConjugateGradients(Engine):
         """Flops of the forward run; the expected seconds add the gradient's products (``GRADIENT_PRODUCTS``
         more products with all columns) when the call will be differentiated."""
         cfg = _config.current()
+        if cfg.preconditioner == "auto" and is_masked_grid(op):
+            # the same run as the masked grid engine's (its preconditioner is what 'auto' builds here); that
+            # module subclasses this one: imported here
+            from structgp.inference.masked_grid import MaskedGrid
+
+            return MaskedGrid.cost(self, op)
         batch, n, k = op.batch_shape.numel(), op.n, min(cfg.precond_rank, op.n)
         columns = cfg.num_probes + 1
         iterations = min(EXPECTED_ITERATIONS, cfg.max_iter)
@@ -368,10 +382,12 @@ class ConjugateGradients(Engine):
         vectors = columns * (4.0 * n * k + 12.0 * n)  # preconditioner solve and CG's vector updates
         setup = n * k * k  # pivoted Cholesky (columns are read directly for the common structures)
         flops = batch * (iterations * (product + vectors) + setup)
-        nbytes = batch * (6 * columns * n + 2 * n * k) * op.dtype.itemsize
+        arrays, factor_rank = factor_arrays(op, cfg)  # the preconditioner's (n, k) arrays, its control variate's
+        per_row = 6 * columns + arrays * factor_rank
+        nbytes = batch * per_row * n * op.dtype.itemsize
         part = partitioned.rows_for(op, None)
-        if part is not None:  # this rank's rows of the vectors and factor, and one gathered search direction
-            nbytes = (6 * columns + 2 * k) * part.size * op.dtype.itemsize + columns * n * op.dtype.itemsize
+        if part is not None:  # this rank's rows, and a gathered search direction (the gathered blocks, joined)
+            nbytes = (per_row * part.size + 2 * columns * n) * op.dtype.itemsize
         extra = GRADIENT_PRODUCTS * product if differentiated(op) else 0.0
         work = Work(product=flops + batch * extra)
         return Cost(flops, float(nbytes), seconds(work, op.device, op.dtype))

@@ -21,8 +21,9 @@ and solves equal to one process's up to the order of the sums (measured in float
 most 1.9e-12 of the largest entry for kernel matrices, 5.9e-13 for lifts; two solves agree to about the
 solver's tolerance). Memory a rank: about
 ``(n / P) (8 c + 3 k)`` numbers for the vectors, the factor and the control variate's weights, plus what does
-not shrink with ``P``: the gathered ``(n, c)`` search directions and a few kernel tiles, of a fixed size
-(:mod:`structgp.covariance.kernel_operator`).
+not shrink with ``P``: the gathered ``(n, c)`` search directions while a product runs (a differentiable
+product keeps only this rank's rows of them for its backward and gathers them again there), and a few kernel
+tiles, of a fixed size (:mod:`structgp.covariance.kernel_operator`).
 
 The gradients are computed as shares (:mod:`structgp.distributed.rows`): the surrogates of
 :mod:`.iterative` sum over this rank's rows, the control variate's sums over rows are summed over the ranks,

@@ -351,6 +351,27 @@ def _is_kronecker_sum(op: Operator) -> bool:
     return isinstance(op, AddedDiagonal) and isinstance(op.base, Kronecker) and not op.base.is_diagonal
 
 
+# (n, k) arrays held at once by the preconditioner with its gradient's control variate (measured, peak live
+# tensors of one value + gradient): pivoted Cholesky 3 (its factor; the first-order control variate's B and
+# G_C), the lifted eigen preconditioner 5 (F; SubspaceNystromFamily's four)
+PIVOTED_ARRAYS, LIFTED_ARRAYS = 3, 5
+
+
+def factor_arrays(op: Operator, cfg: Settings) -> tuple[int, int]:
+    """``(arrays, k)``: how many ``(n, k)`` arrays the preconditioner :func:`build` gives ``op`` under ``cfg``
+    holds at once with its control variate, for the iterative engine's memory estimate (no numerical work).
+    Without the control variate only the factor; Jacobi and none hold no ``(n, k)`` array; the Kronecker and
+    masked-grid preconditioners are counted as two (not measured)."""
+    kind, control_variate = cfg.preconditioner, cfg.logdet_control_variate
+    if kind in ("none", "jacobi"):
+        return 0, 0
+    if kind in ("auto", "lifted_eigen") and is_lifted_sum(op):
+        return (LIFTED_ARRAYS if control_variate else 1), min(cfg.precond_rank, op.base.n_in, op.n)
+    if kind in ("auto", "pivoted_cholesky") and not _is_kronecker_sum(op):
+        return (PIVOTED_ARRAYS if control_variate else 1), min(cfg.precond_rank, op.n)
+    return 2, min(cfg.precond_rank, op.n)
+
+
 def build(op: Operator, cfg: Settings, part: Rows | None = None) -> Preconditioner:
     """The preconditioner for ``op`` under ``cfg.preconditioner`` (runs without autograd); ``part``: this
     rank's rows of a partitioned run (``"none"``, ``"jacobi"``, pivoted Cholesky and, for ``L B L^T + D``, the

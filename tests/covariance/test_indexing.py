@@ -265,3 +265,36 @@ def test_kernel_operator_entries_take_broadcasting_index_tensors_without_densify
         warnings.simplefilter("error", DenseIndexWarning)
         out = entries(op, i, j)
     torch.testing.assert_close(out, op.to_dense()[..., i, j], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_kernel_operator_entries_of_a_block_index_evaluate_the_block(batched, monkeypatch):
+    # i (m, 1) x j (k,): the block k(x[i], x[j]) (O(m k) memory, not the pairs' O(m k d)), equal to the dense
+    # matrix's entries, with gradients through the inputs and the raw parameters
+    import gpytorch
+
+    from structgp.covariance import KernelOperator
+    from structgp.covariance.indexing import entries
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(*((2,) if batched else ()), 9, 2, dtype=torch.float64, generator=gen).requires_grad_()
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel()).double()
+    raw = [torch.tensor(0.3, dtype=torch.float64).requires_grad_(), torch.tensor([[-0.2]], dtype=torch.float64)]
+    i, j = torch.tensor([[4], [0], [7]]), torch.tensor([7, 2, 4, 8])
+
+    def block(x: torch.Tensor, raw_scale: torch.Tensor) -> torch.Tensor:
+        return entries(KernelOperator(kernel, x, [raw_scale, raw[1]]), i, j)
+
+    from structgp.covariance import indexing
+
+    inputs = []
+    evaluate = indexing.evaluate_kernel
+    monkeypatch.setattr(indexing, "evaluate_kernel", lambda *a, **kw: inputs.append(a[3:]) or evaluate(*a, **kw))
+    op = KernelOperator(kernel, x, raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DenseIndexWarning)
+        out = entries(op, i, j)
+    assert [(a.shape[-2], b.shape[-2]) for a, b in inputs] == [(3, 4)]  # the 3 rows and 4 columns, not 12 pairs
+    assert out.shape == (*x.shape[:-2], 3, 4)
+    torch.testing.assert_close(out, op.to_dense()[..., i, j], rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(block, (x, raw[0]))

@@ -21,6 +21,7 @@ from torch import Tensor
 
 import structgp as sg
 from structgp.covariance import AddedDiagonal, Diagonal, KernelOperator, ScaledIdentity, Sum
+from structgp.covariance.local_rows import Search, rows_product
 from structgp.distributed.rows import Rows
 from structgp.inference.pivoted_cholesky import pivoted_cholesky_pivots
 from tests.distributed.spawn import join, spawn
@@ -92,10 +93,28 @@ def evaluate() -> dict[str, object]:
     return out
 
 
+def _modified_search_directions() -> str:
+    """The error of a backward whose product's search directions (saved as this rank's rows and gathered
+    again in the backward) were modified in place after the product, or "" if none was raised."""
+    t = leaves()
+    with sg.settings(**CG):
+        op = rbf_operator(t).base
+        part = Rows.of(N, op.tile()[0])
+        local = part.local(torch.randn(N, 3, generator=torch.Generator().manual_seed(2), dtype=F64)).clone()
+        out = rows_product(op, Search(local, part))
+        local.add_(1.0)
+        try:
+            torch.autograd.grad(out.sum(), [t["x"]])
+        except RuntimeError as error:
+            return str(error)
+    return ""
+
+
 def _session(rank: int, world: int, port: int, folder: str) -> None:
     join(rank, world, port, folder, timeout=60.0)
     out = evaluate()
     out["rows"] = Rows.of(N, BLOCK).parts
+    out["modified"] = _modified_search_directions()
     torch.save(out, Path(folder, f"rank{rank}.pt"))
     sg.distributed.shutdown()
 
@@ -157,6 +176,13 @@ def test_the_ranks_agree_bitwise(ranks):
             assert torch.equal(value, ranks[1][key]), key
         elif isinstance(value, list) and value and isinstance(value[0], Tensor):
             assert all(torch.equal(a, b) for a, b in zip(value, ranks[1][key])), key
+
+
+def test_a_product_saves_its_rows_of_the_search_directions(ranks):
+    # the gathered directions are saved as this rank's rows themselves (gathered again in the backward), not
+    # as a gathered copy: an in-place change of the rows after the product must be caught there
+    for out in ranks:
+        assert "modified in place before its backward" in out["modified"]
 
 
 def test_the_reference_is_dense_torch(reference):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 from torch.func import grad
 
 import structgp as sg
@@ -75,6 +76,47 @@ def test_matvec_flops_rules():
     with cg():
         small, large = sg.plan(Dense(spd(50))), sg.plan(Dense(spd(100)))
     assert large.cost.flops > 3 * small.cost.flops
+
+
+def _lifted_sum(n_out: int, m: int, per_row: int, lengthscale: Tensor) -> tuple:
+    """``L K L^T + 0.01 I`` for a random lift of ``per_row`` cells a row of an ``m^3`` grid kernel whose
+    lengthscale is ``lengthscale`` (differentiable), and a right-hand side."""
+    from structgp.covariance.sparse_lifted import SparseLifted
+
+    gen = torch.Generator().manual_seed(3)
+    cols = torch.randint(0, m**3, (n_out, per_row), generator=gen)
+    vals = torch.rand(n_out, per_row, dtype=F64, generator=gen) + 0.2
+    rows = torch.arange(n_out).repeat_interleave(per_row)
+    lift = torch.sparse_coo_tensor(torch.stack([rows, cols.reshape(-1)]), vals.reshape(-1), (n_out, m**3)).coalesce()
+    axis = torch.linspace(0, 1, m, dtype=F64)
+    k = torch.exp(-0.5 * (axis[:, None] - axis[None, :]).square() / lengthscale.square())
+    op = SparseLifted(lift, Kronecker(k, k, k)) + ScaledIdentity(torch.tensor(0.01, dtype=F64), n_out)
+    return op, torch.randn(n_out, dtype=F64, generator=gen)
+
+
+def test_matvec_flops_of_a_lift_are_its_entries_and_its_base_s():
+    op, _ = _lifted_sum(500, 6, 3, torch.tensor(0.3, dtype=F64))
+    lifted = op.base
+    assert matvec_flops(lifted, 5) == 4 * lifted.lift.nnz * 5 + matvec_flops(lifted.base, 5)
+    assert matvec_flops(lifted, 5) < 2 * 500 * 500 * 5 / 10  # far from a dense product's
+
+
+def test_the_memory_estimate_follows_the_live_memory_of_a_value_and_gradient():
+    """``sg.plan``'s bytes for the lifted eigen preconditioner (its factor and its control variate's ``(n, k)``
+    arrays, ``n k`` numbers each) against the peak live tensor memory of one value + gradient, where those
+    arrays dominate (n = 6000 rows, k = 256): within 25 %."""
+    from tests.memory_guard import LivePeak
+
+    lengthscale = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    op, y = _lifted_sum(6000, 10, 4, lengthscale)
+    with cg(precond_rank=256):
+        estimate = sg.plan(op).cost.bytes
+        with LivePeak() as live:
+            inv_quad, logdet = op.inv_quad_logdet(y)
+            torch.autograd.grad(inv_quad + logdet, lengthscale)
+    assert "lifted latent eigen" in " ".join(sg.last_report().notes)
+    print(f"estimate {estimate / 2**20:.1f} MiB, live peak {live.peak / 2**20:.1f} MiB")
+    assert 0.8 * live.peak < estimate < 1.25 * live.peak
 
 
 # -- values ------------------------------------------------------------------------------------------
