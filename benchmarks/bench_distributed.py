@@ -15,11 +15,13 @@ Each configuration runs in fresh processes spawned by ``torch.multiprocessing``:
     seconds wall time of one value + gradient (the slowest rank), after ``--warmup`` untimed calls
     cpu     each rank's CPU seconds over that call (robust to other jobs on a shared machine)
     peak    each rank's resident-set growth over the timed call (CPU; torch's peak on a GPU)
+    live    with --live-tensors: each rank's peak live tensor memory over that call (storage from creation to
+            release, counted by a dispatch mode: the allocator's and the runtime's own memory left out)
     rows    rank 0's rows of the operator (kernel: with the tile, rows x columns, its products evaluate)
 
     PYTHONPATH=. python benchmarks/bench_distributed.py --n 30000 --worlds 1 2
     PYTHONPATH=. python benchmarks/bench_distributed.py --n 30000 --num-probes 32 --precond-rank 256 --warmup 0 \
-        --mmap-threshold 1048576          # the library's defaults; peak memory that follows live memory
+        --mmap-threshold 1048576 --live-tensors   # the library's defaults; peak memory that follows live memory
     PYTHONPATH=. python benchmarks/bench_distributed.py --model lifted --n 200000 --m 16
     python benchmarks/bench_distributed.py --device cuda --n 200000 --worlds 1 2 4 8
 """
@@ -27,6 +29,7 @@ Each configuration runs in fresh processes spawned by ``torch.multiprocessing``:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -39,7 +42,11 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _harness import _RssPeak  # noqa: E402
+
+from tests.memory_guard import LivePeak  # noqa: E402
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +62,11 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precond-rank", type=int, default=32, help="pivoted Cholesky rank (library default 256)")
     parser.add_argument("--max-iter", type=int, default=20, help="CG iterations cap (the same for every world)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (0 for long runs)")
+    parser.add_argument(
+        "--live-tensors", action="store_true",
+        help="also count each rank's peak live tensor memory (every tensor's storage from creation to release, "
+        "by a dispatch mode: tests/memory_guard.LivePeak; slows the call a little)",
+    )
     parser.add_argument("--json", type=str, default=None)
     parser.add_argument(
         "--mmap-threshold", type=int, default=None,
@@ -94,7 +106,8 @@ def _worker(rank: int, world: int, threads: int, port: int, args: argparse.Names
             value_and_gradient()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with _RssPeak() as rss:
+        live = LivePeak() if args.live_tensors else contextlib.nullcontext()
+        with _RssPeak() as rss, live:
             start, cpu = time.perf_counter(), time.process_time()
             value = value_and_gradient()
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -104,7 +117,7 @@ def _worker(rank: int, world: int, threads: int, port: int, args: argparse.Names
         rows = op.n if parts is None else parts[0][1] - parts[0][0]
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak - rss.base
     result = {"rank": rank, "seconds": seconds, "cpu": cpu, "peak_mib": peak / 2**20, "value": value, "rows": rows,
-              "tile": tile}
+              "tile": tile, "live_mib": live.peak / 2**20 if args.live_tensors else None}
     Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
     sg.distributed.shutdown()
 
@@ -123,29 +136,11 @@ def _kernel_model(args: argparse.Namespace):
 
 
 def _lifted_model(args: argparse.Namespace):
-    """The seed 002 model with a general lift: an m^3 RBF grid on [-5, 5]^3, N rows of ``per_row`` random cells
-    with random positive weights."""
-    import gpytorch
+    """The example's seed 002 model (``examples/distributed_exact_gp.lifted_model``): an m^3 RBF grid on
+    [-5, 5]^3, N rows of ``per_row`` random cells with random positive weights."""
+    from distributed_exact_gp import lifted_model
 
-    from structgp.kernels import AggregationKernel
-    from structgp.models import ExactGP
-
-    gen = torch.Generator().manual_seed(0)
-    cells, k = args.m**3, args.per_row
-    cols = torch.randint(cells, (args.n, k), generator=gen).sort(-1).values
-    keep = torch.ones_like(cols, dtype=torch.bool)
-    keep[:, 1:] = cols[:, 1:] != cols[:, :-1]  # a cell drawn twice in a row is kept once
-    rows = torch.arange(args.n).unsqueeze(-1).expand_as(cols)
-    values = torch.rand(args.n, k, generator=gen, dtype=torch.float64) + 0.2
-    indices = torch.stack([rows[keep], cols[keep]])
-    lift = torch.sparse_coo_tensor(indices, values[keep], (args.n, cells), check_invariants=True)
-    y = torch.randn(args.n, generator=gen, dtype=torch.float64)
-    axis = torch.linspace(-5, 5, args.m, dtype=torch.float64)
-    rbf = gpytorch.kernels.RBFKernel()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        lift = lift.coalesce().to_sparse_csr()
-    return ExactGP(lift, y, AggregationKernel([rbf, rbf, rbf], [axis, axis, axis]))
+    return lifted_model(argparse.Namespace(points=args.n, grid=args.m, per_row=args.per_row), torch.float64, "cpu")
 
 
 def run(world: int, threads: int, args: argparse.Namespace, folder: Path) -> list[dict]:
@@ -180,16 +175,17 @@ def main(argv: list[str] | None = None) -> None:
           f"preconditioner rank {args.precond_rank}, {args.max_iter} CG iterations (one value + gradient)"
           + ("" if args.mmap_threshold is None else f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"))
     head = (f"{'processes':>9} {'threads':>7} {'seconds':>9} {'vs 1x1':>7} {'cpu s / rank':>16} "
-            f"{'peak MiB / rank':>16} {'rows (tile)':>18} {'loss':>14}")
+            f"{'peak MiB / rank':>16} {'live MiB / rank':>16} {'rows (tile)':>18} {'loss':>14}")
     print(head)
     print("-" * len(head))
     for row in rows:
         peaks = " ".join(f"{r['peak_mib']:.0f}" for r in row["ranks"])
         cpus = " ".join(f"{r['cpu']:.1f}" for r in row["ranks"])
+        lives = " ".join("-" if r["live_mib"] is None else f"{r['live_mib']:.1f}" for r in row["ranks"])
         first = row["ranks"][0]
         part = f"{first['rows']}" + ("" if first["tile"] is None else " ({} x {})".format(*first["tile"]))
         print(f"{row['world']:9d} {row['threads']:7d} {row['seconds']:9.2f} {row['seconds'] / base:6.2f}x "
-              f"{cpus:>16} {peaks:>16} {part:>18} {first['value']:14.10f}")
+              f"{cpus:>16} {peaks:>16} {lives:>16} {part:>18} {first['value']:14.10f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

@@ -35,6 +35,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--points", type=int, default=20000, help="training points")
     parser.add_argument("--d", type=int, default=3, help="input dimensions (kernel)")
     parser.add_argument("--grid", type=int, default=16, help="grid points a dimension of the latent grid (lifted)")
+    parser.add_argument("--per-row", type=int, default=4, help="grid cells a row of the lift (lifted)")
     parser.add_argument("--iterations", type=int, default=5, help="Adam iterations")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -58,15 +59,15 @@ def kernel_model(args: argparse.Namespace, dtype: torch.dtype, device: str) -> E
 
 
 def lifted_model(args: argparse.Namespace, dtype: torch.dtype, device: str) -> ExactGP:
-    """The seed 002 model: a ``--grid``^3 RBF grid on [-5, 5]^3 lifted to ``--points`` rows of 4 random cells
-    with random positive weights (the same on every rank: a seeded generator on the CPU)."""
+    """The seed 002 model: a ``--grid``^3 RBF grid on [-5, 5]^3 lifted to ``--points`` rows of ``--per-row``
+    random cells with random positive weights (the same on every rank: a seeded generator on the CPU)."""
     gen = torch.Generator().manual_seed(0)
     n, cells = args.points, args.grid**3
-    cols = torch.randint(cells, (n, 4), generator=gen).sort(-1).values
+    cols = torch.randint(cells, (n, args.per_row), generator=gen).sort(-1).values
     keep = torch.ones_like(cols, dtype=torch.bool)
     keep[:, 1:] = cols[:, 1:] != cols[:, :-1]  # a cell drawn twice in a row is kept once
     rows = torch.arange(n).unsqueeze(-1).expand_as(cols)
-    values = torch.rand(n, 4, generator=gen, dtype=torch.float64) + 0.2
+    values = torch.rand(n, args.per_row, generator=gen, dtype=torch.float64) + 0.2
     indices = torch.stack([rows[keep], cols[keep]])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")

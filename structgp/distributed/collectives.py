@@ -22,29 +22,37 @@ def gather_rows(
     """The full ``(..., n, c)`` result from every rank's row block ``(..., rows, c)`` (rank ``r``'s rows are
     ``parts[r]``, contiguous and in order: :func:`~structgp.distributed.partition`), on every rank.
 
+    Each rank's block is broadcast straight into its rows of the result (one broadcast a rank): the only
+    ``(n, c)`` tensor is the result itself (an all-gather needs equal blocks, so padded copies and a join).
+
     check ``(..., c)``: a summary of the product's input that must be bitwise the same on every rank (the
-    right-hand side's column sums); it travels in the same message, and a rank whose summary differs from
-    rank 0's raises a :class:`DistributedError` on every rank (the ranks have diverged: different data,
-    settings or non-deterministic arithmetic) instead of a later mismatched collective."""
+    right-hand side's column sums); it is gathered first, and a rank whose summary differs from rank 0's
+    raises a :class:`DistributedError` on every rank (the ranks have diverged: different data, settings or
+    non-deterministic arithmetic) instead of a later mismatched collective."""
     world, rank = process_group.world(), process_group.rank()
     if world == 1:
         return block
     if len(parts) != world:
         raise ValueError(f"parts: expected {world} row ranges (one a rank), got {len(parts)}")
-    longest = max(stop - start for start, stop in parts)
     mine = parts[rank][1] - parts[rank][0]
     if block.shape[-2] != mine:
         raise ValueError(f"block: expected {mine} rows (rank {rank}'s {parts[rank]}), got shape {tuple(block.shape)}")
-    padded = block.new_zeros(*block.shape[:-2], longest + 1, block.shape[-1])
-    padded[..., :mine, :] = block
-    if check is not None:
-        padded[..., longest, :] = check
-    gathered = [torch.empty_like(padded) for _ in range(world)]
     with explained(f"gathering the row blocks of {what}", rank, world):
-        dist.all_gather(gathered, padded)
-    if check is not None:
-        _same_everywhere([g[..., longest, :] for g in gathered], what)
-    return torch.cat([g[..., : stop - start, :] for g, (start, stop) in zip(gathered, parts)], dim=-2)
+        if check is not None:
+            summaries = check.new_empty((world, *check.shape))
+            dist.all_gather(list(summaries.unbind(0)), check.contiguous())
+            _same_everywhere(list(summaries.unbind(0)), what)
+        out = block.new_empty(*block.shape[:-2], parts[-1][1], block.shape[-1])
+        for r, (start, stop) in enumerate(parts):  # every part has rows (:func:`partition`)
+            rows = out[..., start:stop, :]
+            # batched rows are strided in ``out``: they travel through a contiguous buffer
+            buffer = rows if rows.is_contiguous() else torch.empty_like(rows, memory_format=torch.contiguous_format)
+            if r == rank:
+                buffer.copy_(block)
+            dist.broadcast(buffer, src=r)
+            if buffer is not rows:
+                rows.copy_(buffer)
+    return out
 
 
 def all_reduce_sum(tensors: Sequence[Tensor | None], what: str = "gradients") -> list[Tensor | None]:

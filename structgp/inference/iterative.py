@@ -135,10 +135,16 @@ def _(op: KernelOperator, columns: int = 1) -> float:
     return 2.0 * op.n * op.n * columns + op.n * op.n * (3.0 * op.x.shape[-1] + 20.0)
 
 
+# flops-equivalent of one entry of a sparse lift times one column, in one pass (L z or L^T p): the pass is
+# bound by memory, not arithmetic (measured 35-195, median about 80, against the dense product rate, CPU,
+# float64, 33 columns, 5e4-2e5 rows of 4 entries of 4096-125 000 cells, 1-2 threads)
+LIFT_ENTRY_FLOPS = 80.0
+
+
 @matvec_flops.register
 def _(op: SparseLifted, columns: int = 1) -> float:
     # L^T V and L Z (two passes over the lift's entries) around the base's product
-    return 4.0 * op.lift.nnz * columns + matvec_flops(op.base, columns)
+    return 2 * LIFT_ENTRY_FLOPS * op.lift.nnz * columns + matvec_flops(op.base, columns)
 
 
 @matvec_flops.register
@@ -170,16 +176,45 @@ def _detached(op: Operator) -> Operator:
     return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, op)
 
 
-def rademacher(shape: tuple[int, ...], like: Tensor, seed: int) -> Tensor:
-    """Rademacher (+-1) entries of ``shape`` from a generator seeded with ``seed`` on ``like``'s device.
+# rows of probes drawn at a time when only some rows are kept (CPU): 2 MiB of int8 at 32 probes
+PROBE_BLOCK_ROWS = 2**16
+
+
+def rademacher(shape: tuple[int, ...], like: Tensor, seed: int, rows: tuple[int, int] | None = None) -> Tensor:
+    """Rademacher (+-1) entries of ``shape`` ``(..., n, p)`` from a generator seeded with ``seed`` on ``like``'s
+    device; ``rows`` ``(start, stop)``: only those rows of the same draw, ``(..., stop - start, p)``.
 
     The draw depends on no tensor's values, so it is made outside any functorch transform: under ``vmap``
     every batch member gets the probes a call outside ``vmap`` would (vmap's randomness mode is not asked).
-    """
+    On the CPU the bits are drawn as int8 (the same values as an int64 draw: one generator draw an entry,
+    in order) and, for ``rows`` of an unbatched draw, a block of rows at a time, keeping only those rows
+    (a partitioned run's rank holds ``(rows, p)``, never the whole ``(n, p)``); elsewhere the whole draw is
+    sliced (the CUDA generator's stream is not consumed entry by entry)."""
     gen = torch.Generator(device=like.device).manual_seed(seed)
+    cpu = like.device.type == "cpu"
+    kind = torch.int8 if cpu else torch.int64
     with torch._C._DisableFuncTorch():
-        bits = torch.randint(0, 2, shape, generator=gen, device=like.device)
+        if rows is None or not cpu or len(shape) != 2:
+            bits = torch.randint(0, 2, shape, generator=gen, device=like.device, dtype=kind)
+            if rows is not None:
+                bits = bits.narrow(-2, rows[0], rows[1] - rows[0])
+        else:
+            bits = _row_block_draw(shape, gen, rows)
     return (2 * bits - 1).to(like.dtype)
+
+
+def _row_block_draw(shape: tuple[int, int], gen: torch.Generator, rows: tuple[int, int]) -> Tensor:
+    """Rows ``start:stop`` of ``randint(0, 2, shape)`` (int8, CPU), drawn ``PROBE_BLOCK_ROWS`` rows at a time up to
+    ``stop``: the rows before ``start`` are drawn (the stream is sequential) and dropped."""
+    (start, stop), p = rows, shape[-1]
+    out = torch.empty(stop - start, p, dtype=torch.int8)
+    for first in range(0, stop, PROBE_BLOCK_ROWS):
+        last = min(first + PROBE_BLOCK_ROWS, stop)
+        block = torch.randint(0, 2, (last - first, p), generator=gen, dtype=torch.int8)
+        lo, hi = max(first, start), last
+        if lo < hi:
+            out[lo - start : hi - start] = block[lo - first : hi - first]
+    return out
 
 
 @contextlib.contextmanager
@@ -250,9 +285,10 @@ def _run(op: Operator, rhs: Tensor | None, probes: bool) -> _Run:
     with torch.no_grad(), _explain_vmap():
         precond = build(det, cfg, part)
         columns = [] if rhs is None else [local(rhs.detach().to(working).expand(*batch, n, rhs.shape[-1]))]
-        if probes:  # one process's probes (the seeded stream drawn whole), this rank's rows of them
+        if probes:  # one process's probes (the seeded stream), this rank's rows of them
             like = torch.empty((), dtype=working, device=op.device)
-            eps = local(rademacher((*op.batch_shape, n, cfg.num_probes), like, cfg.seed))
+            span = None if part is None else (part.start, part.stop)
+            eps = rademacher((*op.batch_shape, n, cfg.num_probes), like, cfg.seed, span)
             z = precond.root_matmul(eps).expand(*batch, eps.shape[-2], cfg.num_probes)
             columns.append(z)
         result = _solve_columns(det, precond, cfg, torch.cat(columns, dim=-1), part)

@@ -14,7 +14,8 @@ factor) kept as this rank's rows only:
 - the pivoted Cholesky preconditioner is built collectively (:mod:`.pivoted_cholesky`: one all-gather
   picks each pivot, each rank fills its rows) and its pivots are one process's; the lifted eigen
   preconditioner of ``L B L^T + D`` takes this rank's rows of ``F = L U Lambda^{1/2}``;
-- the probes are one process's (the seeded stream, drawn whole), sliced to this rank's rows.
+- the probes are one process's (the seeded stream), this rank's rows of them only (on the CPU drawn a block of
+  rows at a time, :func:`.iterative.rademacher`).
 
 Every rank therefore runs one process's recursion on its rows: the same pivots, and coefficients, values
 and solves equal to one process's up to the order of the sums (measured in float64 at ``cg_tol=1e-12``: at

@@ -11,7 +11,7 @@ from torch.func import grad
 import structgp as sg
 from structgp.covariance import Dense, Diagonal, Kronecker, LowRank, ScaledIdentity, Sum
 from structgp.inference import CGConvergenceWarning
-from structgp.inference.iterative import matvec_flops
+from structgp.inference.iterative import LIFT_ENTRY_FLOPS, matvec_flops
 from tests.reference import F64, dense_inv_quad_logdet, positive, spd
 
 
@@ -97,8 +97,9 @@ def _lifted_sum(n_out: int, m: int, per_row: int, lengthscale: Tensor) -> tuple:
 def test_matvec_flops_of_a_lift_are_its_entries_and_its_base_s():
     op, _ = _lifted_sum(500, 6, 3, torch.tensor(0.3, dtype=F64))
     lifted = op.base
-    assert matvec_flops(lifted, 5) == 4 * lifted.lift.nnz * 5 + matvec_flops(lifted.base, 5)
-    assert matvec_flops(lifted, 5) < 2 * 500 * 500 * 5 / 10  # far from a dense product's
+    # two memory-bound passes over the entries, flops-equivalent (LIFT_ENTRY_FLOPS each), around the base's
+    assert matvec_flops(lifted, 5) == 2 * LIFT_ENTRY_FLOPS * lifted.lift.nnz * 5 + matvec_flops(lifted.base, 5)
+    assert matvec_flops(lifted, 5) < 2 * 500 * 500 * 5  # not a dense product's
 
 
 def test_the_memory_estimate_follows_the_live_memory_of_a_value_and_gradient():
@@ -573,3 +574,18 @@ def test_gradients_within_one_percent_sparse_lifted():
     print(f"sparse lifted: value errors {values}, gradient errors {grads}")
     assert max(values) < 1e-5
     assert max(max(g) for g in grads) < 0.01, grads
+
+
+@pytest.mark.parametrize("span", [(0, 30), (5, 23), (21, 30), (0, 1)])
+def test_probes_by_rows_are_the_rows_of_the_whole_draw(span, monkeypatch):
+    # a partitioned rank draws its rows of the probes a block of rows at a time (7 here) and must get the
+    # rows of one process's draw: the int64 stream that the probes have always been drawn from
+    from structgp.inference import iterative
+
+    monkeypatch.setattr(iterative, "PROBE_BLOCK_ROWS", 7)
+    like = torch.empty((), dtype=F64)
+    whole = 2.0 * torch.randint(0, 2, (30, 4), generator=torch.Generator().manual_seed(9)).to(F64) - 1
+    torch.testing.assert_close(iterative.rademacher((30, 4), like, 9), whole, rtol=0, atol=0)
+    rows = iterative.rademacher((30, 4), like, 9, span)
+    torch.testing.assert_close(rows, whole[span[0] : span[1]], rtol=0, atol=0)
+    assert rows.untyped_storage().nbytes() == rows.numel() * 8  # only the rows are kept
