@@ -28,7 +28,7 @@ from structgp.distributed.collectives import gather_rows
 from structgp.distributed.errors import explained
 from structgp.distributed.partition import partition
 
-SUM_CHUNK = 2**20  # entries of a sum over ranks gathered at a time (8 MiB a rank in float64)
+SUM_CHUNK = 2**18  # entries of a sum over ranks gathered at a time (2 MiB a rank in float64)
 
 
 @dataclasses.dataclass(frozen=True)
