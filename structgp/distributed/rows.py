@@ -77,8 +77,8 @@ class Rows:
     def sum(self, t: Tensor, what: str = "partial sums") -> Tensor:
         """``t`` summed over the ranks in rank order (bitwise the same on every rank; no autograd). A large
         ``t`` is gathered ``SUM_CHUNK`` entries at a time, so the gathered copies take ``world x SUM_CHUNK``
-        entries rather than ``world`` times ``t`` (the lifted control variate's ``(n_in, k)`` sums: 256 MB
-        each for seed 002's 125 000 cells at rank 256)."""
+        entries rather than ``world`` times ``t`` (a lift's latent vectors ``L^T p``, ``(n_in, c)``: 33 MB for
+        seed 002's 125 000 cells and 33 columns)."""
         flat = t.detach().reshape(-1)
         if flat.numel() <= SUM_CHUNK:
             return self.stack(flat, what).sum(0).view(t.shape)

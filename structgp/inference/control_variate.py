@@ -51,6 +51,7 @@ from structgp.covariance.local_rows import partitionable, weighted_columns
 from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import Lift
 from structgp.covariance.validation import host_readable
+from structgp.distributed.partition import partition
 from structgp.distributed.rows import Rows
 from structgp.inference.kronecker_spectrum import eigenvector_columns
 from structgp.inference.pivoted_cholesky import column
@@ -273,8 +274,9 @@ class SubspaceNystromFamily(Family):
     only the top 64 or 128 of ~500 (the rest of ``P`` fixed) gave gradients worse than no control variate.
 
     ``part``: a run partitioned by rows (:mod:`.partitioned`): ``G``, ``B``, ``v`` and the noise are this rank's
-    rows and ``L`` is applied by its rows; ``a_i`` and ``L^T (...)`` are summed over the ranks (fixed weights),
-    the ``K U`` term, the same on every rank, is counted on rank 0 only, and the rest are this rank's share."""
+    rows and ``L`` is applied by its rows; ``a_i`` is summed over the ranks (fixed weights), and each rank's share
+    of the ``K U`` terms is ``<M_C, L (K U)>`` over its rows less ``<M_W, U^T K U>`` over its slice of the base's
+    rows (``K U`` is computed on every rank; no ``m x k`` sum over ranks), the rest over its rows."""
 
     def __init__(
         self,
@@ -322,20 +324,32 @@ class SubspaceNystromFamily(Family):
         k_op = self.base(op)
         u = self.vectors.to(k_op.dtype)
         ku = k_op._matmul(u) if self.products is None else self.products(op).to(k_op.dtype)
-        lift, values = self.lift(op), None
-        if lift is not None:  # this rank's rows of L when partitioned
-            lift, values = rows_and_values(lift, part)
-        m_c = m_c.to(ku.dtype)
-        lt_m = m_c if lift is None else total(lift.tmatmul(m_c, values.detach().to(m_c.dtype)))  # L^T m_c (..., m, k)
-        weight = lt_m - u @ m_w.to(ku.dtype)
-        out = (weight * ku).sum((-2, -1)).double()
-        if part is not None and part.rank != 0:  # the same on every rank: rank 0's share
-            out = torch.zeros_like(out)
+        lift = self.lift(op)
+        m_c, m_w = m_c.to(ku.dtype), m_w.to(ku.dtype)
+        if part is not None:
+            out = _partitioned_subspace_terms(rows_and_values(lift, part), u, ku, m_c, m_w, part)
+        else:
+            lt_m = m_c if lift is None else lift.tmatmul(m_c, lift.values.detach().to(m_c.dtype))  # L^T m_c (..., m, k)
+            out = ((lt_m - u @ m_w) * ku).sum((-2, -1)).double()
+            if lift is not None and lift.values.requires_grad:  # the lift's own values are parameters
+                out = out + (m_c * lift.matmul(ku.detach(), lift.values.to(ku.dtype))).sum((-2, -1)).double()
         noise = _noise(op) if part is None else part.local(_noise(op), -1)
-        out = out + ((p_inv_diag.to(noise.dtype) - v.square().mean(-1).to(noise.dtype)) * noise).sum(-1).double()
-        if lift is not None and values.requires_grad:  # the lift's own values are parameters
-            out = out + (m_c * lift.matmul(ku.detach(), values.to(ku.dtype))).sum((-2, -1)).double()
-        return out
+        return out + ((p_inv_diag.to(noise.dtype) - v.square().mean(-1).to(noise.dtype)) * noise).sum(-1).double()
+
+
+def _partitioned_subspace_terms(
+    lift_rows: tuple[Lift, Tensor], u: Tensor, ku: Tensor, m_c: Tensor, m_w: Tensor, part: Rows
+) -> Tensor:
+    """This rank's share ``()`` of ``<m_c, L K U> - <m_w, U^T K U>`` (float64) for :class:`SubspaceNystromFamily`:
+    ``<m_c_r, L_r (K U)>`` over its rows (``L_r (K U)`` differentiable in ``K U`` and the lift's values), less
+    ``<m_w, U_S^T (K U)_S>`` over its slice ``S`` of the base's ``m`` rows (an even split, :func:`partition`).
+    The shares sum to the whole over the ranks; no ``(m, k)`` sum over ranks is formed, and the ``m k^2`` flops of
+    ``U^T K U`` are split between them."""
+    lift, values = lift_rows
+    c_term = (m_c * lift.matmul(ku, values.to(ku.dtype))).sum()
+    start, stop = partition(u.shape[-2], len(part.parts))[part.rank]
+    w_term = (m_w * (u[start:stop].mT @ ku[start:stop])).sum()
+    return (c_term - w_term).double()
 
 
 def kronecker_products(

@@ -349,10 +349,21 @@ def _record(
     if promoted:
         rep.notes.append("PCG in float64 on a float64 copy of the operator's tensors (float32 products stall it)")
     rep.notes.append(f"preconditioner {precond.describe()}")
+    if precond.family is not None and cfg.logdet_control_variate:
+        rep.notes.append(f"log-det gradient control variate {_control_variate_state(precond.family.use)}")
     if stderr is not None:
         rep.notes.append(f"{cfg.num_probes} probes, logdet standard error {float(stderr.max()):.3g}")
     if noise_stderr is not None:
         rep.notes.append(f"d logdet / d log(noise) standard error {float(noise_stderr.max()):.3g}")
+
+
+def _control_variate_state(use: Tensor | None) -> str:
+    """Whether the preconditioner's control variate is used (``use``: per batch member, None: everywhere)."""
+    if use is None or bool(use.all()):
+        return "in use"
+    if not bool(use.any()):
+        return "off (the preconditioner leaves too much of the operator to correct for)"
+    return f"in use for {int(use.sum())} of {use.numel()} batch members"
 
 
 def _needs_grad(op: Operator, *tensors: Tensor) -> bool:

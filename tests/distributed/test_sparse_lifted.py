@@ -37,6 +37,7 @@ F64 = torch.float64
 CG = {"method": "cg", "cg_tol": 1e-12, "num_probes": 8, "precond_rank": 8, "seed": 3}
 # the other preconditioners of a partitioned lifted run (Jacobi) and one that keeps the vectors whole
 OTHER_PRECONDITIONERS = ({**CG, "preconditioner": "jacobi"}, {**CG, "preconditioner": "pivoted_cholesky"})
+FULL_RANK = {**CG, "precond_rank": 20}  # every latent eigenpair of the "gram" problem's 4 x 5 grid
 ENGINES = ({}, {"method": "woodbury"}, CG)  # the default (dense Cholesky below 512 rows), latent Woodbury, PCG/SLQ
 # (rows, grid, noise, nugget): 151 rows over a 4 x 5 grid take the gram form (ranks own 76 and 75 rows), 31
 # rows over an 8 x 8 grid the row form (16 and 15 rows); 120 rows over a 16 x 16 grid without a nugget, singular
@@ -178,6 +179,8 @@ def evaluate() -> dict[str, object]:
             out.update(loglik(name, options))
     for options in OTHER_PRECONDITIONERS:
         out.update({f"{k} {options['preconditioner']}": v for k, v in loglik("gram", options).items()})
+    # the lifted eigen preconditioner of all 20 latent eigenpairs: P = A, so its control variate is in use
+    out.update({f"{k} full rank": v for k, v in loglik("gram", FULL_RANK).items()})
     for options in ENGINES[:2]:
         out.update(seed002(options))
     out.update(seed002({**CG, "precond_rank": 64}))  # 68 PCG steps (8: 135)
@@ -236,7 +239,7 @@ def numbers(out: dict) -> dict[str, Tensor]:
 def test_two_processes_equal_one_process(ranks, reference):
     assert ranks[0]["parts"] == ((0, 76), (76, 151))
     expected = numbers(reference)
-    assert len(expected) == 61
+    assert len(expected) == 66
     for out in ranks:
         assert numbers(out).keys() == expected.keys()
         for key, value in expected.items():
@@ -254,6 +257,11 @@ def test_two_processes_equal_one_process(ranks, reference):
             assert note in out[f"{name} cg report"], (name, out[f"{name} cg report"])
             assert note not in reference[f"{name} cg report"]
     assert "vectors partitioned by rows over 2 processes" in ranks[0]["gram cg report jacobi"]
+    # the lifted control variate's partitioned shares (its K U terms) are exercised where it is in use
+    for out in (*ranks, reference):
+        assert "lifted latent eigen + noise (rank 20)" in out["gram cg report full rank"]
+        assert "log-det gradient control variate in use" in out["gram cg report full rank"]
+    assert "vectors partitioned by rows over 2 processes" in ranks[0]["gram cg report full rank"]
     assert "preconditioner jacobi" in ranks[0]["gram cg report jacobi"]
     # a pivoted Cholesky of L B L^T + D does not run on rows: the vectors stay whole, the products partitioned
     assert "vectors partitioned" not in ranks[0]["gram cg report pivoted_cholesky"]
