@@ -357,6 +357,12 @@ def _record(
         rep.notes.append(f"d logdet / d log(noise) standard error {float(noise_stderr.max()):.3g}")
 
 
+def _in_use(use: Tensor | None) -> bool:
+    """Whether a control variate with per-member ``use`` (None: everywhere) is needed at all: False only when
+    ``use`` is readable and off for every batch member (then its ``n k^2`` set-up is skipped)."""
+    return use is None or not host_readable(use) or bool(use.any())
+
+
 def _control_variate_state(use: Tensor | None) -> str:
     """Whether the preconditioner's control variate is used (``use``: per batch member, None: everywhere)."""
     if use is None or bool(use.all()):
@@ -487,7 +493,7 @@ def _logdet_surrogate(op: Operator, run: _Run, a_v: Tensor | None) -> Tensor:
     if a_v is None:
         a_v = _product(op, run.v, run.part)
     g = (run.u * a_v).sum(-2).mean(-1).to(value.dtype)
-    if run.family is not None:  # the family is evaluated in the dtype PCG ran in (its k x k parts need it)
+    if run.family is not None and _in_use(run.family.use):  # evaluated in the dtype PCG ran in (its k x k parts)
         working = run.working
         family_op = op.to(working) if working != op.dtype else op
         cv = run.family.control_variate(family_op, run.v.to(working), a_v.to(working)).to(value.dtype)
