@@ -81,7 +81,7 @@ from structgp.inference.control_variate import Family
 from structgp.inference.cost_model import Work, differentiated, seconds
 from structgp.inference.masked_kronecker_preconditioner import is_masked_grid
 from structgp.inference.plan import Cost, Engine, describe, register, structurally_singular
-from structgp.inference.preconditioners import Preconditioner, build, factor_arrays
+from structgp.inference.preconditioners import Preconditioner, build, factor_arrays, is_lifted_sum
 from structgp.inference.slq import slq_logdet
 
 # planning constant: PCG iterations at cg_tol 1e-6 with the default preconditioners (measured 2-13 on the
@@ -89,6 +89,11 @@ from structgp.inference.slq import slq_logdet
 # n = 2000-8000 (benchmarks/bench_planner.py); spectra that the preconditioner's rank cannot capture take
 # more, so the planner counts on 20)
 EXPECTED_ITERATIONS = 20
+# planning constant: PCG iterations of L B L^T + D under the lifted eigen preconditioner, whose rank-256 latent
+# subspace leaves much of L B L^T to CG (measured at cg_tol 1e-6, the example's lifted model: 173 at 2e5 rows
+# of a 16^3 grid, 95 at 5e4 rows of a 50^3 grid); with 20 the planner took CG, 10x slower than it expected,
+# over the exact latent Woodbury engine
+LIFTED_EXPECTED_ITERATIONS = 150
 # products besides the iterations in one value and gradient: the differentiable product of the surrogates
 # and its backward
 GRADIENT_PRODUCTS = 2
@@ -430,7 +435,8 @@ class ConjugateGradients(Engine):
             return MaskedGrid.cost(self, op)
         batch, n, k = op.batch_shape.numel(), op.n, min(cfg.precond_rank, op.n)
         columns = cfg.num_probes + 1
-        iterations = min(EXPECTED_ITERATIONS, cfg.max_iter)
+        lifted = cfg.preconditioner in ("auto", "lifted_eigen") and is_lifted_sum(op)
+        iterations = min(LIFTED_EXPECTED_ITERATIONS if lifted else EXPECTED_ITERATIONS, cfg.max_iter)
         product = matvec_flops(op, columns)  # one product with every column at once
         vectors = columns * (4.0 * n * k + 12.0 * n)  # preconditioner solve and CG's vector updates
         setup = n * k * k  # pivoted Cholesky (columns are read directly for the common structures)
