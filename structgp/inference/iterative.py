@@ -354,7 +354,7 @@ def _record(
     if promoted:
         rep.notes.append("PCG in float64 on a float64 copy of the operator's tensors (float32 products stall it)")
     rep.notes.append(f"preconditioner {precond.describe()}")
-    if precond.family is not None and cfg.logdet_control_variate:
+    if stderr is not None and precond.family is not None and cfg.logdet_control_variate:  # a log-det was estimated
         rep.notes.append(f"log-det gradient control variate {_control_variate_state(precond.family.use)}")
     if stderr is not None:
         rep.notes.append(f"{cfg.num_probes} probes, logdet standard error {float(stderr.max()):.3g}")
