@@ -79,9 +79,8 @@ from structgp.inference import partitioned, report
 from structgp.inference.cg import CGResult, pcg
 from structgp.inference.control_variate import Family
 from structgp.inference.cost_model import Work, differentiated, seconds
-from structgp.inference.masked_kronecker_preconditioner import is_masked_grid
 from structgp.inference.plan import Cost, Engine, describe, register, structurally_singular
-from structgp.inference.preconditioners import Preconditioner, build, factor_arrays, is_lifted_sum
+from structgp.inference.preconditioners import Preconditioner, build, factor_arrays, is_lifted_sum, planned_kind
 from structgp.inference.slq import slq_logdet
 
 # planning constant: PCG iterations at cg_tol 1e-6 with the default preconditioners (measured 2-13 on the
@@ -427,7 +426,8 @@ class ConjugateGradients(Engine):
         """Flops of the forward run; the expected seconds add the gradient's products (``GRADIENT_PRODUCTS``
         more products with all columns) when the call will be differentiated."""
         cfg = _config.current()
-        if cfg.preconditioner == "auto" and is_masked_grid(op):
+        kind = planned_kind(op, cfg)
+        if kind == "masked_grid":
             # the same run as the masked grid engine's (its preconditioner is what 'auto' builds here); that
             # module subclasses this one: imported here
             from structgp.inference.masked_grid import MaskedGrid
@@ -435,8 +435,9 @@ class ConjugateGradients(Engine):
             return MaskedGrid.cost(self, op)
         batch, n, k = op.batch_shape.numel(), op.n, min(cfg.precond_rank, op.n)
         columns = cfg.num_probes + 1
-        lifted = cfg.preconditioner in ("auto", "lifted_eigen") and is_lifted_sum(op)
-        iterations = min(LIFTED_EXPECTED_ITERATIONS if lifted else EXPECTED_ITERATIONS, cfg.max_iter)
+        lifted = kind == "lifted_eigen" and is_lifted_sum(op)
+        expected = LIFTED_EXPECTED_ITERATIONS if lifted else EXPECTED_ITERATIONS
+        iterations = min(expected, cfg.max_iter)
         product = matvec_flops(op, columns)  # one product with every column at once
         vectors = columns * (4.0 * n * k + 12.0 * n)  # preconditioner solve and CG's vector updates
         setup = n * k * k  # pivoted Cholesky (columns are read directly for the common structures)

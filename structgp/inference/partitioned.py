@@ -46,8 +46,7 @@ from structgp.covariance.operator import Operator
 from structgp.covariance.sparse_lifted import SparseLifted
 from structgp.covariance.validation import host_readable
 from structgp.distributed.rows import Rows, share_gradients
-from structgp.inference.masked_kronecker_preconditioner import is_masked_grid
-from structgp.inference.preconditioners import is_lifted_sum
+from structgp.inference.preconditioners import is_lifted_sum, planned_kind
 
 
 def rows_for(op: Operator, rhs: Tensor | None) -> Rows | None:
@@ -72,10 +71,8 @@ def lifted_sum(op: Operator) -> bool:
     inside it: its products are replicated on every rank, inside each rank's share)."""
     if not is_lifted_sum(op) or op.batch_shape or not partitionable(op.noise) or op.n < distributed.world():
         return False
-    kind = _config.current().preconditioner
-    if kind not in ("auto", "lifted_eigen", "jacobi", "none"):
-        return False
-    if kind == "auto" and is_masked_grid(op):  # one process takes the masked grid's own preconditioner
+    # the preconditioners that run on rows; under "auto" a grid with missing cells takes its own masked one
+    if planned_kind(op, _config.current()) not in ("lifted_eigen", "jacobi", "none"):
         return False
     nodes = pytree.tree_flatten(op.base.base, is_leaf=lambda node: isinstance(node, KernelOperator | SparseLifted))[0]
     return not any(isinstance(node, KernelOperator | SparseLifted) for node in nodes)

@@ -361,17 +361,33 @@ def _is_kronecker_sum(op: Operator) -> bool:
 PIVOTED_ARRAYS, LIFTED_ARRAYS = 3, 5
 
 
+def planned_kind(op: Operator, cfg: Settings) -> str:
+    """The preconditioner :func:`build` gives ``op`` in one process under ``cfg`` (metadata only): the setting
+    itself, or what ``"auto"`` resolves to: ``"kronecker"`` (Kronecker + diagonal), ``"masked_grid"`` (a grid
+    with missing cells), ``"lifted_eigen"`` (``L B L^T + D``) or ``"pivoted_cholesky"``."""
+    if cfg.preconditioner != "auto":
+        return cfg.preconditioner
+    if _is_kronecker_sum(op):
+        return "kronecker"
+    # a grid with missing cells (its module imports this one: imported here)
+    from structgp.inference.masked_kronecker_preconditioner import is_masked_grid
+
+    if is_masked_grid(op):
+        return "masked_grid"
+    return "lifted_eigen" if is_lifted_sum(op) else "pivoted_cholesky"
+
+
 def factor_arrays(op: Operator, cfg: Settings) -> tuple[int, int]:
     """``(arrays, k)``: how many ``(n, k)`` arrays the preconditioner :func:`build` gives ``op`` under ``cfg``
     holds at once with its control variate, for the iterative engine's memory estimate (no numerical work).
     Without the control variate only the factor; Jacobi and none hold no ``(n, k)`` array; the Kronecker and
     masked-grid preconditioners are counted as two (not measured)."""
-    kind, control_variate = cfg.preconditioner, cfg.logdet_control_variate
+    kind, control_variate = planned_kind(op, cfg), cfg.logdet_control_variate
     if kind in ("none", "jacobi"):
         return 0, 0
-    if kind in ("auto", "lifted_eigen") and is_lifted_sum(op):
+    if kind == "lifted_eigen" and is_lifted_sum(op):
         return (LIFTED_ARRAYS if control_variate else 1), min(cfg.precond_rank, op.base.n_in, op.n)
-    if kind in ("auto", "pivoted_cholesky") and not _is_kronecker_sum(op):
+    if kind == "pivoted_cholesky" and not _is_kronecker_sum(op):
         return (PIVOTED_ARRAYS if control_variate else 1), min(cfg.precond_rank, op.n)
     return 2, min(cfg.precond_rank, op.n)
 
@@ -407,13 +423,13 @@ def build(op: Operator, cfg: Settings, part: Rows | None = None) -> Precondition
                     "use 'auto', 'pivoted_cholesky', 'jacobi' or 'none'"
                 )
             return lifted_eigen_preconditioner(op, cfg)
-        if kind == "auto" and _is_kronecker_sum(op):
+        kind = planned_kind(op, cfg)  # "auto" resolved
+        if kind == "kronecker":
             return kronecker_preconditioner(op, cfg, "auto")
-        # a grid with missing cells (its module imports this one: imported here)
-        from structgp.inference.masked_kronecker_preconditioner import is_masked_grid, masked_preconditioner
+        if kind == "masked_grid":
+            from structgp.inference.masked_kronecker_preconditioner import masked_preconditioner
 
-        if kind == "auto" and is_masked_grid(op):
             return masked_preconditioner(op)
-        if kind == "auto" and is_lifted_sum(op):
+        if kind == "lifted_eigen":
             return lifted_eigen_preconditioner(op, cfg)
         return pivoted_cholesky_preconditioner(op, cfg.precond_rank)
