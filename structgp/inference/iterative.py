@@ -446,8 +446,8 @@ class ConjugateGradients(Engine):
         per_row = 6 * columns + arrays * factor_rank
         nbytes = batch * per_row * n * op.dtype.itemsize
         part = partitioned.rows_for(op, None)
-        if part is not None:  # this rank's rows, and a gathered search direction (the gathered blocks, joined)
-            nbytes = (per_row * part.size + 2 * columns * n) * op.dtype.itemsize
+        if part is not None:  # this rank's rows, and the search directions gathered while a product runs
+            nbytes = (per_row * part.size + columns * n) * op.dtype.itemsize
         extra = GRADIENT_PRODUCTS * product if differentiated(op) else 0.0
         work = Work(product=flops + batch * extra)
         return Cost(flops, float(nbytes), seconds(work, op.device, op.dtype))
